@@ -1,0 +1,38 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_base(arch="qwen3", seed=0, layers=4, tie=False, **overrides):
+    """A tiny random Qwen3 / Llama causal LM built locally (nothing downloaded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, tie_word_embeddings=tie, max_position_embeddings=512,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    common.update(overrides)
+    if arch == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(**common)).eval()
+    return LlamaForCausalLM(LlamaConfig(**common)).eval()
+
+
+def randomize_ttt(model, seed=1, scale=0.3):
+    """Give the TTT parameters non-trivial values (the step-0 init makes the TTT path a no-op)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ttt." in name and not name.endswith(".lr"):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+@pytest.fixture
+def tiny():
+    return tiny_base

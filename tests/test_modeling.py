@@ -1,0 +1,223 @@
+"""Model-level invariants: step-0 equality, decoding, padding, packing, generation, bad input."""
+
+import pytest
+import torch
+from conftest import randomize_ttt, tiny_base
+from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, GPT2LMHeadModel
+
+from ttt_adapt import TTTConfig, convert
+
+
+def ttt_model(arch="qwen3", chunk_size=4, layers=(0, 2), seed=0, **kw):
+    model = convert(tiny_base(arch, seed=seed), TTTConfig(layers=list(layers), chunk_size=chunk_size, **kw))
+    return randomize_ttt(model).eval()
+
+
+def gen_positions(mask):
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 1)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize("ttt_kw", [{}, {"lr_mode": "token", "target": "input_embed"}])
+def test_converted_equals_base_at_step_zero(arch, ttt_kw):
+    base = tiny_base(arch, tie=(arch == "llama"))
+    ids = torch.randint(3, 97, (2, 37))
+    with torch.no_grad():
+        ref = base(ids).logits
+        model = convert(base, TTTConfig(layers=[0, 3], chunk_size=8, **ttt_kw))
+        assert torch.equal(model(ids).logits, ref)
+    # the base weights are shared, not copied
+    assert model.model.embed_tokens.weight is base.model.embed_tokens.weight
+    assert model.model.layers[0].mlp.down_proj.weight is base.model.layers[0].mlp.down_proj.weight
+    if arch == "llama":
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_ttt_changes_only_later_chunks():
+    model = ttt_model(chunk_size=8)
+    base_logits = None
+    ids = torch.randint(3, 97, (1, 24))
+    with torch.no_grad():
+        got = model(ids).logits
+        for m in model.ttt_modules().values():
+            m.ttt.conv.weight.zero_()
+        base_logits = model(ids).logits
+    assert torch.equal(got[:, :8], base_logits[:, :8])  # chunk 0 reads no update
+    assert not torch.allclose(got[:, 8:], base_logits[:, 8:])
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_incremental_decoding_equals_full_forward(arch):
+    model = ttt_model(arch, chunk_size=4, lr_mode="token")
+    ids = torch.randint(3, 97, (2, 19))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding on row 1
+    pos = gen_positions(mask)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=pos).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, :5], attention_mask=mask[:, :5], position_ids=pos[:, :5], past_key_values=cache, use_cache=True).logits]
+        for j in range(5, 19):
+            out = model(ids[:, j : j + 1], attention_mask=mask[:, : j + 1], position_ids=pos[:, j : j + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+        inc = torch.cat(steps, dim=1)
+    real = mask.bool()
+    torch.testing.assert_close(inc[real], full[real], rtol=1e-4, atol=1e-5)
+
+
+def test_multi_token_continuation_with_cache_equals_full_forward():
+    model = ttt_model(chunk_size=4)
+    ids = torch.randint(3, 97, (2, 23))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        parts = []
+        for a, b in [(0, 6), (6, 7), (7, 13), (13, 16), (16, 23)]:  # prefill, a step, then chunks mid-way
+            pos = torch.arange(a, b).unsqueeze(0).expand(2, -1)
+            parts.append(model(ids[:, a:b], position_ids=pos, past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_left_padded_batch_equals_rows_alone():
+    model = ttt_model(chunk_size=4)
+    rows = [torch.randint(3, 97, (n,)) for n in (14, 9, 5)]
+    L = max(len(r) for r in rows)
+    ids = torch.zeros(3, L, dtype=torch.long)
+    mask = torch.zeros(3, L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r) :] = r
+        mask[i, L - len(r) :] = 1
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, position_ids=gen_positions(mask)).logits
+        for i, r in enumerate(rows):
+            alone = model(r.unsqueeze(0)).logits[0]
+            torch.testing.assert_close(batch[i, L - len(r) :], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_documents_equal_each_alone():
+    model = ttt_model(chunk_size=4)
+    docs = [torch.randint(3, 97, (n,)) for n in (9, 3, 12)]
+    ids = torch.cat(docs).unsqueeze(0)
+    pos = torch.cat([torch.arange(len(d)) for d in docs]).unsqueeze(0)
+    with torch.no_grad():
+        packed = model(ids, position_ids=pos, use_cache=False).logits[0]  # as transformers: packing needs no cache
+        start = 0
+        for d in docs:
+            alone = model(d.unsqueeze(0)).logits[0]
+            torch.testing.assert_close(packed[start : start + len(d)], alone, rtol=1e-4, atol=1e-5)
+            start += len(d)
+
+
+def test_generate_left_padded_batch_matches_rows_alone():
+    model = ttt_model(chunk_size=4)
+    rows = [torch.randint(3, 97, (n,)) for n in (7, 3)]
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    mask = torch.zeros(2, 7, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, 7 - len(r) :] = r
+        mask[i, 7 - len(r) :] = 1
+    kw = dict(max_new_tokens=11, do_sample=False, pad_token_id=0, eos_token_id=None)
+    batch = model.generate(ids, attention_mask=mask, **kw)
+    for i, r in enumerate(rows):
+        alone = model.generate(r.unsqueeze(0), attention_mask=torch.ones(1, len(r), dtype=torch.long), **kw)
+        assert torch.equal(batch[i, 7:], alone[0, len(r) :])
+
+
+def test_generate_greedy_equals_argmax_of_full_forward():
+    model = ttt_model(chunk_size=4)
+    ids = torch.randint(3, 97, (1, 6))
+    out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        logits = model(out).logits
+    assert torch.equal(out[0, 6:], logits[0, 5:-1].argmax(-1))
+
+
+def test_beam_search_sampling_and_return_sequences_run():
+    model = ttt_model(chunk_size=3)
+    ids = torch.randint(3, 97, (2, 5))
+    common = dict(max_new_tokens=9, pad_token_id=0, eos_token_id=None)
+    beams = model.generate(ids, num_beams=3, num_return_sequences=2, do_sample=False, **common)
+    assert beams.shape == (4, 14)
+    torch.manual_seed(0)
+    sampled = model.generate(ids, do_sample=True, num_return_sequences=3, top_k=5, **common)
+    assert sampled.shape == (6, 14)
+    # beam search with one beam is greedy
+    one = model.generate(ids, num_beams=1, do_sample=False, **common)
+    greedy = model.generate(ids, do_sample=False, **common)
+    assert torch.equal(one, greedy)
+
+
+def test_beam_search_reorders_fast_weights():
+    """Beam search must give the same best sequence as scoring candidates by full forwards would allow:
+    checked by comparing beam scores with the full-forward log-probability of the returned beams."""
+    model = ttt_model(chunk_size=3)
+    ids = torch.randint(3, 97, (1, 4))
+    out = model.generate(
+        ids, num_beams=3, num_return_sequences=3, do_sample=False, max_new_tokens=8, pad_token_id=0,
+        eos_token_id=None, output_scores=True, return_dict_in_generate=True, length_penalty=0.0,
+    )
+    with torch.no_grad():
+        logp = torch.log_softmax(model(out.sequences).logits.float(), -1)
+    seq_scores = logp[:, 3:-1].gather(-1, out.sequences[:, 4:, None]).squeeze(-1).sum(-1)
+    torch.testing.assert_close(seq_scores, out.sequences_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_assisted_decoding_refused():
+    model = ttt_model()
+    ids = torch.randint(3, 97, (1, 5))
+    with pytest.raises(ValueError, match="stateful"):
+        model.generate(ids, assistant_model=ttt_model(seed=1), max_new_tokens=3, pad_token_id=0)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    model = ttt_model(chunk_size=4).train()
+    ids = torch.randint(3, 97, (2, 13))
+    pos = torch.cat([torch.arange(6), torch.arange(7)]).unsqueeze(0).expand(2, -1)
+
+    def grads():
+        model.zero_grad()
+        model(ids, position_ids=pos, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if ".ttt." in n}
+
+    ref = grads()
+    model.activation_checkpointing_enable()
+    got = grads()
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7)
+
+
+def test_auto_classes_resolve_ttt_model_types(tmp_path):
+    model = ttt_model()
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(again).__name__ == "TTTQwen3ForCausalLM"
+    ids = torch.randint(3, 97, (1, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        (TTTConfig(layers=[4]), "out of range"),
+        (TTTConfig(layers=[1, 1]), "repeated"),
+        (TTTConfig(chunk_size=0), "chunk_size"),
+        (TTTConfig(conv_kernel_size=4), "odd"),
+        (TTTConfig(lr_mode="vector"), "lr_mode"),
+        (TTTConfig(target="logits"), "target"),
+        (TTTConfig(layers=[]), "empty"),
+    ],
+)
+def test_bad_config_rejected(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        convert(tiny_base(), cfg)
+
+
+def test_not_gated_and_already_converted_rejected():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="not gated"):
+        convert(gpt2, TTTConfig(layers=[0]))
+    model = ttt_model()
+    with pytest.raises(ValueError, match="already an In-Place TTT model"):
+        convert(model, TTTConfig(layers=[0]))

@@ -1,0 +1,161 @@
+"""The TTT math against plain re-derivations: a per-token naive loop and the published chunk algorithm."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_ttt, tiny_base
+
+from ttt_adapt import TTTConfig, convert
+from ttt_adapt.modeling.ttt_layer import Segments, TTTContext, fast_weight_scan
+
+
+def naive_ttt_mlp(mlp, x, t, doc_lengths, chunk_size, clip=None):
+    """Token-by-token reference for one row: documents of `doc_lengths` tokens, one after the other."""
+    W = mlp.down_proj.weight.double()
+    conv_w = mlp.ttt.conv.weight.double()[:, 0, :]  # (d, k)
+    k = conv_w.shape[1]
+    p = k // 2
+    Wt = mlp.ttt.target_proj.weight.double() if mlp.ttt.target_proj is not None else None
+    lr = mlp.ttt.lr.double() * mlp.ttt.lr_scale.double()
+    x, t = x.double(), t.double()
+    h = mlp.act_fn(x @ mlp.gate_proj.weight.double().T) * (x @ mlp.up_proj.weight.double().T)
+    out = torch.zeros(x.shape[0], W.shape[0], dtype=torch.float64)
+    start = 0
+    for n in doc_lengths:
+        delta = torch.zeros_like(W)
+        for c0 in range(0, n, chunk_size):
+            idx = list(range(start + c0, start + min(c0 + chunk_size, n)))
+            for j in idx:  # read: base weight plus the updates of earlier chunks of this document
+                out[j] = (W + delta) @ h[j]
+            update = torch.zeros_like(W)
+            for i in idx:  # write: centred conv inside the chunk, zero outside it
+                v = torch.zeros(W.shape[0], dtype=torch.float64)
+                for m in range(k):
+                    src = i + m - p
+                    if idx[0] <= src <= idx[-1]:
+                        v += conv_w[:, m] * t[src]
+                if Wt is not None:
+                    v = Wt @ v
+                lr_i = lr
+                if mlp.ttt.lr_gate is not None:
+                    g = mlp.ttt.lr_gate.weight.double() @ x[i] + mlp.ttt.lr_gate.bias.double()
+                    lr_i = lr * 2 * torch.sigmoid(g)
+                update += lr_i * torch.outer(v, h[i])
+            if clip is not None:
+                update = update * torch.clamp(clip / (torch.linalg.matrix_norm(update) + 1e-6), max=1.0)
+            delta = delta + update
+        start += n
+    return out
+
+
+def published_ttt_mlp(mlp, x, chunk_size):
+    """The published algorithm (batch, no documents): per-chunk conv via reshape into the batch, target
+    `conv(t) @ W_target` with their orientation, per-chunk updates materialised, exclusive cumsum."""
+    B, L, d = x.shape
+    C = chunk_size
+    n = -(-L // C)
+    pad = n * C - L
+    h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    t = F.pad(x, (0, 0, 0, pad))
+    hp = F.pad(h, (0, 0, 0, pad))
+    chunks = t.reshape(B * n, C, d).transpose(1, 2)
+    k = mlp.ttt.conv.weight.shape[-1]
+    v = F.conv1d(chunks, mlp.ttt.conv.weight, padding=k // 2, groups=d).transpose(1, 2)
+    W_target_published = mlp.ttt.target_proj.weight.T  # their stored matrix; ours is its nn.Linear transpose
+    v = (v @ W_target_published).reshape(B, n, C, d)
+    dW = mlp.ttt.lr * torch.einsum("bncd,bnch->bndh", v, hp.reshape(B, n, C, -1))
+    prefix = torch.cumsum(dW, dim=1) - dW
+    W = mlp.down_proj.weight + prefix  # (B, n, d, H)
+    y = torch.einsum("bnch,bndh->bncd", hp.reshape(B, n, C, -1), W).reshape(B, n * C, d)
+    return y[:, :L]
+
+
+def _ttt_model(arch="qwen3", **ttt):
+    cfg = TTTConfig(**{"layers": [1], "chunk_size": 5, **ttt})
+    model = randomize_ttt(convert(tiny_base(arch, dtype=torch.float64).double(), cfg)).double()
+    return model, model.model.layers[1].mlp
+
+
+def _call(mlp, x, ctx):
+    mlp.ttt_context = ctx
+    try:
+        return mlp(x)
+    finally:
+        mlp.ttt_context = None
+
+
+@pytest.mark.parametrize("L", [3, 5, 17, 20])
+def test_matches_published_algorithm(L):
+    model, mlp = _ttt_model()
+    x = torch.randn(2, L, 32, dtype=torch.float64)
+    torch.testing.assert_close(_call(mlp, x, None), published_ttt_mlp(mlp, x, 5), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "ttt,docs",
+    [
+        ({}, [23]),
+        ({"conv_kernel_size": 3, "use_proj": False}, [23]),
+        ({"lr_mode": "token"}, [7, 11, 5]),
+        ({"clip_update_norm": 0.05}, [16, 9]),
+        ({"chunk_size": 1}, [6, 4]),
+        ({"target": "input_embed", "lr_warmup_steps": 4}, [12, 1, 10]),
+    ],
+)
+def test_chunked_equals_naive_reference(ttt, docs):
+    model, mlp = _ttt_model(**ttt)
+    if ttt.get("lr_warmup_steps"):
+        from ttt_adapt import set_ttt_training_step
+
+        set_ttt_training_step(model, 1)
+        assert float(mlp.ttt.lr_scale) == 0.25
+    L = sum(docs)
+    x = torch.randn(1, L, 32, dtype=torch.float64)
+    t = torch.randn(1, L, 32, dtype=torch.float64) if ttt.get("target") == "input_embed" else x
+    pos = torch.cat([torch.arange(n) for n in docs]).unsqueeze(0)
+    ctx = TTTContext.from_inputs(None, pos, t)
+    got = _call(mlp, x, ctx)[0]
+    ref = naive_ttt_mlp(mlp, x[0], t[0], docs, mlp.chunk_size, ttt.get("clip_update_norm"))
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_gradients_match_reference():
+    model, mlp = _ttt_model(lr_mode="token", clip_update_norm=0.2)
+    docs = [9, 13]
+    x = torch.randn(1, sum(docs), 32, dtype=torch.float64, requires_grad=True)
+    pos = torch.cat([torch.arange(n) for n in docs]).unsqueeze(0)
+    params = [p for p in mlp.parameters()]
+    got = _call(mlp, x, TTTContext.from_inputs(None, pos, x))
+    w = torch.randn_like(got)
+    g_got = torch.autograd.grad((got * w).sum(), [x, *params])
+    ref = naive_ttt_mlp(mlp, x[0], x[0], docs, mlp.chunk_size, 0.2)
+    g_ref = torch.autograd.grad((ref * w[0]).sum(), [x, *params])
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_scan_gradcheck_with_initial_and_final_state():
+    torch.manual_seed(0)
+    N, d, H = 11, 3, 4
+    seg = Segments.build(
+        torch.tensor([7, 4]), torch.tensor([False, True]), torch.tensor([0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]).bool(),
+        torch.tensor([2, 0]), 3, True, "cpu",
+    )
+    h = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(N, d, dtype=torch.float64, requires_grad=True)
+    S0 = torch.randn(2, d, H, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, a, S0: fast_weight_scan(h, a, seg, S0), (h, a, S0))
+
+
+def test_memory_saved_for_backward_is_independent_of_chunk_count():
+    """The scan keeps its inputs only: no per-chunk d x H matrices are saved for backward."""
+    sizes = []
+    for chunk in (64, 4):
+        seg = Segments.build(torch.tensor([256]), torch.tensor([True]), None, torch.tensor([0]), chunk, False, "cpu")
+        h = torch.randn(256, 48, requires_grad=True)
+        a = torch.randn(256, 32, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+            fast_weight_scan(h, a, seg)
+        sizes.append(sum(saved))
+    assert sizes[0] == sizes[1] == 256 * (48 + 32)

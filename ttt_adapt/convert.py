@@ -1,0 +1,87 @@
+"""Pretrained Qwen3 / Llama causal LM -> In-Place TTT model, sharing the base weights (no copies)."""
+
+import torch
+from transformers import LlamaForCausalLM, Qwen3ForCausalLM
+
+from .modeling.configuration_ttt import TTTConfig, TTTLlamaConfig, TTTQwen3Config
+from .modeling.modeling_ttt import TTTLlamaForCausalLM, TTTQwen3ForCausalLM
+from .modeling.ttt_layer import TTTParams
+
+# base class -> (TTT config class, TTT model class)
+SUPPORTED = {
+    Qwen3ForCausalLM: (TTTQwen3Config, TTTQwen3ForCausalLM),
+    LlamaForCausalLM: (TTTLlamaConfig, TTTLlamaForCausalLM),
+}
+
+
+def convert(model, ttt_config: TTTConfig | None = None):
+    """Turn a pretrained `Qwen3ForCausalLM` / `LlamaForCausalLM` into its In-Place TTT version.
+
+    The returned model holds the very same base parameter tensors (tied embeddings stay tied) plus new TTT
+    parameters on the base's device and dtype, initialised so that its outputs equal the base's exactly.
+    Raises ValueError naming the problem for a model it cannot take or a bad `ttt_config`.
+    """
+    ttt_config = ttt_config if ttt_config is not None else TTTConfig()
+    if getattr(model.config, "model_type", "").startswith("ttt_") or any(
+        isinstance(model, cls) for _, cls in SUPPORTED.values()
+    ):
+        raise ValueError(f"{type(model).__name__} is already an In-Place TTT model")
+    _check_gated(model)
+    if type(model) not in SUPPORTED:
+        names = ", ".join(cls.__name__ for cls in SUPPORTED)
+        raise ValueError(f"{type(model).__name__} is not supported; In-Place TTT takes {names}")
+    if not isinstance(ttt_config, TTTConfig):
+        raise ValueError(f"ttt_config must be a TTTConfig, got {type(ttt_config).__name__}")
+    num_layers = model.config.num_hidden_layers
+    ttt_config.validate(num_layers)
+
+    config_cls, model_cls = SUPPORTED[type(model)]
+    base_dict = model.config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+        base_dict.pop(key, None)
+    ttt = dict(ttt_config.to_dict(), layers=ttt_config.resolved_layers(num_layers))
+    config = config_cls(**base_dict, ttt=ttt, base_model_name_or_path=model.name_or_path or None)
+    config._attn_implementation = model.config._attn_implementation
+
+    with torch.device("meta"):
+        ttt_model = model_cls(config)
+    ttt_model.load_state_dict(model.state_dict(keep_vars=True), strict=False, assign=True)
+    _share_buffers(ttt_model, model)
+    param = next(model.parameters())
+    for module in ttt_model.modules():
+        if isinstance(module, TTTParams):
+            module.to_empty(device=param.device)
+            module.to(param.dtype)
+            module.reset_parameters(config.ttt["lr_init"], config.initializer_range)
+    missing = [n for n, p in ttt_model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"the base model lacks weights the TTT model needs: {', '.join(missing[:3])}")
+    ttt_model.tie_weights()
+    ttt_model.generation_config = model.generation_config
+    ttt_model.train(model.training)
+    return ttt_model
+
+
+def _check_gated(model):
+    mlps = [m for name, m in model.named_modules() if name.endswith(".mlp") or name == "mlp"]
+    if not mlps:
+        raise ValueError(f"{type(model).__name__} has no decoder-layer MLPs (modules named 'mlp')")
+    for mlp in mlps:
+        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            raise ValueError(
+                f"the MLP of {type(model).__name__} ({type(mlp).__name__}) is not gated: "
+                "In-Place TTT needs gate_proj, up_proj and down_proj"
+            )
+
+
+def _share_buffers(ttt_model, base):
+    """Non-persistent buffers (e.g. rotary inv_freq) are not in a state dict: take the base's own tensors."""
+    for name, module in ttt_model.named_modules():
+        if isinstance(module, TTTParams):
+            continue
+        for buf_name, buf in list(module.named_buffers(recurse=False)):
+            if buf is not None and buf.is_meta:
+                module._buffers[buf_name] = base.get_submodule(name).get_buffer(buf_name)
+        for attr, value in list(vars(module).items()):  # plain tensor attributes, e.g. original_inv_freq
+            if isinstance(value, torch.Tensor) and value.is_meta and not isinstance(value, torch.nn.Parameter):
+                setattr(module, attr, getattr(base.get_submodule(name), attr))

@@ -1,0 +1,126 @@
+"""Configuration of In-Place TTT models.
+
+`TTTConfig` holds the TTT knobs; `TTTQwen3Config` / `TTTLlamaConfig` are the stock transformers configs
+plus one `ttt` dict holding a `TTTConfig`. This file ships inside every export: torch/transformers only.
+"""
+
+from dataclasses import asdict, dataclass, field, fields
+
+from transformers import LlamaConfig, Qwen3Config
+
+LR_MODES = ("scalar", "token")
+TARGETS = ("hidden_states", "input_embed")
+
+
+@dataclass
+class TTTConfig:
+    """Settings of the In-Place TTT layers.
+
+    Args:
+        layers: decoder layers whose MLP gets a fast-weight `down_proj`; `None` means every 6th layer from 0.
+        chunk_size: tokens per chunk; chunk c reads the updates of chunks < c of the same document.
+        conv_kernel_size: odd width of the centred depthwise Conv1D that builds the target (5 sees 2 tokens ahead).
+        use_proj: apply the d x d target projection after the conv.
+        lr_init: initial value of the learned per-layer TTT learning rate (the paper fixes it at 3).
+        lr_mode: "scalar" (one learned rate per layer) or "token" (plus a learned per-token gate in (0, 2)).
+        target: "hidden_states" (the MLP input; continual training) or "input_embed" (from-scratch training).
+        clip_update_norm: if set, each chunk's update is scaled so its Frobenius norm (fp32) is at most this.
+        lr_warmup_steps: if > 0, the TTT learning rate ramps linearly from 0 over this many training steps.
+    """
+
+    layers: list[int] | None = None
+    chunk_size: int = 1024
+    conv_kernel_size: int = 5
+    use_proj: bool = True
+    lr_init: float = 3.0
+    lr_mode: str = "scalar"
+    target: str = "hidden_states"
+    clip_update_norm: float | None = None
+    lr_warmup_steps: int = 0
+
+    def resolved_layers(self, num_layers: int) -> list[int]:
+        """The TTT layer indices for a model with `num_layers` decoder layers (validated)."""
+        layers = list(range(0, num_layers, 6)) if self.layers is None else list(self.layers)
+        for i in layers:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise ValueError(f"ttt layers must be integers, got {i!r}")
+            if not 0 <= i < num_layers:
+                raise ValueError(f"ttt layer {i} is out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"ttt layers are repeated: {layers}")
+        if not layers:
+            raise ValueError("ttt layers is empty: name at least one layer")
+        return sorted(layers)
+
+    def validate(self, num_layers: int | None = None) -> "TTTConfig":
+        """Raise a one-line ValueError naming the first bad field; return self."""
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"ttt chunk_size must be an integer >= 1, got {self.chunk_size!r}")
+        k = self.conv_kernel_size
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+            raise ValueError(f"ttt conv_kernel_size must be a positive odd integer (centred kernel), got {k!r}")
+        if self.lr_mode not in LR_MODES:
+            raise ValueError(f"ttt lr_mode must be one of {LR_MODES}, got {self.lr_mode!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"ttt target must be one of {TARGETS}, got {self.target!r}")
+        if self.clip_update_norm is not None and not self.clip_update_norm > 0:
+            raise ValueError(f"ttt clip_update_norm must be > 0 or null, got {self.clip_update_norm!r}")
+        if isinstance(self.lr_warmup_steps, bool) or not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0:
+            raise ValueError(f"ttt lr_warmup_steps must be an integer >= 0, got {self.lr_warmup_steps!r}")
+        if not isinstance(self.use_proj, bool):
+            raise ValueError(f"ttt use_proj must be true or false, got {self.use_proj!r}")
+        if num_layers is not None:
+            self.resolved_layers(num_layers)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TTTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ttt setting(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+class TTTConfigMixin:
+    """Adds the `ttt` dict to a stock decoder config and checks it."""
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        ttt = TTTConfig.from_dict(self.ttt or {})
+        ttt.layers = ttt.validate(self.num_hidden_layers).resolved_layers(self.num_hidden_layers)
+        self.ttt = ttt.to_dict()
+        # So that exports load with trust_remote_code through AutoConfig, AutoModel and AutoModelForCausalLM.
+        prefix = type(self).__name__[: -len("Config")]
+        defaults = {
+            "AutoConfig": f"configuration_ttt.{type(self).__name__}",
+            "AutoModel": f"modeling_ttt.{prefix}Model",
+            "AutoModelForCausalLM": f"modeling_ttt.{prefix}ForCausalLM",
+        }
+        self.auto_map = {**defaults, **(getattr(self, "auto_map", None) or {})}
+
+    @property
+    def ttt_config(self) -> TTTConfig:
+        return TTTConfig.from_dict(self.ttt)
+
+
+class TTTQwen3Config(TTTConfigMixin, Qwen3Config):
+    r"""A `Qwen3Config` with In-Place TTT settings in `ttt` (see `TTTConfig`)."""
+
+    model_type = "ttt_qwen3"
+    ttt: dict | None = None
+    base_model_name_or_path: str | None = None
+
+
+class TTTLlamaConfig(TTTConfigMixin, LlamaConfig):
+    r"""A `LlamaConfig` with In-Place TTT settings in `ttt` (see `TTTConfig`)."""
+
+    model_type = "ttt_llama"
+    ttt: dict | None = None
+    base_model_name_or_path: str | None = None
+
+
+__all__ = ["TTTConfig", "TTTQwen3Config", "TTTLlamaConfig"]

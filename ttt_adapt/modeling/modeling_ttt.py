@@ -1,0 +1,259 @@
+"""In-Place TTT versions of transformers' Qwen3 and Llama: thin subclasses, nothing copied.
+
+The chosen decoder layers get a `TTTMLP`; the model builds a `TTTContext` (real tokens, document starts,
+input embeddings, generation state) once per forward and hands it to those layers. Generation state lives
+in transformers' own `DynamicCache`: its layers for TTT layers become `TTTDynamicLayer` /
+`TTTSlidingWindowLayer`, which carry the fast weights and reorder them for beam search.
+This file ships inside every export: torch and transformers only.
+"""
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaModel,
+    LlamaPreTrainedModel,
+)
+from transformers.models.qwen3.modeling_qwen3 import (
+    Qwen3DecoderLayer,
+    Qwen3ForCausalLM,
+    Qwen3Model,
+    Qwen3PreTrainedModel,
+)
+
+from .configuration_ttt import TTTLlamaConfig, TTTQwen3Config
+from .ttt_layer import TTTContext, TTTLayerState, TTTMLP, TTTParams
+
+# ----------------------------------------------------------------------------------------------- cache
+
+
+class TTTCacheLayerMixin:
+    """Adds a `TTTLayerState` to a transformers cache layer and keeps it in step with the batch."""
+
+    def reorder_cache(self, beam_idx):
+        super().reorder_cache(beam_idx)
+        self.ttt_state.index_select(beam_idx.cpu() if self.ttt_state.n is not None else beam_idx)
+
+    def batch_select_indices(self, indices):
+        super().batch_select_indices(indices)
+        self.ttt_state.index_select(torch.as_tensor(indices).cpu())
+
+    def batch_repeat_interleave(self, repeats):
+        super().batch_repeat_interleave(repeats)
+        self.ttt_state.repeat_interleave(repeats)
+
+    def reset(self):
+        super().reset()
+        self.ttt_state.reset()
+
+    def crop(self, tokens_to_remove):
+        raise NotImplementedError("In-Place TTT fast weights cannot be rolled back, so the cache cannot be cropped")
+
+
+class TTTDynamicLayer(TTTCacheLayerMixin, DynamicLayer):
+    """`DynamicLayer` (full attention) plus the TTT layer's fast-weight state."""
+
+
+class TTTSlidingWindowLayer(TTTCacheLayerMixin, DynamicSlidingWindowLayer):
+    """`DynamicSlidingWindowLayer` plus the TTT layer's fast-weight state."""
+
+
+def attach_ttt_states(cache, ttt_layers, num_layers):
+    """Give the cache layers of TTT layers a fast-weight state (in place); return {layer_idx: TTTLayerState}."""
+    if not isinstance(cache, DynamicCache):
+        raise ValueError(f"In-Place TTT models need a DynamicCache, got {type(cache).__name__}")
+    while len(cache.layers) < num_layers:  # a DynamicCache built without a config creates layers lazily
+        cache.layers.append(DynamicLayer())
+    states = {}
+    for i in ttt_layers:
+        layer = cache.layers[i]
+        if not isinstance(layer, TTTCacheLayerMixin):
+            if getattr(layer, "is_initialized", False):
+                raise ValueError(f"cache layer {i} already holds keys/values but no TTT state: pass a fresh cache")
+            cls = TTTSlidingWindowLayer if isinstance(layer, DynamicSlidingWindowLayer) else TTTDynamicLayer
+            if not isinstance(layer, DynamicLayer):
+                raise ValueError(f"In-Place TTT cannot use cache layers of type {type(layer).__name__}")
+            new = cls.__new__(cls)
+            new.__dict__.update(layer.__dict__)
+            new.ttt_state = TTTLayerState()
+            cache.layers[i] = layer = new
+        states[i] = layer.ttt_state
+    return states
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+
+class TTTDecoderLayerMixin:
+    """Swaps in a `TTTMLP` when this layer is a TTT layer, and hands it the forward's `TTTContext`."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__(config, layer_idx)
+        if layer_idx in config.ttt["layers"]:
+            self.mlp = TTTMLP(self.mlp, config.ttt_config, layer_idx)
+
+    def forward(self, hidden_states, *args, ttt_context=None, **kwargs):
+        if not isinstance(self.mlp, TTTMLP):
+            return super().forward(hidden_states, *args, **kwargs)
+        # Set right before use (and again when gradient checkpointing replays this layer in backward).
+        self.mlp.ttt_context = ttt_context
+        try:
+            return super().forward(hidden_states, *args, **kwargs)
+        finally:
+            self.mlp.ttt_context = None
+
+
+class TTTQwen3DecoderLayer(TTTDecoderLayerMixin, Qwen3DecoderLayer):
+    pass
+
+
+class TTTLlamaDecoderLayer(TTTDecoderLayerMixin, LlamaDecoderLayer):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+class TTTPreTrainedMixin:
+    """What every TTT model class shares: stateful generation, TTT init, helpers."""
+
+    _is_stateful = True  # the fast weights can't be rolled back: assisted decoding refuses cleanly
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module):
+        if isinstance(module, TTTParams):
+            module.reset_parameters(self.config.ttt["lr_init"], self.config.initializer_range)
+        else:
+            super()._init_weights(module)
+
+    def ttt_modules(self) -> dict:
+        """{layer_idx: TTTMLP} of this model."""
+        return {m.layer_idx: m for m in self.modules() if isinstance(m, TTTMLP)}
+
+
+class TTTModelMixin(TTTPreTrainedMixin):
+    """Builds the `TTTContext` of a forward call, then runs the stock forward."""
+
+    def _replace_ttt_layers(self, layer_cls):
+        for i in self.config.ttt["layers"]:
+            self.layers[i] = layer_cls(self.config, i)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ):
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache is None:  # no cache in training: it would only hold fast-weight state nobody reads
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and past_key_values is None and not (self.gradient_checkpointing and self.training):
+            past_key_values = DynamicCache(config=self.config)
+        states = None
+        if use_cache and past_key_values is not None:
+            states = attach_ttt_states(past_key_values, self.config.ttt["layers"], self.config.num_hidden_layers)
+        ttt_context = TTTContext.from_inputs(attention_mask, position_ids, inputs_embeds, states)
+        return super().forward(
+            input_ids=None,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            ttt_context=ttt_context,
+            **kwargs,
+        )
+
+
+class TTTQwen3Model(TTTModelMixin, Qwen3Model):
+    """`Qwen3Model` with In-Place TTT MLPs in `config.ttt["layers"]`."""
+
+    config_class = TTTQwen3Config
+    _no_split_modules = ["Qwen3DecoderLayer", "TTTQwen3DecoderLayer"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._replace_ttt_layers(TTTQwen3DecoderLayer)
+        self.post_init()
+
+
+class TTTLlamaModel(TTTModelMixin, LlamaModel):
+    """`LlamaModel` with In-Place TTT MLPs in `config.ttt["layers"]`."""
+
+    config_class = TTTLlamaConfig
+    _no_split_modules = ["LlamaDecoderLayer", "TTTLlamaDecoderLayer"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._replace_ttt_layers(TTTLlamaDecoderLayer)
+        self.post_init()
+
+
+class TTTQwen3ForCausalLM(TTTPreTrainedMixin, Qwen3ForCausalLM):
+    """`Qwen3ForCausalLM` whose decoder is a `TTTQwen3Model`."""
+
+    config_class = TTTQwen3Config
+    _no_split_modules = ["Qwen3DecoderLayer", "TTTQwen3DecoderLayer"]
+
+    def __init__(self, config):
+        Qwen3PreTrainedModel.__init__(self, config)  # skip Qwen3ForCausalLM.__init__: no stock Qwen3Model
+        self.model = TTTQwen3Model(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+class TTTLlamaForCausalLM(TTTPreTrainedMixin, LlamaForCausalLM):
+    """`LlamaForCausalLM` whose decoder is a `TTTLlamaModel`."""
+
+    config_class = TTTLlamaConfig
+    _no_split_modules = ["LlamaDecoderLayer", "TTTLlamaDecoderLayer"]
+
+    def __init__(self, config):
+        LlamaPreTrainedModel.__init__(self, config)  # skip LlamaForCausalLM.__init__: no stock LlamaModel
+        self.model = TTTLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+def ttt_learning_rates(model) -> dict:
+    """{layer_idx: current learned TTT learning rate} (warmup factor excluded)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {m.layer_idx: float(m.ttt.lr.detach().float().mean()) for m in _ttt_mlps(base)}
+
+
+def set_ttt_training_step(model, step: int) -> None:
+    """Apply the TTT learning-rate warmup (`TTTConfig.lr_warmup_steps`) for optimizer step `step` (from 1)."""
+    for m in _ttt_mlps(model):
+        warmup = m.ttt_warmup_steps
+        m.ttt.lr_scale.fill_(1.0 if warmup <= 0 else min(1.0, step / warmup))
+
+
+def _ttt_mlps(model):
+    return [m for m in model.modules() if isinstance(m, TTTMLP)]
+
+
+for _cls in (TTTQwen3Config, TTTLlamaConfig):
+    _cls.register_for_auto_class()
+for _model, _lm in ((TTTQwen3Model, TTTQwen3ForCausalLM), (TTTLlamaModel, TTTLlamaForCausalLM)):
+    _model.register_for_auto_class("AutoModel")
+    _lm.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "TTTQwen3Model",
+    "TTTQwen3ForCausalLM",
+    "TTTLlamaModel",
+    "TTTLlamaForCausalLM",
+    "ttt_learning_rates",
+    "set_ttt_training_step",
+]

@@ -1,0 +1,488 @@
+"""The In-Place TTT math: a gated MLP whose `down_proj` is a fast weight updated chunk by chunk.
+
+With x the MLP input, h = act(gate(x)) * up(x) and t the target source (x, or the input embeddings):
+    v = Conv1D(t) @ W_target^T        depthwise, centred, zero-padded at chunk edges (never crosses a chunk)
+    a_i = lr_i * v_i                  lr: learned per layer, optionally gated per token
+    dW_c = sum_{i in c} a_i h_i^T     (d x H), optionally clipped in Frobenius norm
+    y_j = (W_down + sum_{c' < c(j)} dW_c') h_j    within the document of token j
+
+Tokens are handled in a flat layout: each row's real tokens (pads dropped) one after the other, cut into
+"units" = chunks of one document. `Segments` describes the units; `fast_weight_scan` runs the causal
+prefix sum over them with a custom autograd function that keeps one d x H state, never one per chunk.
+This file ships inside every export: torch only.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import initialization as init
+
+# How the fast-weight state looks when a unit starts.
+ZERO, INIT, CARRY = 0, 1, 2  # new document / the row's initial state (cache, earlier rank) / carried from the previous unit
+
+
+@dataclass
+class Segments:
+    """Units (chunks of one document) of a flat token layout, in order.
+
+    `start_state[u]` says where unit u's state comes from (ZERO, INIT, CARRY); `read[u]`: its tokens read the
+    state; `write[u]`: its update is added to the state; `final[u]`: the state after it is its row's final state.
+    """
+
+    num_rows: int
+    num_tokens: int
+    starts: list
+    ends: list
+    rows: list
+    start_state: list
+    read: list
+    write: list
+    final: list
+    unit_of_token: torch.Tensor  # (num_tokens,) long, on the model's device
+
+    @property
+    def num_units(self) -> int:
+        return len(self.starts)
+
+    @classmethod
+    def build(cls, row_lengths, first_is_doc_start, doc_start, prefix_lengths, chunk_size, keep_final, device):
+        """Cut rows of a flat layout into units.
+
+        Args:
+            row_lengths: (R,) tokens per row in the flat layout (buffered prefix + new real tokens).
+            first_is_doc_start: (R,) bool, the row's first token starts a document (else it continues the row's
+                initial state, with `prefix_lengths` buffered tokens of an unfinished chunk before the new ones).
+            doc_start: (N,) bool, tokens that start a document (packed sequences), or None.
+            keep_final: return each row's final state (a generation cache): the update of a row's last unit is
+                then written when that unit is a full chunk, and buffered by the caller otherwise.
+        """
+        row_lengths = row_lengths.long().cpu()
+        R, N = row_lengths.numel(), int(row_lengths.sum())
+        ar = torch.arange(N)
+        row_of = torch.repeat_interleave(torch.arange(R), row_lengths)
+        row_off = torch.cumsum(row_lengths, 0) - row_lengths
+        idx_in_row = ar - row_off[row_of]
+        starts_doc = torch.zeros(N, dtype=torch.bool) if doc_start is None else doc_start.cpu().clone()
+        starts_doc &= idx_in_row >= prefix_lengths.cpu()[row_of]  # a buffered prefix never starts a document
+        starts_doc |= (idx_in_row == 0) & first_is_doc_start.cpu()[row_of]
+        anchor = starts_doc | (idx_in_row == 0)
+        last_anchor = torch.cummax(torch.where(anchor, ar, torch.zeros_like(ar)), 0).values
+        unit_start = ((ar - last_anchor) % chunk_size) == 0
+        starts = torch.nonzero(unit_start).flatten()
+        ends = torch.cat([starts[1:], torch.tensor([N])]) if N else starts
+        rows = row_of[starts]
+        state = torch.full_like(starts, CARRY)
+        state[idx_in_row[starts] == 0] = INIT
+        state[starts_doc[starts]] = ZERO
+        row_last = torch.ones_like(starts, dtype=torch.bool)
+        row_last[:-1] = rows[1:] != rows[:-1]
+        next_carries = torch.zeros_like(row_last)
+        next_carries[:-1] = state[1:] == CARRY
+        write = next_carries | (row_last & ((ends - starts) == chunk_size) & keep_final)
+        final = row_last & keep_final
+        unit_of_token = (torch.cumsum(unit_start.long(), 0) - 1).to(device)
+        return cls(
+            R, N, starts.tolist(), ends.tolist(), rows.tolist(), state.tolist(), (state != ZERO).tolist(),
+            write.tolist(), final.tolist(), unit_of_token,
+        )
+
+
+class _FastWeightScan(torch.autograd.Function):
+    """o_u = h_u S_u^T and S_{u+1} = S_u + a_u^T h_u over units; the state is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, h, a, init_state, seg):
+        ctx.set_materialize_grads(False)
+        acc = torch.promote_types(h.dtype, torch.float32)
+        o = torch.zeros(seg.num_tokens, a.shape[1], dtype=acc, device=h.device)
+        rows_kept = seg.num_rows if any(seg.final) else 0
+        final = torch.zeros(rows_kept, a.shape[1], h.shape[1], dtype=acc, device=h.device)
+        S = None
+        for u, (s, e, r) in enumerate(zip(seg.starts, seg.ends, seg.rows)):
+            S = _start_state(seg.start_state[u], S, init_state, r)
+            if seg.read[u] and S is not None:
+                o[s:e] = h[s:e].to(acc) @ S.T
+            if seg.write[u]:
+                dS = a[s:e].to(acc).T @ h[s:e].to(acc)
+                S = dS if S is None else S + dS
+            if seg.final[u] and S is not None:
+                final[r] = S
+        ctx.save_for_backward(h, a, init_state)
+        ctx.seg = seg
+        return o, final
+
+    @staticmethod
+    def backward(ctx, go, gfinal):
+        h, a, init_state = ctx.saved_tensors
+        seg = ctx.seg
+        acc = torch.promote_types(h.dtype, torch.float32)
+        dh = torch.zeros(h.shape, dtype=acc, device=h.device)
+        da = torch.zeros(a.shape, dtype=acc, device=a.device)
+        dinit = torch.zeros_like(init_state) if init_state is not None and ctx.needs_input_grad[2] else None
+        # Pass 1, forward: the state each unit read gives dh = go S.
+        S = None
+        for u, (s, e, r) in enumerate(zip(seg.starts, seg.ends, seg.rows)):
+            S = _start_state(seg.start_state[u], S, init_state, r)
+            if seg.read[u] and S is not None and go is not None:
+                dh[s:e] = go[s:e] @ S
+            if seg.write[u]:
+                dS = a[s:e].to(acc).T @ h[s:e].to(acc)
+                S = dS if S is None else S + dS
+        # Pass 2, reverse: G = dL/d(state after unit u), carried back through the prefix sum.
+        G_before_next = None
+        for u in reversed(range(seg.num_units)):
+            s, e, r = seg.starts[u], seg.ends[u], seg.rows[u]
+            if seg.final[u]:
+                G = gfinal[r] if gfinal is not None else None
+            elif u + 1 < seg.num_units and seg.start_state[u + 1] == CARRY:
+                G = G_before_next
+            else:
+                G = None
+            if seg.write[u] and G is not None:
+                hu, au = h[s:e].to(acc), a[s:e].to(acc)
+                da[s:e] = hu @ G.T
+                dh[s:e] += au @ G
+            if seg.read[u] and go is not None:
+                gS = go[s:e].T @ h[s:e].to(acc)
+                G = gS if G is None else G + gS
+            if seg.start_state[u] == INIT and dinit is not None and G is not None:
+                dinit[r] += G
+            G_before_next = G
+        return dh.to(h.dtype), da.to(a.dtype), dinit, None
+
+
+def _start_state(kind, S, init_state, row):
+    if kind == ZERO:
+        return None
+    if kind == INIT:
+        return None if init_state is None else init_state[row]
+    return S
+
+
+def fast_weight_scan(h, a, seg: Segments, init_state=None):
+    """Chunk-causal fast-weight read-out over a flat layout.
+
+    Args:
+        h: (N, H) down_proj inputs; a: (N, d) learning-rate-scaled targets (zero where nothing may be written).
+        init_state: optional (R, d, H) initial state per row (used by units whose start state is INIT).
+    Returns:
+        o: (N, d) fast-weight outputs (in fp32 or wider), final: (R, d, H) state after each row's last unit.
+    """
+    return _FastWeightScan.apply(h, a, init_state, seg)
+
+
+def chunk_conv(t, weight, seg: Segments):
+    """Depthwise, centred Conv1D applied per unit: zero padding at each unit's edges, so it never crosses one.
+
+    Units are laid out with `k // 2` zero rows between them, so one `conv1d` call does all units at once.
+    """
+    k = weight.shape[-1]
+    p = k // 2
+    if p == 0:
+        return t * weight[:, 0, 0]
+    pos = torch.arange(t.shape[0], device=t.device) + p * seg.unit_of_token
+    spaced = t.new_zeros(t.shape[0] + p * max(seg.num_units - 1, 0), t.shape[1]).index_copy(0, pos, t)
+    out = F.conv1d(spaced.T.unsqueeze(0), weight.to(t.dtype), padding=p, groups=t.shape[1])
+    return out[0].T.index_select(0, pos)
+
+
+def clip_scales(a, h, seg: Segments, max_norm: float):
+    """Per-token factor that scales each written unit's update a^T h to Frobenius norm <= max_norm (fp32)."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    scales = []
+    for s, e, w in zip(seg.starts, seg.ends, seg.write):
+        if not w:
+            scales.append(torch.ones((), dtype=acc, device=a.device))
+            continue
+        norm = checkpoint(_update_norm, a[s:e], h[s:e], use_reentrant=False)
+        scales.append(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    lengths = torch.tensor([e - s for s, e in zip(seg.starts, seg.ends)], device=a.device)
+    return torch.repeat_interleave(torch.stack(scales), lengths).unsqueeze(-1)
+
+
+def _update_norm(a, h):
+    acc = torch.promote_types(a.dtype, torch.float32)
+    return torch.linalg.matrix_norm(a.to(acc).T @ h.to(acc))
+
+
+class TTTParams(nn.Module):
+    """The new parameters of one TTT layer: conv, target projection, learning rate (+ per-token gate)."""
+
+    def __init__(self, hidden_size, ttt_config):
+        super().__init__()
+        k = ttt_config.conv_kernel_size
+        self.conv = nn.Conv1d(hidden_size, hidden_size, k, padding=k // 2, groups=hidden_size, bias=False)
+        self.target_proj = nn.Linear(hidden_size, hidden_size, bias=False) if ttt_config.use_proj else None
+        self.lr = nn.Parameter(torch.full((1,), float(ttt_config.lr_init)))
+        self.lr_gate = nn.Linear(hidden_size, 1) if ttt_config.lr_mode == "token" else None
+        # Warmup factor of the TTT learning rate, set by the training loop; 1 at inference.
+        self.register_buffer("lr_scale", torch.ones(1), persistent=False)
+
+    @torch.no_grad()
+    def reset_parameters(self, lr_init, std=0.02):
+        """Step-0 init: conv zero (so the model equals its base), W_target diagonal N(0, std^2) as published.
+
+        Uses transformers' guarded init functions, so weights loaded from a checkpoint are never overwritten.
+        """
+        init.zeros_(self.conv.weight)
+        if self.target_proj is not None:
+            w = self.target_proj.weight
+            init.copy_(w, torch.diag(torch.randn(w.shape[0], device=w.device, dtype=torch.float32) * std).to(w.dtype))
+        init.constant_(self.lr, lr_init)
+        if self.lr_gate is not None:
+            init.zeros_(self.lr_gate.weight)
+            init.zeros_(self.lr_gate.bias)
+        init.ones_(self.lr_scale)
+
+    def targets(self, t, x, h, seg, clip_update_norm=None):
+        """a = lr * (Conv1D(t) @ W_target^T) on a flat layout, clipped per unit if asked."""
+        v = chunk_conv(t, self.conv.weight, seg)
+        if self.target_proj is not None:
+            v = self.target_proj(v)
+        lr = self.lr * self.lr_scale
+        if self.lr_gate is not None:
+            lr = lr * 2 * torch.sigmoid(self.lr_gate(x))
+        a = v * lr.to(v.dtype)
+        if clip_update_norm is not None:
+            a = a * clip_scales(a, h, seg, clip_update_norm).to(a.dtype)
+        return a
+
+
+class TTTLayerState:
+    """Decode-time state of one TTT layer for a batch: fast weight, the unfinished chunk, its length per row."""
+
+    def __init__(self):
+        self.S = None  # (B, d, H) accumulated updates, fp32
+        self.buf_x = None  # (B, C, d) MLP inputs of the unfinished chunk
+        self.buf_t = None  # (B, C, d) target sources of the unfinished chunk (target="input_embed" only)
+        self.n = None  # (B,) long on CPU: tokens in the unfinished chunk
+
+    @property
+    def started(self) -> bool:
+        return self.S is not None
+
+    def _map(self, fn):
+        for name in ("S", "buf_x", "buf_t"):
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
+        if self.n is not None:
+            self.n = fn(self.n)
+
+    def index_select(self, idx):
+        self._map(lambda x: x.index_select(0, idx.to(x.device)))
+
+    def repeat_interleave(self, repeats):
+        self._map(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def reset(self):
+        self.S = self.buf_x = self.buf_t = self.n = None
+
+
+class TTTMLP(nn.Module):
+    """A gated MLP (Qwen3/Llama) whose down_proj is a fast weight; called as `mlp(x)` like the module it replaces.
+
+    It reuses the original MLP's projections (no copies) and adds `ttt` (`TTTParams`). Context a plain call cannot
+    carry (padding, packed documents, the generation cache, input embeddings) comes in `ttt_context`, set by the
+    decoder layer right before each call.
+    """
+
+    def __init__(self, mlp, ttt_config, layer_idx):
+        super().__init__()
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            if not isinstance(getattr(mlp, name, None), nn.Module):
+                raise ValueError(f"{type(mlp).__name__} is not a gated MLP (needs gate_proj, up_proj, down_proj)")
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.act_fn = mlp.act_fn
+        self.hidden_size = self.down_proj.out_features
+        self.layer_idx = layer_idx
+        self.chunk_size = ttt_config.chunk_size
+        self.target = ttt_config.target
+        self.clip_update_norm = ttt_config.clip_update_norm
+        self.ttt_warmup_steps = ttt_config.lr_warmup_steps
+        self.ttt = TTTParams(self.hidden_size, ttt_config)
+        self.ttt_context = None
+
+    def inner(self, x):
+        return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+
+    def forward(self, x):
+        h = self.inner(x)
+        y = self.down_proj(h)
+        ctx = self.ttt_context if self.ttt_context is not None else TTTContext()
+        t = x if self.target == "hidden_states" else ctx.inputs_embeds
+        if t is None:
+            raise ValueError("target='input_embed' needs the input embeddings: call the TTT model, not the MLP alone")
+        state = ctx.layer_state(self.layer_idx)
+        if state is not None and state.started and x.shape[1] == 1:
+            o = self._decode_step(x, h, t, state, ctx)
+        else:
+            o = self._chunked(x, h, t, state, ctx)
+        return y + o.to(y.dtype)
+
+    def _chunked(self, x, h, t, state, ctx):
+        layout = ctx.layout(x.shape[0], x.shape[1], self.chunk_size, state, x.device)
+        prefix_x = prefix_t = prefix_h = None
+        if layout.has_prefix:
+            prefix_x = state.buf_x[layout.prefix_rows, layout.prefix_slots]
+            prefix_t = prefix_x if state.buf_t is None else state.buf_t[layout.prefix_rows, layout.prefix_slots]
+            prefix_h = self.inner(prefix_x)
+        xf, hf, tf = layout.flatten(x, prefix_x), layout.flatten(h, prefix_h), layout.flatten(t, prefix_t)
+        seg = layout.seg
+        a = self.ttt.targets(tf, xf, hf, seg, self.clip_update_norm)
+        init = state.S if state is not None and state.started else None
+        o, final = fast_weight_scan(hf, a, seg, init)
+        if state is not None:
+            self._keep_state(state, layout, xf, tf if self.target == "input_embed" else None, final)
+        return layout.unflatten(o)
+
+    @torch.no_grad()
+    def _keep_state(self, state, layout, xf, tf, final):
+        seg, B, C = layout.seg, layout.batch_size, self.chunk_size
+        if not state.started:
+            state.S = final.new_zeros(final.shape)
+            state.buf_x = xf.new_zeros(B, C, xf.shape[1])
+            state.buf_t = None if tf is None else tf.new_zeros(B, C, tf.shape[1])
+            state.n = torch.zeros(B, dtype=torch.long)
+        for u in range(seg.num_units):
+            if not seg.final[u]:
+                continue
+            r, s, e = seg.rows[u], seg.starts[u], seg.ends[u]
+            state.S[r] = final[r]
+            if seg.write[u]:  # the row ends on a full chunk: already in S
+                state.n[r] = 0
+            else:
+                state.buf_x[r, : e - s] = xf[s:e]
+                if tf is not None:
+                    state.buf_t[r, : e - s] = tf[s:e]
+                state.n[r] = e - s
+
+    def _decode_step(self, x, h, t, state, ctx):
+        acc = state.S.dtype
+        o = torch.bmm(h.to(acc), state.S.transpose(1, 2))  # (B, 1, d)
+        with torch.no_grad():
+            valid = ctx.valid_last_token(x.shape[0])
+            rows = torch.nonzero(valid).flatten()
+            slots = state.n[rows]
+            state.buf_x[rows.to(x.device), slots.to(x.device)] = x[rows.to(x.device), 0]
+            if state.buf_t is not None:
+                state.buf_t[rows.to(x.device), slots.to(x.device)] = t[rows.to(x.device), 0]
+            state.n[rows] += 1
+            full = torch.nonzero(state.n == self.chunk_size).flatten()
+            if full.numel():
+                self._flush(state, full)
+        return o
+
+    @torch.no_grad()
+    def _flush(self, state, rows):
+        """Apply the update of each finished chunk in `rows` (exactly as the full forward would)."""
+        dev_rows = rows.to(state.buf_x.device)
+        C = self.chunk_size
+        xb = state.buf_x[dev_rows].reshape(-1, state.buf_x.shape[-1])
+        tb = xb if state.buf_t is None else state.buf_t[dev_rows].reshape(-1, state.buf_t.shape[-1])
+        hb = self.inner(xb)
+        n = rows.numel()
+        seg = Segments.build(
+            torch.full((n,), C), torch.zeros(n, dtype=torch.bool), None, torch.zeros(n, dtype=torch.long),
+            C, True, xb.device,
+        )
+        a = self.ttt.targets(tb, xb, hb, seg, self.clip_update_norm)
+        _, final = fast_weight_scan(hb, a, seg, state.S[dev_rows])
+        state.S[dev_rows] = final
+        state.n[rows] = 0
+
+
+class FlatLayout:
+    """Maps (B, L) tensors to the flat layout of `Segments` and back: real tokens only, after any buffered prefix."""
+
+    def __init__(self, B, L, chunk_size, valid, doc_start, state, device):
+        self.batch_size, self.length = B, L
+        continuing = state is not None and state.started
+        prefix = state.n.clone() if continuing else torch.zeros(B, dtype=torch.long)
+        valid_cpu = torch.ones(B, L, dtype=torch.bool) if valid is None else valid.cpu()
+        n_new = valid_cpu.sum(1)
+        row_len = prefix + n_new
+        row_off = torch.cumsum(row_len, 0) - row_len
+        self.all_valid = bool(valid_cpu.all())
+        self.has_prefix = bool(prefix.any())
+        # flat position of every real new token, in row-major order
+        new_pos = (row_off + prefix).unsqueeze(1) + torch.cumsum(valid_cpu.long(), 1) - 1
+        new_pos = new_pos[valid_cpu]
+        self.new_index = None if self.all_valid else torch.nonzero(valid_cpu.flatten()).flatten().to(device)
+        self.new_pos = new_pos.to(device) if self.has_prefix else None
+        flat_doc_start = None
+        if doc_start is not None:
+            flat_doc_start = torch.zeros(int(row_len.sum()), dtype=torch.bool)
+            flat_doc_start[new_pos] = doc_start.cpu()[valid_cpu]
+        if self.has_prefix:
+            rows = torch.repeat_interleave(torch.arange(B), prefix)
+            slots = torch.arange(int(prefix.sum())) - torch.repeat_interleave(torch.cumsum(prefix, 0) - prefix, prefix)
+            self.prefix_rows, self.prefix_slots = rows.to(device), slots.to(device)
+            self.prefix_pos = (row_off[rows] + slots).to(device)
+        first_is_doc_start = torch.full((B,), not continuing)
+        self.seg = Segments.build(row_len, first_is_doc_start, flat_doc_start, prefix, chunk_size, state is not None, device)
+
+    def flatten(self, x, prefix_values=None):
+        flat = x.reshape(-1, x.shape[-1])
+        if self.new_index is not None:
+            flat = flat.index_select(0, self.new_index)
+        if not self.has_prefix:
+            return flat
+        out = flat.new_zeros(self.seg.num_tokens, flat.shape[-1])
+        out = out.index_copy(0, self.new_pos, flat)
+        return out.index_copy(0, self.prefix_pos, prefix_values.to(flat.dtype))
+
+    def unflatten(self, o):
+        if self.has_prefix:
+            o = o.index_select(0, self.new_pos)
+        if self.new_index is not None:
+            o = o.new_zeros(self.batch_size * self.length, o.shape[-1]).index_copy(0, self.new_index, o)
+        return o.view(self.batch_size, self.length, -1)
+
+
+class TTTContext:
+    """What the TTT layers of one forward call share: real-token mask, document starts, embeddings, cache."""
+
+    def __init__(self, valid=None, doc_start=None, inputs_embeds=None, layer_states=None):
+        self.valid = valid  # (B, L) bool or None (all real)
+        self.doc_start = doc_start  # (B, L) bool or None (no packed documents)
+        self.inputs_embeds = inputs_embeds
+        self.layer_states = layer_states  # {layer_idx: TTTLayerState} when generating with a cache
+        self._layouts = {}
+
+    @classmethod
+    def from_inputs(cls, attention_mask, position_ids, inputs_embeds, layer_states=None, explicit_positions=True):
+        """Real tokens from a 2-D attention mask; document starts where explicit position_ids do not step by 1."""
+        B, L = inputs_embeds.shape[:2]
+        valid = None
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            m = attention_mask[:, -L:].bool()
+            valid = None if bool(m.all()) else m
+        doc_start = None
+        if explicit_positions and position_ids is not None and L > 1:
+            pos = position_ids.expand(B, L)
+            ds = torch.zeros(B, L, dtype=torch.bool, device=pos.device)
+            ds[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+            if valid is not None:  # a left pad's position says nothing; the first real token starts anyway
+                ds &= valid
+            doc_start = ds if bool(ds.any()) else None
+        return cls(valid, doc_start, inputs_embeds, layer_states)
+
+    def layer_state(self, layer_idx):
+        return None if self.layer_states is None else self.layer_states.get(layer_idx)
+
+    def layout(self, B, L, chunk_size, state, device) -> FlatLayout:
+        key = (chunk_size, state is not None)
+        if key not in self._layouts:  # every TTT layer sees the same tokens: build once per forward
+            self._layouts[key] = FlatLayout(B, L, chunk_size, self.valid, self.doc_start, state, device)
+        return self._layouts[key]
+
+    def valid_last_token(self, B):
+        if self.valid is None:
+            return torch.ones(B, dtype=torch.bool)
+        return self.valid[:, -1].cpu()
+
+
+__all__ = ["TTTMLP", "TTTParams", "TTTContext", "TTTLayerState", "Segments", "fast_weight_scan", "chunk_conv"]
