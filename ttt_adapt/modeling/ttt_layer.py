@@ -91,7 +91,11 @@ class Segments:
 
 
 class _FastWeightScan(torch.autograd.Function):
-    """o_u = h_u S_u^T and S_{u+1} = S_u + a_u^T h_u over units; the state is recomputed in backward."""
+    """o_u = h_u S_u^T and S_{u+1} = S_u + a_u^T h_u over units; the state is recomputed in backward.
+
+    Only the inputs are saved, so memory does not grow with the number of chunks. Products go straight into
+    their output rows (`out=`, `addmm_`), the state is updated in place, all in fp32 (or wider).
+    """
 
     @staticmethod
     def forward(ctx, h, a, init_state, seg):
@@ -102,12 +106,12 @@ class _FastWeightScan(torch.autograd.Function):
         final = torch.zeros(rows_kept, a.shape[1], h.shape[1], dtype=acc, device=h.device)
         S = None
         for u, (s, e, r) in enumerate(zip(seg.starts, seg.ends, seg.rows)):
-            S = _start_state(seg.start_state[u], S, init_state, r)
+            S = _start_state(seg.start_state[u], S, init_state, r, acc)
+            hu = h[s:e].to(acc)
             if seg.read[u] and S is not None:
-                o[s:e] = h[s:e].to(acc) @ S.T
+                torch.mm(hu, S.T, out=o[s:e])
             if seg.write[u]:
-                dS = a[s:e].to(acc).T @ h[s:e].to(acc)
-                S = dS if S is None else S + dS
+                S = _add_update(S, a[s:e].to(acc), hu)
             if seg.final[u] and S is not None:
                 final[r] = S
         ctx.save_for_backward(h, a, init_state)
@@ -119,47 +123,50 @@ class _FastWeightScan(torch.autograd.Function):
         h, a, init_state = ctx.saved_tensors
         seg = ctx.seg
         acc = torch.promote_types(h.dtype, torch.float32)
+        go = None if go is None else go.to(acc)
         dh = torch.zeros(h.shape, dtype=acc, device=h.device)
         da = torch.zeros(a.shape, dtype=acc, device=a.device)
         dinit = torch.zeros_like(init_state) if init_state is not None and ctx.needs_input_grad[2] else None
         # Pass 1, forward: the state each unit read gives dh = go S.
         S = None
         for u, (s, e, r) in enumerate(zip(seg.starts, seg.ends, seg.rows)):
-            S = _start_state(seg.start_state[u], S, init_state, r)
+            S = _start_state(seg.start_state[u], S, init_state, r, acc)
             if seg.read[u] and S is not None and go is not None:
-                dh[s:e] = go[s:e] @ S
-            if seg.write[u]:
-                dS = a[s:e].to(acc).T @ h[s:e].to(acc)
-                S = dS if S is None else S + dS
+                torch.mm(go[s:e], S, out=dh[s:e])
+            if seg.write[u] and u + 1 < seg.num_units and seg.start_state[u + 1] == CARRY:
+                S = _add_update(S, a[s:e].to(acc), h[s:e].to(acc))
         # Pass 2, reverse: G = dL/d(state after unit u), carried back through the prefix sum.
         G_before_next = None
         for u in reversed(range(seg.num_units)):
             s, e, r = seg.starts[u], seg.ends[u], seg.rows[u]
             if seg.final[u]:
-                G = gfinal[r] if gfinal is not None else None
+                G = None if gfinal is None else gfinal[r].to(acc, copy=True)
             elif u + 1 < seg.num_units and seg.start_state[u + 1] == CARRY:
                 G = G_before_next
             else:
                 G = None
+            hu = h[s:e].to(acc)
             if seg.write[u] and G is not None:
-                hu, au = h[s:e].to(acc), a[s:e].to(acc)
-                da[s:e] = hu @ G.T
-                dh[s:e] += au @ G
+                torch.mm(hu, G.T, out=da[s:e])
+                dh[s:e].addmm_(a[s:e].to(acc), G)
             if seg.read[u] and go is not None:
-                gS = go[s:e].T @ h[s:e].to(acc)
-                G = gS if G is None else G + gS
+                G = go[s:e].T @ hu if G is None else G.addmm_(go[s:e].T, hu)
             if seg.start_state[u] == INIT and dinit is not None and G is not None:
                 dinit[r] += G
             G_before_next = G
         return dh.to(h.dtype), da.to(a.dtype), dinit, None
 
 
-def _start_state(kind, S, init_state, row):
+def _start_state(kind, S, init_state, row, acc):
     if kind == ZERO:
         return None
     if kind == INIT:
-        return None if init_state is None else init_state[row]
+        return None if init_state is None else init_state[row].to(acc, copy=True)
     return S
+
+
+def _add_update(S, a, h):
+    return a.T @ h if S is None else S.addmm_(a.T, h)
 
 
 def fast_weight_scan(h, a, seg: Segments, init_state=None):
