@@ -47,9 +47,12 @@ def test_ttt_changes_only_later_chunks():
     assert not torch.allclose(got[:, 8:], base_logits[:, 8:])
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_incremental_decoding_equals_full_forward(arch):
-    model = ttt_model(arch, chunk_size=4, lr_mode="token")
+@pytest.mark.parametrize(
+    "arch,kw",
+    [("qwen3", {"lr_mode": "token"}), ("llama", {}), ("qwen3", {"target": "input_embed", "clip_update_norm": 0.5})],
+)
+def test_incremental_decoding_equals_full_forward(arch, kw):
+    model = ttt_model(arch, chunk_size=4, **kw)
     ids = torch.randint(3, 97, (2, 19))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding on row 1
@@ -221,3 +224,17 @@ def test_not_gated_and_already_converted_rejected():
     model = ttt_model()
     with pytest.raises(ValueError, match="already an In-Place TTT model"):
         convert(model, TTTConfig(layers=[0]))
+
+
+def test_bf16_model_accumulates_fast_weights_in_fp32():
+    model32 = ttt_model(chunk_size=4)
+    model16 = ttt_model(chunk_size=4).to(torch.bfloat16)
+    ids = torch.randint(3, 97, (1, 18))
+    with torch.no_grad():
+        cache = DynamicCache(config=model16.config)
+        out16 = model16(ids, past_key_values=cache, use_cache=True).logits
+        out32 = model32(ids).logits
+    state = cache.layers[0].ttt_state
+    assert state.S.dtype == torch.float32 and state.buf_x.dtype == torch.bfloat16
+    assert int(state.n[0]) == 18 % 4
+    torch.testing.assert_close(out16.float(), out32, rtol=0.1, atol=0.1)
