@@ -134,7 +134,8 @@ def test_gradients_match_reference():
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
-def test_scan_gradcheck_with_initial_and_final_state():
+@pytest.mark.parametrize("with_weight", [False, True])
+def test_scan_gradcheck_with_initial_and_final_state(with_weight):
     torch.manual_seed(0)
     N, d, H = 11, 3, 4
     seg = Segments.build(
@@ -144,7 +145,11 @@ def test_scan_gradcheck_with_initial_and_final_state():
     h = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
     a = torch.randn(N, d, dtype=torch.float64, requires_grad=True)
     S0 = torch.randn(2, d, H, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda h, a, S0: fast_weight_scan(h, a, seg, S0), (h, a, S0))
+    W = torch.randn(d, H, dtype=torch.float64, requires_grad=True)
+    if with_weight:
+        assert torch.autograd.gradcheck(lambda h, a, S0, W: fast_weight_scan(h, a, seg, S0, W), (h, a, S0, W))
+    else:
+        assert torch.autograd.gradcheck(lambda h, a, S0: fast_weight_scan(h, a, seg, S0), (h, a, S0))
 
 
 def test_memory_saved_for_backward_is_independent_of_chunk_count():

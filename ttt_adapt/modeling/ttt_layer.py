@@ -91,17 +91,22 @@ class Segments:
 
 
 class _FastWeightScan(torch.autograd.Function):
-    """o_u = h_u S_u^T and S_{u+1} = S_u + a_u^T h_u over units; the state is recomputed in backward.
+    """out_u = h_u (W + S_u)^T and S_{u+1} = S_u + a_u^T h_u over units; the state is recomputed in backward.
 
-    Only the inputs are saved, so memory does not grow with the number of chunks. Products go straight into
-    their output rows (`out=`, `addmm_`), the state is updated in place, all in fp32 (or wider).
+    Only the inputs are saved, so memory does not grow with the number of chunks. With `weight` (W_down)
+    given, the base product is part of the function: `F.linear(h, W)` exactly as the base computes it in
+    forward, and in backward one product per unit gives dh = g (W + S_u) while the per-unit g^T h products
+    serve both dW and the state's gradient. States and updates are fp32 (or wider).
     """
 
     @staticmethod
-    def forward(ctx, h, a, init_state, seg):
+    def forward(ctx, h, a, weight, init_state, seg):
         ctx.set_materialize_grads(False)
         acc = torch.promote_types(h.dtype, torch.float32)
-        o = torch.zeros(seg.num_tokens, a.shape[1], dtype=acc, device=h.device)
+        if weight is None:
+            out = torch.zeros(seg.num_tokens, a.shape[1], dtype=acc, device=h.device)
+        else:
+            out = F.linear(h, weight)
         rows_kept = seg.num_rows if any(seg.final) else 0
         final = torch.zeros(rows_kept, a.shape[1], h.shape[1], dtype=acc, device=h.device)
         S = None
@@ -109,30 +114,38 @@ class _FastWeightScan(torch.autograd.Function):
             S = _start_state(seg.start_state[u], S, init_state, r, acc)
             hu = h[s:e].to(acc)
             if seg.read[u] and S is not None:
-                torch.mm(hu, S.T, out=o[s:e])
+                if out.dtype == acc:
+                    out[s:e].addmm_(hu, S.T)
+                else:
+                    out[s:e] += (hu @ S.T).to(out.dtype)
             if seg.write[u]:
                 S = _add_update(S, a[s:e].to(acc), hu)
             if seg.final[u] and S is not None:
                 final[r] = S
-        ctx.save_for_backward(h, a, init_state)
+        ctx.save_for_backward(h, a, weight, init_state)
         ctx.seg = seg
-        return o, final
+        return out, final
 
     @staticmethod
     def backward(ctx, go, gfinal):
-        h, a, init_state = ctx.saved_tensors
+        h, a, weight, init_state = ctx.saved_tensors
         seg = ctx.seg
         acc = torch.promote_types(h.dtype, torch.float32)
         go = None if go is None else go.to(acc)
+        W = None if weight is None else weight.to(acc)
         dh = torch.zeros(h.shape, dtype=acc, device=h.device)
         da = torch.zeros(a.shape, dtype=acc, device=a.device)
-        dinit = torch.zeros_like(init_state) if init_state is not None and ctx.needs_input_grad[2] else None
-        # Pass 1, forward: the state each unit read gives dh = go S.
+        dW = torch.zeros(W.shape, dtype=acc, device=h.device) if W is not None and ctx.needs_input_grad[2] else None
+        dinit = torch.zeros_like(init_state) if init_state is not None and ctx.needs_input_grad[3] else None
+        # Pass 1, forward: dh = go (W + S_u) with the state each unit read.
         S = None
         for u, (s, e, r) in enumerate(zip(seg.starts, seg.ends, seg.rows)):
             S = _start_state(seg.start_state[u], S, init_state, r, acc)
-            if seg.read[u] and S is not None and go is not None:
-                torch.mm(go[s:e], S, out=dh[s:e])
+            if go is not None:
+                reads = seg.read[u] and S is not None
+                if reads or W is not None:
+                    M = (S if W is None else W + S) if reads else W
+                    torch.mm(go[s:e], M, out=dh[s:e])
             if seg.write[u] and u + 1 < seg.num_units and seg.start_state[u + 1] == CARRY:
                 S = _add_update(S, a[s:e].to(acc), h[s:e].to(acc))
         # Pass 2, reverse: G = dL/d(state after unit u), carried back through the prefix sum.
@@ -149,12 +162,17 @@ class _FastWeightScan(torch.autograd.Function):
             if seg.write[u] and G is not None:
                 torch.mm(hu, G.T, out=da[s:e])
                 dh[s:e].addmm_(a[s:e].to(acc), G)
-            if seg.read[u] and go is not None:
-                G = go[s:e].T @ hu if G is None else G.addmm_(go[s:e].T, hu)
+            if go is not None and (seg.read[u] or dW is not None):
+                P = go[s:e].T @ hu
+                if dW is not None:
+                    dW += P
+                if seg.read[u]:
+                    G = P if G is None else G.add_(P)
             if seg.start_state[u] == INIT and dinit is not None and G is not None:
                 dinit[r] += G
             G_before_next = G
-        return dh.to(h.dtype), da.to(a.dtype), dinit, None
+        dW = None if dW is None else dW.to(weight.dtype)
+        return dh.to(h.dtype), da.to(a.dtype), dW, dinit, None
 
 
 def _start_state(kind, S, init_state, row, acc):
@@ -169,16 +187,18 @@ def _add_update(S, a, h):
     return a.T @ h if S is None else S.addmm_(a.T, h)
 
 
-def fast_weight_scan(h, a, seg: Segments, init_state=None):
+def fast_weight_scan(h, a, seg: Segments, init_state=None, weight=None):
     """Chunk-causal fast-weight read-out over a flat layout.
 
     Args:
         h: (N, H) down_proj inputs; a: (N, d) learning-rate-scaled targets (zero where nothing may be written).
         init_state: optional (R, d, H) initial state per row (used by units whose start state is INIT).
+        weight: optional (d, H) W_down; then the base product is included and the result has h's dtype.
     Returns:
-        o: (N, d) fast-weight outputs (in fp32 or wider), final: (R, d, H) state after each row's last unit.
+        out: (N, d) `h W^T + o` with `weight`, else the fast-weight part `o` alone (fp32 or wider);
+        final: (R, d, H) state after each row's last unit (empty unless `seg` keeps final states).
     """
-    return _FastWeightScan.apply(h, a, init_state, seg)
+    return _FastWeightScan.apply(h, a, weight, init_state, seg)
 
 
 def chunk_conv(t, weight, seg: Segments):
@@ -317,17 +337,15 @@ class TTTMLP(nn.Module):
 
     def forward(self, x):
         h = self.inner(x)
-        y = self.down_proj(h)
         ctx = self.ttt_context if self.ttt_context is not None else TTTContext()
         t = x if self.target == "hidden_states" else ctx.inputs_embeds
         if t is None:
             raise ValueError("target='input_embed' needs the input embeddings: call the TTT model, not the MLP alone")
         state = ctx.layer_state(self.layer_idx)
         if state is not None and state.started and x.shape[1] == 1:
-            o = self._decode_step(x, h, t, state, ctx)
-        else:
-            o = self._chunked(x, h, t, state, ctx)
-        return y + o.to(y.dtype)
+            y = self.down_proj(h)
+            return y + self._decode_step(x, h, t, state, ctx).to(y.dtype)
+        return self._chunked(x, h, t, state, ctx)
 
     def _chunked(self, x, h, t, state, ctx):
         layout = ctx.layout(x.shape[0], x.shape[1], self.chunk_size, state, x.device)
@@ -340,10 +358,16 @@ class TTTMLP(nn.Module):
         seg = layout.seg
         a = self.ttt.targets(tf, xf, hf, seg, self.clip_update_norm)
         init = state.S if state is not None and state.started else None
-        o, final = fast_weight_scan(hf, a, seg, init)
+        # Every token real and no buffered prefix (training, plain inference): W_down joins the scan.
+        fused = type(self.down_proj) is nn.Linear and layout.all_valid and not layout.has_prefix
+        out, final = fast_weight_scan(hf, a, seg, init, self.down_proj.weight if fused else None)
         if state is not None:
             self._keep_state(state, layout, xf, tf if self.target == "input_embed" else None, final)
-        return layout.unflatten(o)
+        if fused:
+            y = out.view(*x.shape[:-1], -1)
+            return y if self.down_proj.bias is None else y + self.down_proj.bias
+        y = self.down_proj(h)
+        return y + layout.unflatten(out).to(y.dtype)
 
     @torch.no_grad()
     def _keep_state(self, state, layout, xf, tf, final):
