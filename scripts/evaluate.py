@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Measure an In-Place TTT model against its base: loss by position and synthetic long-context tasks.
+
+    python scripts/evaluate.py --base DIR --adapted DIR --corpus FILE.jsonl --out DIR [options]
+    python scripts/evaluate.py --recipe RECIPE.yaml [options]
+    python scripts/evaluate.py --lm-eval-task DIR --adapted DIR --corpus FILE.jsonl [--lengths ...] [--tasks ...]
+
+With --recipe, the defaults come from the recipe: --base its model.name_or_path, --adapted its export.dir,
+--corpus and the other settings its `eval` section (corpus default data.eval_path), --out <train.output_dir>/eval;
+options given on the command line win. --lm-eval-task writes the synthetic tasks as a local lm-evaluation-harness
+task folder (tokenised with the --adapted, else --base, tokenizer) and evaluates nothing; see ttt_adapt/evaluate.py.
+Bad input prints one line and exits 2.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def fail(message: str):
+    print(f"evaluate.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", help="read defaults from this recipe (and its eval section)")
+    p.add_argument("--base", help="the base model folder (or hub id)")
+    p.add_argument("--adapted", help="the TTT model folder (an export)")
+    p.add_argument("--corpus", help="held-out documents: .jsonl with a text field, or .txt")
+    p.add_argument("--out", help="output folder for report.json, report.md, loss_by_position.png, samples.jsonl")
+    p.add_argument("--lm-eval-task", metavar="DIR", help="only write the tasks as an lm-evaluation-harness task folder")
+    p.add_argument("--seq-len", type=int, help="tokens per document for the loss by position (default 1024)")
+    p.add_argument("--lengths", type=int_list, help="task prompt lengths in tokens, e.g. 512,1024")
+    p.add_argument("--tasks", help="comma-separated synthetic tasks (default all; 'none' for none)")
+    p.add_argument("--num-samples", type=int, help="prompts per task and length")
+    p.add_argument("--max-docs", type=int, help="held-out documents for the loss")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.error = fail  # one line, exit 2 (no usage dump)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no weight-loading bars: the output is the table (or one error line)
+    from ttt_adapt.config import RecipeError, load_recipe
+    from ttt_adapt.evaluate import EvalSettings, load_tokenizer, read_corpus, run_evaluation, settings_from_recipe, \
+        task_samples, write_lm_eval_task
+
+    try:
+        raw, dtype = {}, args.dtype
+        if args.recipe:
+            # export.overwrite: after a run the export folder exists; here it is only read
+            recipe = load_recipe(args.recipe, ["export.overwrite=true"])
+            raw = dict(vars(settings_from_recipe(recipe)))
+            args.base = args.base or recipe.model.name_or_path
+            if not args.adapted:
+                if recipe.export.dir is None or not Path(recipe.export.dir).is_dir():
+                    fail(f"no exported model at the recipe's export.dir ({recipe.export.dir}): train and export "
+                         "first, or pass --adapted")
+                args.adapted = recipe.export.dir
+            args.out = args.out or str(Path(recipe.train.output_dir) / "eval")
+            dtype = dtype or recipe.model.dtype
+        for key in ("corpus", "seq_len", "lengths", "num_samples", "max_docs", "batch_size", "max_new_tokens", "seed"):
+            if getattr(args, key) is not None:
+                raw[key] = getattr(args, key)
+        if args.tasks is not None:
+            raw["tasks"] = [] if args.tasks == "none" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        settings = EvalSettings.from_dict(raw, prefix="settings")
+        if settings.corpus is None:
+            fail("--corpus is required (or --recipe with data.eval_path)")
+
+        if args.lm_eval_task:
+            if not (args.adapted or args.base):
+                fail("--lm-eval-task needs --adapted or --base (the tokenizer that counts the lengths)")
+            tokenizer = load_tokenizer(args.adapted or args.base)
+            samples = task_samples(settings, tokenizer, read_corpus(settings.corpus, settings.text_field))
+            names = write_lm_eval_task(args.lm_eval_task, samples, settings.max_new_tokens)
+            model = args.adapted or "DIR"
+            print(f"wrote {len(names)} tasks ({', '.join(names)}) to {args.lm_eval_task}; run them with\n"
+                  f"  lm_eval --model hf --model_args pretrained={model},trust_remote_code=True "
+                  f"--include_path {args.lm_eval_task} --tasks ttt_synthetic --device cpu "
+                  f"--batch_size {settings.batch_size}")
+            return 0
+
+        for flag in ("base", "adapted", "out"):
+            if not getattr(args, flag):
+                fail(f"--{flag} is required (or --recipe)")
+        run_evaluation(settings, args.base, args.adapted, args.out, dtype=dtype or "float32",
+                       log=lambda m: print(m, file=sys.stderr))
+        print((Path(args.out) / "report.md").read_text(), end="")
+    except RecipeError as e:  # EvalError is one
+        fail(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,482 @@
+"""The recipe: one YAML file that says what to convert, how to train it and where to export it.
+
+A recipe has the sections `model`, `ttt` (the `TTTConfig` fields), `data` (the `DataConfig` fields), `train`,
+`parallel`, `export` and an optional free-form `eval`. `load_recipe(path, overrides)` reads it, applies dotted
+`key=value` overrides (values parsed as YAML: `ttt.layers=[0,2]`, `train.lr=1e-4`) and checks every key, type
+and range, and that every local file or folder exists, before any work starts. Anything wrong raises
+`RecipeError`, whose message is one line naming the key or path.
+
+Relative paths in a recipe (model folder, data files, output and export folders) are relative to the current
+working directory, like any path typed on the command line: run the shipped recipes from the repository root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ttt_adapt.data import DataConfig
+from ttt_adapt.modeling.configuration_ttt import TTTConfig
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+TRAINABLE = ("ttt", "full")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
+
+
+class RecipeError(ValueError):
+    """A bad recipe, override or run folder; the message is one line naming the key or path."""
+
+
+def _fail(key: str, message: str):
+    raise RecipeError(f"{key}: {message}")
+
+
+def _check_int(key: str, value, minimum: int):
+    if value < minimum:
+        _fail(key, f"must be >= {minimum}, got {value}")
+
+
+def _check_choice(key: str, value, choices):
+    if value not in choices:
+        _fail(key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """The base checkpoint.
+
+    Args:
+        name_or_path: a Hugging Face hub id (`Qwen/Qwen3-4B-Base`) or a local folder (Qwen3 or Llama).
+        dtype: dtype the weights are loaded and trained in; keep float32 master weights and set
+            `train.mixed_precision` for bf16 compute.
+        attn_implementation: transformers attention backend (`sdpa`, `eager`, `flash_attention_2`, ...);
+            null lets transformers choose.
+    """
+
+    name_or_path: str
+    dtype: str = "float32"
+    attn_implementation: str | None = None
+
+    def validate(self):
+        if not self.name_or_path.strip():
+            _fail("model.name_or_path", "is empty")
+        if looks_like_local_path(self.name_or_path) and not Path(self.name_or_path).expanduser().is_dir():
+            _fail("model.name_or_path", f"no such folder: {self.name_or_path}")
+        _check_choice("model.dtype", self.dtype, DTYPES)
+        if self.attn_implementation is not None:
+            _check_choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the non-TTT weights (peft); `r: 0` turns it off. The TTT modules are trained in full alongside."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+    def validate(self):
+        _check_int("train.lora.r", self.r, 0)
+        if self.r > 0:
+            if not self.alpha > 0:
+                _fail("train.lora.alpha", f"must be > 0, got {self.alpha}")
+            if not 0 <= self.dropout < 1:
+                _fail("train.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+            if not self.target_modules:
+                _fail("train.lora.target_modules", "is empty: name at least one module (e.g. q_proj)")
+            inside_ttt = sorted({"ttt", "conv", "target_proj", "lr_gate"} & set(self.target_modules))
+            if inside_ttt:
+                _fail("train.lora.target_modules", f"{inside_ttt} are TTT modules, which train in full: remove them")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation.
+
+    Steps count optimizer updates, from 1. One step sees `batch_size * grad_accum * data-parallel processes`
+    packed rows. `lr` applies to the non-TTT parameters that are trained (`full`, or the LoRA adapters);
+    `ttt_lr` to the TTT parameters (null: same as `lr`). The learning rate warms up linearly over
+    `warmup_steps` (or `warmup_ratio * max_steps`), then follows a cosine down to `min_lr_ratio * lr`.
+    `save_every: 0` saves only at the end; `eval_every: 0` evaluates only at the end (if there is eval data).
+    The eval loss covers the first `eval_batches * batch_size` held-out rows, whatever the number of processes.
+    """
+
+    output_dir: str
+    max_steps: int
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    ttt_lr: float | None = None
+    weight_decay: float = 0.1
+    warmup_steps: int | None = None
+    warmup_ratio: float | None = None
+    min_lr_ratio: float = 0.0
+    clip_grad_norm: float | None = 1.0
+    trainable: str = "ttt"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    save_every: int = 0
+    keep_last: int = 2
+    resume: bool = True
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 8
+    seed: int = 0
+    trackers: list[str] = field(default_factory=list)
+
+    def validate(self):
+        if not self.output_dir.strip():
+            _fail("train.output_dir", "is empty")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            _fail("train.output_dir", f"is a file, not a folder: {self.output_dir}")
+        for key in ("max_steps", "batch_size", "grad_accum", "keep_last", "log_every", "eval_batches"):
+            _check_int(f"train.{key}", getattr(self, key), 1)
+        for key in ("save_every", "eval_every", "seed"):
+            _check_int(f"train.{key}", getattr(self, key), 0)
+        for key in ("lr", "ttt_lr"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                _fail(f"train.{key}", f"must be > 0, got {value}")
+        if self.weight_decay < 0:
+            _fail("train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            _fail("train.warmup_steps", "set either warmup_steps or warmup_ratio, not both")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.max_steps:
+            _fail("train.warmup_steps", f"must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio <= 1:
+            _fail("train.warmup_ratio", f"must be in [0, 1], got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            _fail("train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            _fail("train.clip_grad_norm", f"must be > 0 or null (no clipping), got {self.clip_grad_norm}")
+        _check_choice("train.trainable", self.trainable, TRAINABLE)
+        _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        self.lora.validate()
+        if self.lora.r > 0 and self.trainable == "full":
+            _fail("train.lora.r", "LoRA needs train.trainable: ttt (full training already trains every weight)")
+        for name in self.trackers:
+            _check_choice("train.trackers", name, TRACKERS)
+        if len(set(self.trackers)) != len(self.trackers):
+            _fail("train.trackers", f"lists a tracker twice: {self.trackers}")
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return round((self.warmup_ratio or 0.0) * self.max_steps)
+
+
+@dataclass
+class ParallelConfig:
+    """Context parallelism: each sequence is split across `cp_size` ranks (1: off)."""
+
+    cp_size: int = 1
+
+    def validate(self):
+        _check_int("parallel.cp_size", self.cp_size, 1)
+
+
+@dataclass
+class ExportConfig:
+    """The exported model written at the end of training (`dir: null` skips the export; see `ttt_adapt.export`).
+
+    `push_to_hub` (ORG/NAME) uploads it to `revision` (a branch; null: main) with `commit_message`; `license`
+    goes into the model card (null: the base model's).
+    """
+
+    dir: str | None = None
+    dtype: str = "bfloat16"
+    max_shard_size: str = "5GB"
+    push_to_hub: str | None = None
+    private: bool = False
+    revision: str | None = None
+    commit_message: str | None = None
+    license: str | None = None
+    overwrite: bool = False
+
+    def validate(self):
+        _check_choice("export.dtype", self.dtype, DTYPES)
+        if not SIZE.match(self.max_shard_size):
+            _fail("export.max_shard_size", f"must be a size such as 5GB or 500MB, got {self.max_shard_size!r}")
+        if self.push_to_hub is not None:
+            if self.dir is None:
+                _fail("export.push_to_hub", "needs export.dir (the folder that is pushed)")
+            if not HUB_REPO_ID.match(self.push_to_hub):
+                _fail("export.push_to_hub", f"must be a hub repo id ORG/NAME, got {self.push_to_hub!r}")
+        if self.dir is not None:
+            out = Path(self.dir)
+            if out.exists() and not out.is_dir():
+                _fail("export.dir", f"is a file, not a folder: {self.dir}")
+            if out.is_dir() and any(out.iterdir()) and not self.overwrite:
+                _fail("export.dir", f"{self.dir} exists and is not empty (set export.overwrite=true to replace it)")
+
+
+@dataclass
+class Recipe:
+    """A whole recipe; `path` is the YAML file it came from."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    eval: dict | None = None
+    path: str | None = None
+
+    def to_dict(self) -> dict:
+        """The recipe as plain YAML-able data (without `path`)."""
+        out = dataclasses.asdict(self)
+        out.pop("path")
+        if out["eval"] is None:
+            out.pop("eval")
+        return out
+
+
+SECTIONS = {"model", "ttt", "data", "train", "parallel", "export", "eval"}
+
+
+def looks_like_local_path(name: str) -> bool:
+    """True if `name` can't be a hub id (`org/name`), so it must be a local path."""
+    return (
+        Path(name).expanduser().exists()
+        or name.startswith(("/", ".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+    )
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; raise `RecipeError` (one line) for anything wrong."""
+    path = str(path)
+    if not Path(path).is_file():
+        raise RecipeError(f"no such recipe file: {path}")
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{path}: broken YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: cannot read: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections ({', '.join(sorted(SECTIONS))})")
+    for item in overrides:
+        apply_override(raw, item)
+    recipe = build_recipe(raw)
+    recipe.path = path
+    return recipe
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `dotted.key=value` override to the raw recipe dict; the value is parsed as YAML."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override {item!r}: expected dotted.key=value (e.g. train.max_steps=3)")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise RecipeError(f"override {item!r}: the value is not valid YAML") from None
+    *parents, leaf = key.split(".")
+    node = raw
+    for depth, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {item!r}: {'.'.join(parents[: depth + 1])} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def build_recipe(raw: dict) -> Recipe:
+    """Turn a raw recipe dict into a validated `Recipe`."""
+    unknown = sorted(set(raw) - SECTIONS, key=str)
+    if unknown:
+        raise RecipeError(_unknown_message(str(unknown[0]), str(unknown[0]), SECTIONS))
+    for section in ("model", "data", "train"):
+        if raw.get(section) is None:
+            raise RecipeError(f"{section}: missing section")
+    if raw.get("eval") is not None and not isinstance(raw["eval"], dict):
+        raise RecipeError("eval: must be a mapping of evaluation settings")
+    parts = {}
+    for section, cls in (
+        ("model", ModelConfig),
+        ("ttt", TTTConfig),
+        ("data", DataConfig),
+        ("train", TrainConfig),
+        ("parallel", ParallelConfig),
+        ("export", ExportConfig),
+    ):
+        if raw.get(section) is not None:
+            parts[section] = _build_dataclass(cls, raw[section], section)
+    recipe = Recipe(**parts, eval=raw.get("eval"))
+    recipe.model.validate()
+    _validate_ttt(recipe.ttt)
+    _validate_foreign("data", recipe.data)
+    recipe.train.validate()
+    recipe.parallel.validate()
+    recipe.export.validate()
+    return recipe
+
+
+def _validate_ttt(ttt: TTTConfig):
+    if ttt.layers is not None:
+        if not ttt.layers:
+            _fail("ttt.layers", "is empty: name at least one layer, or null for every 6th layer")
+        if any(i < 0 for i in ttt.layers):
+            _fail("ttt.layers", f"layer indices must be >= 0, got {ttt.layers}")
+        if len(set(ttt.layers)) != len(ttt.layers):
+            _fail("ttt.layers", f"repeats a layer: {ttt.layers}")
+    _validate_foreign("ttt", ttt)
+
+
+def _validate_foreign(section: str, config):
+    """Run a section's own `validate()` (TTTConfig, DataConfig) and make its error a RecipeError naming the key."""
+    try:
+        config.validate()
+    except RecipeError:
+        raise
+    except (ValueError, TypeError, OSError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # "ttt chunk_size must be ..." / "DataConfig.seq_len must be ..." -> "ttt.chunk_size: must be ..."
+        m = re.match(r"^(?:ttt |DataConfig\.)(\w+):? (.*)$", message)
+        if m and m.group(1) in {f.name for f in dataclasses.fields(config)}:
+            message = f"{section}.{m.group(1)}: {m.group(2)}"
+        raise RecipeError(message if message.startswith(f"{section}.") else f"{section}: {message}") from None
+
+
+def _unknown_message(key: str, name: str, known) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{key}: unknown key{hint}"
+
+
+def _build_dataclass(cls, raw, key: str):
+    """Build dataclass `cls` from mapping `raw`, checking unknown keys, missing keys and types."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{key}: must be a mapping of settings, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for name in raw:
+        if name not in known:
+            raise RecipeError(_unknown_message(f"{key}.{name}", str(name), known))
+    kwargs = {}
+    for name, f in known.items():
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], f"{key}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{key}.{name}: missing (required)")
+    return cls(**kwargs)
+
+
+def _coerce(value, annotation, key: str):
+    """Check `value` against a type annotation; return it (ints widened to float, nested dataclasses built)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        for a in inner:
+            try:
+                return _coerce(value, a, key)
+            except RecipeError:
+                pass
+        raise RecipeError(f"{key}: expected {_type_name(annotation)}, got {_describe(value)}")
+    if dataclasses.is_dataclass(annotation):
+        return _build_dataclass(annotation, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}: expected {_type_name(annotation)}, got {_describe(value)}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {_describe(value)}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}: expected true or false, got {_describe(value)}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{key}: expected an integer, got {_describe(value)}")
+        return value
+    if annotation is float:
+        # YAML 1.1 reads `5e-6` (no dot) as a string; accept it as the number it plainly is.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key}: expected a number, got {_describe(value)}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise RecipeError(f"{key}: expected a finite number, got {value}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{key}: expected a string, got {_describe(value)}")
+        return value
+    if annotation is typing.Any:
+        return value
+    raise TypeError(f"{key}: unsupported annotation {annotation!r} in the recipe schema")
+
+
+def _type_name(annotation) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings", dict: "mappings"}
+    if annotation in names:
+        return names[annotation]
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is list:
+        return f"a list of {plural.get(args[0], _type_name(args[0]))}"
+    if args:
+        inner = " or ".join(_type_name(a) for a in args if a is not type(None))
+        return inner + (" or null" if type(None) in args else "")
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _describe(value) -> str:
+    if value is None:
+        return "null"
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "mapping"}
+    return f"{kind.get(type(value), type(value).__name__)} {value!r}"[:80]
+
+
+__all__ = [
+    "RecipeError",
+    "Recipe",
+    "ModelConfig",
+    "LoraSettings",
+    "TrainConfig",
+    "ParallelConfig",
+    "ExportConfig",
+    "TTTConfig",
+    "DataConfig",
+    "load_recipe",
+    "apply_override",
+    "build_recipe",
+]

@@ -1,0 +1,451 @@
+"""Export a trained run: one folder anyone can load with `trust_remote_code=True`, optionally pushed to the Hub.
+
+    from ttt_adapt.export import export_model
+    export_model("runs/tiny", "exports/tiny", dtype="bfloat16", push_to_hub="me/tiny-ttt", revision="v1")
+
+`export_model` takes a training `output_dir` (its latest checkpoint) or one `checkpoint-N` folder, rebuilds the
+model the recipe trained (`ttt_adapt.train.build_model`), loads the checkpoint's weights strictly, merges LoRA
+(`merge_and_unload`), and writes: `config.json` (the `ttt_*` model_type, `auto_map`, the TTT settings, the base
+model's id), the modeling files, safetensors weights (sharded with an index above `max_shard_size`), the
+tokenizer, `generation_config.json` and a `README.md` model card.
+
+The folder is written next to `out` under a hidden temporary name and renamed into place once complete, so a
+failed export leaves `out` as it was. Bad input raises `ExportError` (one line); a failed push raises
+`PushError` (one line) and leaves the export on disk. The Hub token is never read here except to scrub it
+from error messages: `huggingface_hub` finds it (`HF_TOKEN` or `hf auth login`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+import yaml
+from huggingface_hub import create_branch, create_repo, get_token, hf_hub_download, metadata_load, upload_folder
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors.torch import load_model
+
+from ttt_adapt.config import HUB_REPO_ID, RecipeError, build_recipe, looks_like_local_path
+from ttt_adapt.train import STATE_FILE, build_model, latest_checkpoint, load_tokenizer
+
+DTYPES = ("bfloat16", "float16", "float32")
+WEIGHTS = "model.safetensors"  # what `accelerator.save_state` writes for the (first) prepared model
+REPORT = Path("eval") / "report.json"
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b)\s*$", re.IGNORECASE)
+BRANCH = re.compile(r"^(?!-)(?!.*\.\.)[\w.\-/]+(?<![./])$")
+ADAPTER_MARKERS = ("lora_", "modules_to_save", "original_module", "base_layer")
+
+
+class ExportError(RecipeError):
+    """Bad export input (missing checkpoint, a folder with no run, unknown dtype, bad repo id, ...); one line."""
+
+
+class PushError(ExportError):
+    """The export is on disk but pushing it to the Hub failed; one line."""
+
+
+def export_model(
+    checkpoint_or_run_dir,
+    out,
+    *,
+    dtype: str = "bfloat16",
+    max_shard_size: str | int = "5GB",
+    push_to_hub: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    overwrite: bool = False,
+    commit_message: str | None = None,
+    license: str | None = None,
+    eval_report=None,
+) -> Path:
+    """Write the model of a run's checkpoint to `out` (atomically) and optionally push it; return `out`.
+
+    Args:
+        checkpoint_or_run_dir: a training `output_dir` (its latest complete checkpoint is used) or a
+            `checkpoint-N` folder.
+        out: the export folder; an existing non-empty one is refused unless `overwrite`.
+        dtype: bfloat16, float16 or float32 weights.
+        max_shard_size: weights larger than this are split into shards plus an index (`"5GB"`, `"500MB"`, bytes).
+        push_to_hub: `ORG/NAME` to upload the folder to (created if needed, `private` if new).
+        revision: the Hub branch to push to (created from main if needed); `None` is main.
+        commit_message: the Hub commit message.
+        license: the card's license; default the recipe's `export.license`, else the base model's, else "other".
+        eval_report: an evaluation `report.json`; default `<output_dir>/eval/report.json` if present.
+    """
+    checkpoint = resolve_checkpoint(checkpoint_or_run_dir)
+    torch_dtype = parse_dtype(dtype)
+    shard_bytes = parse_size(max_shard_size)
+    if push_to_hub is not None:
+        check_hub_target(push_to_hub, revision)
+    out = check_out(Path(out), checkpoint, overwrite)
+    recipe, recipe_license = read_recipe(checkpoint)
+    state = _read_json(checkpoint / STATE_FILE)
+    report_path = Path(eval_report) if eval_report is not None else checkpoint.parent / REPORT
+    if eval_report is not None and not report_path.is_file():
+        raise ExportError(f"no such evaluation report: {report_path}")
+    report = _read_json(report_path) if report_path.is_file() else None
+
+    model = load_checkpoint_model(checkpoint, recipe)
+    try:
+        tokenizer = load_tokenizer(recipe)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot load the tokenizer of {recipe.model.name_or_path!r}: {_first_line(e)}") from None
+    model.to(torch_dtype)
+    model.config.dtype = torch_dtype
+    model.config.use_cache = True  # training turned it off; generation wants it
+    card = render_model_card(
+        model.config, recipe, state, checkpoint, report=report,
+        license=license or recipe_license or base_license(recipe.model.name_or_path) or "other",
+        repo_id=push_to_hub, revision=revision,
+    )
+    with staging(out, overwrite) as tmp:
+        model.save_pretrained(tmp, max_shard_size=shard_bytes)
+        tokenizer.save_pretrained(tmp)
+        if not (tmp / "generation_config.json").is_file():
+            model.generation_config.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card)
+    if push_to_hub is not None:
+        push_folder(out, push_to_hub, private=private, revision=revision, commit_message=commit_message)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def resolve_checkpoint(path) -> Path:
+    """The checkpoint folder to export: `path` itself if it is one, else the latest checkpoint of a run."""
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"no such checkpoint or run folder: {path}")
+    if not path.is_dir():
+        raise ExportError(f"not a folder: {path} (give a training output_dir or a checkpoint-N folder)")
+    if (path / STATE_FILE).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise ExportError(f"{path} holds no run: no checkpoint-N folder with a {STATE_FILE} in it")
+    return latest
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def parse_size(size) -> int:
+    """`"5GB"`, `"500MB"`, `"2GiB"`, `"1.5GB"` or a byte count -> bytes (decimal units are powers of 10)."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = SIZE.match(size) if isinstance(size, str) else None
+    if match is None or float(match.group(1)) <= 0:
+        raise ExportError(f"max_shard_size must be a size such as 5GB or 500MB, got {size!r}")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+def check_hub_target(repo_id: str, revision: str | None = None) -> None:
+    """`repo_id` must be ORG/NAME as the Hub accepts it; `revision` a plausible branch name."""
+    if not isinstance(repo_id, str) or not HUB_REPO_ID.match(repo_id):
+        raise ExportError(f"push_to_hub must be a Hub repo id ORG/NAME, got {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ExportError(f"push_to_hub: {_first_line(e)}") from None
+    if revision is not None and not BRANCH.match(revision):
+        raise ExportError(f"revision must be a branch name such as main or v1, got {revision!r}")
+
+
+def check_out(out: Path, checkpoint: Path, overwrite: bool) -> Path:
+    """Refuse an `out` that is a file, is non-empty without `overwrite`, or would swallow the checkpoint."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"the export folder is a file: {out}")
+    resolved = out.resolve()
+    if resolved == checkpoint.resolve() or resolved in checkpoint.resolve().parents:
+        raise ExportError(f"the export folder {out} would replace the checkpoint it exports ({checkpoint})")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    return out
+
+
+def read_recipe(checkpoint: Path):
+    """The checkpoint's recipe (validated, without its `export` section) and the `export.license` it names."""
+    path = checkpoint / "recipe.yaml"
+    if not path.is_file():
+        raise ExportError(f"{checkpoint} holds no recipe.yaml: not a checkpoint written by ttt_adapt.train")
+    try:
+        raw = yaml.safe_load(path.read_text())
+        # The export settings describe the training run's own export (its folder may exist by now): not ours.
+        export = raw.pop("export", None) or {}
+        # Nor is the training data read here: it may be gone, so its files are not checked.
+        data = raw.get("data")
+        if isinstance(data, dict):
+            raw["data"] = dict(data, path="unused-by-export", eval_path=None)
+        recipe = build_recipe(raw)
+        if isinstance(data, dict):
+            recipe.data = dataclasses.replace(recipe.data, path=data.get("path"), eval_path=data.get("eval_path"))
+        return recipe, export.get("license")
+    except (RecipeError, yaml.YAMLError, AttributeError) as e:
+        raise ExportError(f"{path}: {_first_line(e)}") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot read {path}: {_first_line(e)}") from None
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+
+def load_checkpoint_model(checkpoint: Path, recipe):
+    """The recipe's model (`build_model`) with the checkpoint's weights loaded strictly, LoRA merged."""
+    weights = checkpoint / WEIGHTS
+    if not weights.is_file():
+        found = ", ".join(sorted(p.name for p in checkpoint.iterdir())) or "nothing"
+        raise ExportError(
+            f"{checkpoint} holds no {WEIGHTS} (found {found}); sharded FSDP checkpoints must be saved with a "
+            "full state dict"
+        )
+    try:
+        model = build_model(recipe)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot rebuild the model from {recipe.model.name_or_path!r}: {_first_line(e)}") from None
+    try:
+        missing, unexpected = load_model(model, weights, strict=False)  # tied weights are stored once
+    except RuntimeError as e:  # shape mismatch
+        raise ExportError(f"{weights} does not fit the recipe's model: {_first_line(e)}") from None
+    if missing or unexpected:
+        raise ExportError(
+            f"{weights} does not fit the recipe's model: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
+    if hasattr(model, "merge_and_unload"):  # peft: fold LoRA in, keep the trained copy of modules_to_save
+        model = model.merge_and_unload()
+    leftover = [n for n, _ in model.named_parameters() if any(m in n for m in ADAPTER_MARKERS)]
+    if leftover:
+        raise RuntimeError(f"adapter parameters left after merging: {leftover[:3]}")
+    if model.is_activation_checkpointing:
+        model.gradient_checkpointing_disable()
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ the folder
+
+
+@contextlib.contextmanager
+def staging(out: Path, overwrite: bool):
+    """Yield an empty hidden sibling of `out`; on success rename it to `out` (replacing it), else delete it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp, old = out.with_name(f".{out.name}.tmp-{tag}"), out.with_name(f".{out.name}.old-{tag}")
+    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would survive the rename
+    try:
+        yield tmp
+        if out.is_dir() and any(out.iterdir()) and not overwrite:  # something appeared meanwhile
+            raise ExportError(f"{out} was filled by someone else during the export; nothing was replaced")
+        if out.exists():
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old.exists():
+                os.replace(old, out)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ model card
+
+
+def render_model_card(config, recipe, state: dict, checkpoint: Path, *, report=None, license="other",
+                      repo_id=None, revision=None) -> str:
+    """The README.md: Hub metadata, TTT settings, training summary, evaluation table, usage."""
+    base = recipe.model.name_or_path
+    family = config.model_type.removeprefix("ttt_")
+    metadata = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "license": license,
+        "tags": ["in-place-ttt", "test-time-training", "long-context", "ttt-adapt", family, "custom_code"],
+    }
+    if not looks_like_local_path(base):  # the Hub only links Hub ids
+        metadata.update(base_model=base, base_model_relation="finetune")
+    name = repo_id.split("/")[-1] if repo_id else Path(checkpoint).parent.name
+    shown_base = base if not looks_like_local_path(base) else f"a local checkpoint ({Path(base).name})"
+    t = recipe.train
+    trained = f"{t.trainable} parameters" + (f" + LoRA r={t.lora.r} (merged)" if t.lora.r else "")
+    parts = [
+        f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---\n",
+        f"# {name}\n",
+        f"In-Place Test-Time Training version of {shown_base}, made with ttt-adapt: the MLPs of layers "
+        f"{config.ttt['layers']} update their `down_proj` as fast weights, chunk by chunk, while reading "
+        "a sequence, so the model keeps adapting to long contexts at inference time.\n",
+        "## TTT settings\n",
+        _table(["setting", "value"], [[k, _fmt(v)] for k, v in config.ttt.items()]),
+        "## Training\n",
+        _table(["", ""], [
+            ["base model", shown_base],
+            ["steps", _fmt(state.get("step"))],
+            ["tokens", f"{state['tokens']:,}" if isinstance(state.get("tokens"), int) else "?"],
+            ["trained", trained],
+            ["sequence length", _fmt(recipe.data.seq_len)],
+            ["rows per step", f"{t.batch_size} x {t.grad_accum} (x data-parallel processes)"],
+            ["learning rate", f"{_fmt(t.lr)} (TTT parameters {_fmt(t.ttt_lr if t.ttt_lr is not None else t.lr)})"],
+            ["checkpoint", Path(checkpoint).name],
+        ]),
+        "<details><summary>Recipe</summary>\n\n```yaml\n"
+        + yaml.safe_dump(_public({k: v for k, v in recipe.to_dict().items() if k != "export"}), sort_keys=False)
+        + "```\n\n</details>\n",
+    ]
+    if report:
+        parts += ["## Evaluation\n", eval_table(report)]
+    load_from = repo_id or "path/to/this/folder"
+    pin = f', revision="{revision}"' if revision else ""
+    parts += [
+        "## Usage\n",
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'tokenizer = AutoTokenizer.from_pretrained("{load_from}"{pin})\n'
+        f'model = AutoModelForCausalLM.from_pretrained("{load_from}", trust_remote_code=True{pin})\n'
+        'inputs = tokenizer("A long document ...", return_tensors="pt")\n'
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))\n```\n",
+        "`trust_remote_code=True` runs the Python files of this repository (`configuration_ttt.py`, "
+        "`modeling_ttt.py`, `ttt_layer.py`; they need only torch and transformers). Read them, then pin "
+        "`revision` to the commit you read so later pushes cannot change the code you run.\n",
+    ]
+    return "\n".join(parts)
+
+
+def eval_table(report: dict) -> str:
+    """A markdown table of an evaluation report: one row per metric, one column per model (`base`, `adapted`,
+    any other entry holding metrics), plus adapted - base. Position bins are labelled from the report's
+    `bins` / `bin_edges` / `position_bins` list when it has one."""
+    models = [k for k in ("base", "converted", "adapted") if isinstance(report.get(k), dict)]
+    models += [k for k, v in report.items() if isinstance(v, dict) and k not in models and _flatten(v)]
+    labels = next((report[k] for k in ("bins", "position_bins", "bin_edges") if isinstance(report.get(k), list)), None)
+    flat = {m: _flatten(report[m], bins=labels) for m in models}
+    rows = list(dict.fromkeys(key for m in models for key in flat[m]))
+    delta = "base" in flat and "adapted" in flat
+    header = ["metric", *models] + (["adapted - base"] if delta else [])
+    body = []
+    for key in rows:
+        values = [flat[m].get(key) for m in models]
+        row = [key, *(_fmt(v) if v is not None else "" for v in values)]
+        if delta:
+            a, b = flat["adapted"].get(key), flat["base"].get(key)
+            row.append(f"{a - b:+.4g}" if a is not None and b is not None else "")
+        body.append(row)
+    return _table(header, body)
+
+
+def _flatten(value, prefix: str = "", bins=None) -> dict:
+    """Nested dicts/lists of numbers -> {"a / b": number}; lists as long as `bins` (or one shorter, for edges)
+    are labelled by bin."""
+    if isinstance(value, bool):
+        return {}
+    if isinstance(value, (int, float)):
+        return {prefix: value}
+    out = {}
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = [(_bin_label(bins, i, len(value)), v) for i, v in enumerate(value)]
+    else:
+        return out
+    for key, v in items:
+        out.update(_flatten(v, f"{prefix} / {key}" if prefix else str(key), bins))
+    return out
+
+
+def _bin_label(bins, i: int, n: int) -> str:
+    if bins and len(bins) == n:
+        b = bins[i]
+        return f"{b[0]}-{b[1]}" if isinstance(b, (list, tuple)) and len(b) == 2 else str(b)
+    if bins and len(bins) == n + 1:
+        return f"{bins[i]}-{bins[i + 1]}"
+    return str(i)
+
+
+def _table(header: list, rows: list[list]) -> str:
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "null" if v is None else str(v)
+
+
+def _public(d):
+    """The recipe without local directory names: a local path is shown by its last component."""
+    if isinstance(d, dict):
+        return {k: _public(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_public(v) for v in d]
+    if isinstance(d, str) and os.sep in d and looks_like_local_path(d):
+        return Path(d).name
+    return d
+
+
+def base_license(name_or_path: str) -> str | None:
+    """The `license` in the base model's model card (a local README.md, or the Hub's), if any."""
+    try:
+        card = Path(name_or_path) / "README.md"
+        if looks_like_local_path(name_or_path):
+            meta = metadata_load(card) if card.is_file() else None
+        else:
+            meta = metadata_load(hf_hub_download(name_or_path, "README.md"))
+    except Exception:  # offline, no card, malformed YAML: the card then says "other"
+        return None
+    return (meta or {}).get("license")
+
+
+# ------------------------------------------------------------------------------------------------ the Hub
+
+
+def push_folder(folder, repo_id: str, *, private: bool = False, revision: str | None = None,
+                commit_message: str | None = None) -> str:
+    """Upload `folder` to the Hub model repo `repo_id` (created if missing, on branch `revision`, created from
+    main if missing); return the commit URL. Raise `PushError` (one line, token scrubbed) on any failure."""
+    check_hub_target(repo_id, revision)
+    message = commit_message or f"Upload In-Place TTT model ({Path(folder).name})"
+    try:
+        create_repo(repo_id, private=private or None, exist_ok=True)  # None: the account's default visibility
+        if revision not in (None, "main"):
+            create_branch(repo_id, branch=revision, exist_ok=True)
+        info = upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, commit_message=message)
+    except Exception as e:  # network, auth, offline mode, quota ...: all mean "not pushed"; say why in one line
+        raise PushError(f"push to {repo_id} failed ({_push_reason(e)}); the export is kept in {folder}") from None
+    return str(getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")
+
+
+def _push_reason(e: Exception) -> str:
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status in (401, 403):
+        reason = f"HTTP {status}: no write access; log in with `hf auth login` or set HF_TOKEN to a write token"
+    else:
+        reason = f"{type(e).__name__}: {_first_line(e)}"
+    token = get_token()
+    return reason.replace(token, "***") if token else reason
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
+__all__ = ["export_model", "push_folder", "render_model_card", "ExportError", "PushError"]
