@@ -179,6 +179,7 @@ def test_model_card_eval_table_license_and_hub_metadata(runs, tmp_path):
     (run / "eval").mkdir()
     report = {
         "bins": [[0, 32], [32, 64], [64, 96]],
+        "settings": {"seq_len": 96, "seed": 0},  # how the evaluation ran: not a model column
         "base": {"loss_by_position": [3.5, 3.25, 3.0], "tasks": {"niah_single": 0.25, "kv_retrieval": 0.5}},
         "adapted": {"loss_by_position": [3.5, 3.0, 2.5], "tasks": {"niah_single": 0.5, "kv_retrieval": 0.5}},
     }
@@ -189,6 +190,7 @@ def test_model_card_eval_table_license_and_hub_metadata(runs, tmp_path):
     assert "| metric | base | adapted | adapted - base |" in card
     assert "| loss_by_position / 64-96 | 3 | 2.5 | -0.5 |" in card
     assert "| tasks / niah_single | 0.25 | 0.5 | +0.25 |" in card
+    assert "| settings |" not in card and "| seq_len |" not in card
 
     from transformers import AutoConfig
 

@@ -333,7 +333,8 @@ def eval_table(report: dict) -> str:
     any other entry holding metrics), plus adapted - base. Position bins are labelled from the report's
     `bins` / `bin_edges` / `position_bins` list when it has one."""
     models = [k for k in ("base", "converted", "adapted") if isinstance(report.get(k), dict)]
-    models += [k for k, v in report.items() if isinstance(v, dict) and k not in models and _flatten(v)]
+    metadata = ("settings", "models")  # how the evaluation ran, not a model's results
+    models += [k for k, v in report.items() if isinstance(v, dict) and k not in models + list(metadata) and _flatten(v)]
     labels = next((report[k] for k in ("bins", "position_bins", "bin_edges") if isinstance(report.get(k), list)), None)
     flat = {m: _flatten(report[m], bins=labels) for m in models}
     rows = list(dict.fromkeys(key for m in models for key in flat[m]))
