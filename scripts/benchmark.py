@@ -4,8 +4,8 @@
 
 `layer`: forward+backward of one MLP on a (1, L, d) fp32 input, CPU: the plain Qwen3 MLP, our TTT MLP, the
 published algorithm (every per-chunk d x H update materialised, then a cumulative sum) and a plain Python loop
-over chunks left to autograd. Time: median of interleaved repeats in one process. Peak memory: each variant
-runs once in a fresh subprocess; we report the rise of the peak resident set (VmHWM) over the resident set
+over chunks left to autograd. Time: median of interleaved repeats in one process. Peak memory: median over
+repeats of one forward+backward in a fresh subprocess; we report the rise of the peak resident set (VmHWM) over the resident set
 just before the run (inputs and parameters already allocated), which counts activations, saved tensors,
 gradients and temporaries. Writes a JSON file and prints a table.
 """
@@ -117,12 +117,17 @@ def bench_layer(args):
             t0 = time.perf_counter()
             run_once(v, base, mlp, x, w, args.chunk)
             times[v].append(time.perf_counter() - t0)
-    memory = {}
-    for v in VARIANTS:
-        cmd = [sys.executable, __file__, "_memory", "--variant", v, "--length", str(args.length), "--chunk",
-               str(args.chunk), "--hidden", str(args.hidden), "--intermediate", str(args.intermediate)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        memory[v] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    memory = {v: [] for v in VARIANTS}
+    # A fixed mmap threshold makes glibc hand every large block straight back to the OS, so the resident set
+    # follows the live tensors instead of the heap's high-water mark.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+    for _ in range(args.repeats):
+        for v in VARIANTS:
+            cmd = [sys.executable, __file__, "_memory", "--variant", v, "--length", str(args.length), "--chunk",
+                   str(args.chunk), "--hidden", str(args.hidden), "--intermediate", str(args.intermediate)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+            memory[v].append(json.loads(out.strip().splitlines()[-1])["peak_mib"])
+    memory = {v: statistics.median(m) for v, m in memory.items()}
     rows = []
     for v in VARIANTS:
         t = statistics.median(times[v])
