@@ -1,4 +1,5 @@
 import os
+import textwrap
 
 import pytest
 import torch
@@ -36,3 +37,25 @@ def randomize_ttt(model, seed=1, scale=0.3):
 @pytest.fixture
 def tiny():
     return tiny_base
+
+
+# First lines of a subprocess script that must run without ttt_adapt (as a user loading an export would).
+BLOCK_TTT_ADAPT = textwrap.dedent(
+    """
+    import sys
+    class BlockTTTAdapt:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "ttt_adapt":
+                raise ImportError("ttt_adapt must not be needed to load an export")
+    sys.meta_path.insert(0, BlockTTTAdapt())
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices on a shared 2-core machine: one intra-op thread is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

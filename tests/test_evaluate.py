@@ -64,12 +64,7 @@ def document(i: int) -> str:
     return f"Vault Kor{i} holds code {4000 + i}.\n{prose}\nQ: What code opens vault Kor{i}? A: {4000 + i}.\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import yaml
 from huggingface_hub import metadata_load
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import load_file, load_model, save_file
+from conftest import BLOCK_TTT_ADAPT
 from test_train import make_tiny_files, recipe_dict, write_recipe
 
 import ttt_adapt.export as export_module
@@ -68,14 +69,9 @@ def trained_model(recipe, step):
 # ---------------------------------------------------------------------------------------------- reload
 
 
-RELOAD = textwrap.dedent(
+RELOAD = BLOCK_TTT_ADAPT + textwrap.dedent(
     """
-    import json, sys
-    class BlockTTTAdapt:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "ttt_adapt":
-                raise ImportError("ttt_adapt must not be needed to load an export")
-    sys.meta_path.insert(0, BlockTTTAdapt())
+    import json
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoModelForCausalLM, pipeline

@@ -5,19 +5,13 @@ import sys
 import textwrap
 
 import torch
-from conftest import randomize_ttt, tiny_base
+from conftest import BLOCK_TTT_ADAPT, randomize_ttt, tiny_base
 from safetensors.torch import save_file
 
 from ttt_adapt import TTTConfig, convert
 
-RELOAD = textwrap.dedent(
+RELOAD = BLOCK_TTT_ADAPT + textwrap.dedent(
     """
-    import sys
-    class BlockTTTAdapt:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "ttt_adapt":
-                raise ImportError("ttt_adapt must not be needed to load an export")
-    sys.meta_path.insert(0, BlockTTTAdapt())
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoModelForCausalLM

@@ -61,13 +61,7 @@ def files(tmp_path_factory):
     return make_tiny_files(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices on a shared 2-core machine: one intra-op thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def recipe_dict(files, out: Path, **train) -> dict:

@@ -211,25 +211,24 @@ def _config(model_or_path):
         return _unwrap(model_or_path).config
     from transformers import AutoConfig
 
-    name = str(model_or_path)
-    if looks_like_local_path(name) and not Path(name).is_dir():
-        raise EvalError(f"no such model folder: {name}")
-    try:
-        return AutoConfig.from_pretrained(name)
-    except (OSError, ValueError, KeyError) as e:
-        raise EvalError(f"cannot load a model config from {name}: {_first_line(e)}") from None
+    return _from_pretrained(AutoConfig, model_or_path, "a model config")
 
 
 def load_tokenizer(name_or_path):
     from transformers import AutoTokenizer
 
+    return _from_pretrained(AutoTokenizer, name_or_path, "a tokenizer")
+
+
+def _from_pretrained(auto_class, name_or_path, what: str):
+    """`auto_class.from_pretrained` with one-line errors for a missing folder or an unloadable one."""
     name = str(name_or_path)
     if looks_like_local_path(name) and not Path(name).is_dir():
         raise EvalError(f"no such model folder: {name}")
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return auto_class.from_pretrained(name)
     except (OSError, ValueError, KeyError) as e:
-        raise EvalError(f"cannot load a tokenizer from {name}: {_first_line(e)}") from None
+        raise EvalError(f"cannot load {what} from {name}: {_first_line(e)}") from None
 
 
 def check_lengths(settings: EvalSettings, config, name: str) -> None:
