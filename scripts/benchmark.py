@@ -1,6 +1,8 @@
 """Benchmarks: the cost of In-Place TTT, measured (never asserted in unit tests).
 
     python scripts/benchmark.py layer [--length 16384 --chunk 512 --hidden 1024 --intermediate 3072 --repeats 3]
+    python scripts/benchmark.py train-step [--lengths 2048,4096 --repeats 3]
+    python scripts/benchmark.py generate [--prompt 1024 --new-tokens 128 --batches 1,8 --chunk 64]
 
 `layer`: forward+backward of one MLP on a (1, L, d) fp32 input, CPU: the plain Qwen3 MLP, our TTT MLP, the
 published algorithm (every per-chunk d x H update materialised, then a cumulative sum) and a plain Python loop
@@ -8,6 +10,11 @@ over chunks left to autograd. Time: median of interleaved repeats in one process
 repeats of one forward+backward in a fresh subprocess; we report the rise of the peak resident set (VmHWM) over the resident set
 just before the run (inputs and parameters already allocated), which counts activations, saved tensors,
 gradients and temporaries. Writes a JSON file and prints a table.
+
+`train-step` and `generate` use a mid-size CPU-runnable Qwen3 (hidden 512, 12 layers, MLP 1536, vocab 4096) and
+its TTT version (TTT every 6th layer: 0 and 6). `train-step`: forward + backward + AdamW step of all parameters
+on one row of L tokens; time (interleaved, median) and peak memory (fresh process, as above). `generate`: prefill
+of the prompt, then greedy decoding one token at a time with the cache (chunk-boundary updates included).
 """
 
 import argparse
@@ -143,6 +150,112 @@ def bench_layer(args):
     return result
 
 
+def make_lm(ttt: bool, chunk: int, seed: int = 0):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from ttt_adapt import convert
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=32768)
+    model = Qwen3ForCausalLM(config)
+    if ttt:
+        model = convert(model, TTTConfig(chunk_size=chunk))  # every 6th layer: 0 and 6
+        with torch.no_grad():
+            for m in model.ttt_modules().values():
+                m.ttt.conv.weight.normal_(0, 0.02)
+    return model
+
+
+def train_step(model, optimizer, ids):
+    optimizer.zero_grad(set_to_none=True)
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    optimizer.step()
+
+
+def measure_step_memory(args):
+    model = make_lm(args.variant == "ttt", args.chunk).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, 4096, (1, args.length))
+    train_step(model, optimizer, ids[:, :64])  # optimizer state allocated before measuring
+    before = _rss_kib("VmRSS")
+    train_step(model, optimizer, ids)
+    print(json.dumps({"peak_mib": (_rss_kib("VmHWM") - before) / 1024}))
+
+
+def bench_train_step(args):
+    rows = []
+    models = {v: make_lm(v == "ttt", args.chunk).train() for v in ("base", "ttt")}
+    optims = {v: torch.optim.AdamW(m.parameters(), lr=1e-4) for v, m in models.items()}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+    for L in args.lengths:
+        ids = torch.randint(0, 4096, (1, L))
+        times = {v: [] for v in models}
+        for v in models:
+            train_step(models[v], optims[v], ids)  # warm-up
+        for _ in range(args.repeats):
+            for v in models:
+                t0 = time.perf_counter()
+                train_step(models[v], optims[v], ids)
+                times[v].append(time.perf_counter() - t0)
+        mem = {}
+        for v in models:
+            cmd = [sys.executable, __file__, "_memory_step", "--variant", v, "--length", str(L), "--chunk", str(args.chunk)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+            mem[v] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
+        tb, tt = statistics.median(times["base"]), statistics.median(times["ttt"])
+        rows.append({"tokens": L, "base_tok_s": L / tb, "ttt_tok_s": L / tt, "time_ratio": tt / tb,
+                     "base_peak_mib": mem["base"], "ttt_peak_mib": mem["ttt"], "memory_ratio": mem["ttt"] / mem["base"]})
+    print(f"train step (fwd+bwd+AdamW), Qwen3 hidden 512 x 12 layers, TTT layers 0,6 chunk {args.chunk}, fp32 CPU")
+    print(f"{'tokens':>7} {'base tok/s':>10} {'ttt tok/s':>10} {'time x':>7} {'base MiB':>9} {'ttt MiB':>8} {'mem x':>6}")
+    for r in rows:
+        print(f"{r['tokens']:>7} {r['base_tok_s']:10.0f} {r['ttt_tok_s']:10.0f} {r['time_ratio']:7.2f} "
+              f"{r['base_peak_mib']:9.0f} {r['ttt_peak_mib']:8.0f} {r['memory_ratio']:6.2f}")
+    return {"benchmark": "train-step", "machine": machine(), "rows": rows}
+
+
+@torch.no_grad()
+def decode(model, ids, new_tokens):
+    """(prefill seconds, decode seconds) of greedy decoding with the cache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    t0 = time.perf_counter()
+    logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+    t1 = time.perf_counter()
+    for _ in range(new_tokens):
+        logits = model(logits.argmax(-1, keepdim=True), past_key_values=cache, use_cache=True).logits[:, -1]
+    return t1 - t0, time.perf_counter() - t1
+
+
+def bench_generate(args):
+    models = {v: make_lm(v == "ttt", args.chunk).eval() for v in ("base", "ttt")}
+    rows = []
+    for B in args.batches:
+        ids = torch.randint(0, 4096, (B, args.prompt))
+        res = {v: [] for v in models}
+        for v in models:
+            decode(models[v], ids[:, :32], 4)  # warm-up
+        for _ in range(args.repeats):
+            for v in models:
+                res[v].append(decode(models[v], ids, args.new_tokens))
+        med = {v: (statistics.median(p for p, _ in r), statistics.median(d for _, d in r)) for v, r in res.items()}
+        rows.append({
+            "batch": B, "prompt": args.prompt, "new_tokens": args.new_tokens,
+            "base_prefill_tok_s": B * args.prompt / med["base"][0], "ttt_prefill_tok_s": B * args.prompt / med["ttt"][0],
+            "prefill_time_ratio": med["ttt"][0] / med["base"][0],
+            "base_decode_ms_per_step": 1000 * med["base"][1] / args.new_tokens,
+            "ttt_decode_ms_per_step": 1000 * med["ttt"][1] / args.new_tokens,
+            "decode_time_ratio": med["ttt"][1] / med["base"][1],
+        })
+    print(f"generate: prompt {args.prompt}, {args.new_tokens} new tokens (chunk {args.chunk}: boundary updates included), fp32 CPU")
+    print(f"{'batch':>5} {'prefill tok/s base':>18} {'ttt':>8} {'x':>5} {'decode ms/step base':>19} {'ttt':>7} {'x':>5}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['base_prefill_tok_s']:18.0f} {r['ttt_prefill_tok_s']:8.0f} {r['prefill_time_ratio']:5.2f} "
+              f"{r['base_decode_ms_per_step']:19.1f} {r['ttt_decode_ms_per_step']:7.1f} {r['decode_time_ratio']:5.2f}")
+    return {"benchmark": "generate", "machine": machine(), "settings": vars(args) | {"func": None}, "rows": rows}
+
+
 def machine():
     return {
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -162,16 +275,49 @@ def main(argv=None):
         p.add_argument("--repeats", type=int, default=3)
         p.add_argument("--out", default="exports/benchmark_layer.json")
         p.add_argument("--variant", choices=VARIANTS, default="ttt")
+    p = sub.add_parser("train-step")
+    p.add_argument("--lengths", type=_ints, default=[2048, 4096])
+    p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="exports/benchmark_train_step.json")
+    p = sub.add_parser("_memory_step")
+    p.add_argument("--variant", choices=("base", "ttt"), required=True)
+    p.add_argument("--length", type=int, required=True)
+    p.add_argument("--chunk", type=int, default=512)
+    p = sub.add_parser("generate")
+    p.add_argument("--prompt", type=int, default=1024)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batches", type=_ints, default=[1, 8])
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="exports/benchmark_generate.json")
     args = parser.parse_args(argv)
-    if args.length % args.chunk or min(args.length, args.chunk, args.hidden, args.intermediate, args.repeats) < 1:
-        parser.exit(2, "benchmark: sizes must be positive and --length a multiple of --chunk\n")
-    if args.command == "_memory":
-        return measure_memory(args)
-    result = bench_layer(args)
+    if args.command == "_memory_step":
+        return measure_step_memory(args)
+    if args.command in ("layer", "_memory"):
+        if args.length % args.chunk or min(args.length, args.chunk, args.hidden, args.intermediate, args.repeats) < 1:
+            parser.exit(2, "benchmark: sizes must be positive and --length a multiple of --chunk\n")
+        if args.command == "_memory":
+            return measure_memory(args)
+        result = bench_layer(args)
+    elif args.command == "train-step":
+        result = bench_train_step(args)
+    else:
+        result = bench_generate(args)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2, default=str)
     print(f"wrote {args.out}")
+
+
+def _ints(text):
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 if __name__ == "__main__":
