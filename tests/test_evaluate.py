@@ -369,3 +369,15 @@ def test_lm_eval_task_matches_own_generation(files, tmp_path):
     assert theirs == {s["prompt"]: g for s, g in zip(samples, ours)}
     results = json.loads(next((tmp_path / "results").rglob("results_*.json")).read_text())["results"]
     assert results["ttt_niah_multikey_240"]["contains,none"] == pytest.approx(2 / 3)
+
+
+def test_markdown_table_leaves_out_bins_without_tokens():
+    report = {
+        "bins": [0, 8, 16],
+        "base": {"loss_by_position": [3.0, 2.5], "recall_loss_by_position": [None, 2.0], "tasks": {"kv_retrieval": {"64": 0.5}}},
+        "adapted": {"loss_by_position": [3.0, 2.25], "recall_loss_by_position": [None, 1.5], "tasks": {"kv_retrieval": {"64": 0.75}}},
+    }
+    table = markdown_table(report)
+    assert "recall-answer loss, positions 0-8" not in table
+    assert "| recall-answer loss, positions 8-16 |" in table and "| loss, positions 0-8 |" in table
+    assert "| kv_retrieval @ 64 tokens (accuracy) |" in table

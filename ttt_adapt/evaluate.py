@@ -612,6 +612,8 @@ def markdown_table(report: dict) -> str:
         if key not in report["base"]:
             continue
         for k, (a, b) in enumerate(zip(edges, edges[1:])):
+            if report["base"][key][k] is None and report["adapted"][key][k] is None:
+                continue  # no such tokens in this bin (e.g. no recall answer that early)
             rows.append((f"{label}, positions {a}-{b}", report["base"][key][k], report["adapted"][key][k]))
     for task, by_length in report["base"].get("tasks", {}).items():
         for length, value in by_length.items():
