@@ -1,5 +1,7 @@
+import importlib.util
 import os
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,3 +61,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def script_main(name):
+    """`main(argv)` of scripts/<name>.py, called in-process (a subprocess costs seconds of imports)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main

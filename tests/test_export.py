@@ -18,7 +18,7 @@ import yaml
 from huggingface_hub import metadata_load
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import load_file, load_model, save_file
-from conftest import BLOCK_TTT_ADAPT
+from conftest import BLOCK_TTT_ADAPT, script_main
 from test_train import make_tiny_files, recipe_dict, write_recipe
 
 import ttt_adapt.export as export_module
@@ -233,13 +233,7 @@ def test_export_is_atomic_and_refuses_to_overwrite(runs, exports, tmp_path, monk
 
 
 def export_main():
-    """`main(argv)` of scripts/export.py, called in-process (a subprocess costs seconds of imports)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("export_cli", REPO / "scripts" / "export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return script_main("export")
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys):

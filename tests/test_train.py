@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from conftest import script_main
 
 from ttt_adapt.config import RecipeError, load_recipe
 from ttt_adapt.train import (
@@ -364,13 +365,7 @@ def run_cli(*args, cwd=REPO):
 
 
 def adapt_main():
-    """`main(argv)` of scripts/adapt.py, called in-process (a subprocess costs seconds of imports)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("adapt_cli", REPO / "scripts" / "adapt.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return script_main("adapt")
 
 
 def test_cli_end_to_end_then_resume_then_refuse(files, tmp_path, capsys):
