@@ -235,7 +235,7 @@ def load_checkpoint_model(checkpoint: Path, recipe):
     if leftover:
         raise RuntimeError(f"adapter parameters left after merging: {leftover[:3]}")
     if model.is_activation_checkpointing:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
     return model.eval()
 
 

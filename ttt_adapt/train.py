@@ -157,7 +157,7 @@ def build_model(recipe: Recipe):
     model.config.use_cache = False
     t = recipe.train
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if t.lora.r > 0:
         from peft import LoraConfig, get_peft_model
 

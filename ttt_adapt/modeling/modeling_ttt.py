@@ -134,7 +134,11 @@ class TTTPreTrainedMixin:
 
 
 class TTTModelMixin(TTTPreTrainedMixin):
-    """Builds the `TTTContext` of a forward call, then runs the stock forward."""
+    """Builds the `TTTContext` of a forward call, then runs the stock forward.
+
+    A `cp_shard` keyword (context-parallel training, `ttt_adapt.parallel`) reaches both the attention function
+    and the TTT layers.
+    """
 
     def _replace_ttt_layers(self, layer_cls):
         for i in self.config.ttt["layers"]:
@@ -152,6 +156,10 @@ class TTTModelMixin(TTTPreTrainedMixin):
     ):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        cp_shard = kwargs.get("cp_shard")
+        if cp_shard is not None:
+            cp_shard.check_call(attention_mask=attention_mask, past_key_values=past_key_values, use_cache=use_cache)
+            use_cache = False
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache is None:  # no cache in training: it would only hold fast-weight state nobody reads
@@ -162,6 +170,7 @@ class TTTModelMixin(TTTPreTrainedMixin):
         if use_cache and past_key_values is not None:
             states = attach_ttt_states(past_key_values, self.config.ttt["layers"], self.config.num_hidden_layers)
         ttt_context = TTTContext.from_inputs(attention_mask, position_ids, inputs_embeds, states)
+        ttt_context.parallel = cp_shard
         return super().forward(
             input_ids=None,
             attention_mask=attention_mask,

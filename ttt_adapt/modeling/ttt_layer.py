@@ -21,15 +21,16 @@ from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 
 # How the fast-weight state looks when a unit starts.
-ZERO, INIT, CARRY = 0, 1, 2  # new document / the row's initial state (cache, earlier rank) / carried from the previous unit
+ZERO, INIT, CARRY = 0, 1, 2  # new document / an initial state (cache, earlier ranks) / carried from the previous unit
 
 
 @dataclass
 class Segments:
     """Units (chunks of one document) of a flat token layout, in order.
 
-    `start_state[u]` says where unit u's state comes from (ZERO, INIT, CARRY); `read[u]`: its tokens read the
-    state; `write[u]`: its update is added to the state; `final[u]`: the state after it is its row's final state.
+    `start_state[u]` says where unit u's state comes from (ZERO, INIT, CARRY); an INIT unit starts from
+    `init_state[init_index[u]]` (by default its row's); `read[u]`: its tokens read the state; `write[u]`: its update
+    is added to the state; `final[u]`: the state after it is its row's final state.
     """
 
     num_rows: int
@@ -42,6 +43,11 @@ class Segments:
     write: list
     final: list
     unit_of_token: torch.Tensor  # (num_tokens,) long, on the model's device
+    init_index: list = None  # per unit: the initial state an INIT unit starts from (None: its row's)
+
+    def __post_init__(self):
+        if self.init_index is None:
+            self.init_index = list(self.rows)
 
     @property
     def num_units(self) -> int:
@@ -111,14 +117,14 @@ class _FastWeightScan(torch.autograd.Function):
         final = torch.zeros(rows_kept, a.shape[1], h.shape[1], dtype=acc, device=h.device)
         S = None
         for u, (s, e, r) in enumerate(zip(seg.starts, seg.ends, seg.rows)):
-            S = _start_state(seg.start_state[u], S, init_state, r, acc)
+            S = _start_state(seg.start_state[u], S, init_state, seg.init_index[u], acc)
             hu = h[s:e].to(acc)
             if seg.read[u] and S is not None:
                 if out.dtype == acc:
                     out[s:e].addmm_(hu, S.T)
                 else:
                     out[s:e] += (hu @ S.T).to(out.dtype)
-            if seg.write[u]:
+            if seg.write[u] and (seg.final[u] or _next_carries(seg, u)):  # else nobody reads the update here
                 S = _add_update(S, a[s:e].to(acc), hu)
             if seg.final[u] and S is not None:
                 final[r] = S
@@ -140,13 +146,13 @@ class _FastWeightScan(torch.autograd.Function):
         # Pass 1, forward: dh = go (W + S_u) with the state each unit read.
         S = None
         for u, (s, e, r) in enumerate(zip(seg.starts, seg.ends, seg.rows)):
-            S = _start_state(seg.start_state[u], S, init_state, r, acc)
+            S = _start_state(seg.start_state[u], S, init_state, seg.init_index[u], acc)
             if go is not None:
                 reads = seg.read[u] and S is not None
                 if reads or W is not None:
                     M = (S if W is None else W + S) if reads else W
                     torch.mm(go[s:e], M, out=dh[s:e])
-            if seg.write[u] and u + 1 < seg.num_units and seg.start_state[u + 1] == CARRY:
+            if seg.write[u] and _next_carries(seg, u):
                 S = _add_update(S, a[s:e].to(acc), h[s:e].to(acc))
         # Pass 2, reverse: G = dL/d(state after unit u), carried back through the prefix sum.
         G_before_next = None
@@ -154,7 +160,7 @@ class _FastWeightScan(torch.autograd.Function):
             s, e, r = seg.starts[u], seg.ends[u], seg.rows[u]
             if seg.final[u]:
                 G = None if gfinal is None else gfinal[r].to(acc, copy=True)
-            elif u + 1 < seg.num_units and seg.start_state[u + 1] == CARRY:
+            elif _next_carries(seg, u):
                 G = G_before_next
             else:
                 G = None
@@ -169,18 +175,22 @@ class _FastWeightScan(torch.autograd.Function):
                 if seg.read[u]:
                     G = P if G is None else G.add_(P)
             if seg.start_state[u] == INIT and dinit is not None and G is not None:
-                dinit[r] += G
+                dinit[seg.init_index[u]] += G
             G_before_next = G
         dW = None if dW is None else dW.to(weight.dtype)
         return dh.to(h.dtype), da.to(a.dtype), dW, dinit, None
 
 
-def _start_state(kind, S, init_state, row, acc):
+def _start_state(kind, S, init_state, index, acc):
     if kind == ZERO:
         return None
     if kind == INIT:
-        return None if init_state is None else init_state[row].to(acc, copy=True)
+        return None if init_state is None else init_state[index].to(acc, copy=True)
     return S
+
+
+def _next_carries(seg, u):
+    return u + 1 < seg.num_units and seg.start_state[u + 1] == CARRY
 
 
 def _add_update(S, a, h):
@@ -192,7 +202,7 @@ def fast_weight_scan(h, a, seg: Segments, init_state=None, weight=None):
 
     Args:
         h: (N, H) down_proj inputs; a: (N, d) learning-rate-scaled targets (zero where nothing may be written).
-        init_state: optional (R, d, H) initial state per row (used by units whose start state is INIT).
+        init_state: optional (K, d, H) initial states, read by INIT units (`seg.init_index`; by default one per row).
         weight: optional (d, H) W_down; then the base product is included and the result has h's dtype.
     Returns:
         out: (N, d) `h W^T + o` with `weight`, else the fast-weight part `o` alone (fp32 or wider);
@@ -201,17 +211,18 @@ def fast_weight_scan(h, a, seg: Segments, init_state=None, weight=None):
     return _FastWeightScan.apply(h, a, weight, init_state, seg)
 
 
-def chunk_conv(t, weight, seg: Segments):
+def chunk_conv(t, weight, unit_of_token, num_units):
     """Depthwise, centred Conv1D applied per unit: zero padding at each unit's edges, so it never crosses one.
 
-    Units are laid out with `k // 2` zero rows between them, so one `conv1d` call does all units at once.
+    `unit_of_token` (N,) numbers the units of the N rows of `t` in order (0, 0, 1, 1, 1, 2, ...). Units are laid
+    out with `k // 2` zero rows between them, so one `conv1d` call does all units at once.
     """
     k = weight.shape[-1]
     p = k // 2
     if p == 0:
         return t * weight[:, 0, 0]
-    pos = torch.arange(t.shape[0], device=t.device) + p * seg.unit_of_token
-    spaced = t.new_zeros(t.shape[0] + p * max(seg.num_units - 1, 0), t.shape[1]).index_copy(0, pos, t)
+    pos = torch.arange(t.shape[0], device=t.device) + p * unit_of_token
+    spaced = t.new_zeros(t.shape[0] + p * max(num_units - 1, 0), t.shape[1]).index_copy(0, pos, t)
     out = F.conv1d(spaced.T.unsqueeze(0), weight.to(t.dtype), padding=p, groups=t.shape[1])
     return out[0].T.index_select(0, pos)
 
@@ -266,7 +277,11 @@ class TTTParams(nn.Module):
 
     def targets(self, t, x, h, seg, clip_update_norm=None):
         """a = lr * (Conv1D(t) @ W_target^T) on a flat layout, clipped per unit if asked."""
-        v = chunk_conv(t, self.conv.weight, seg)
+        conv = chunk_conv(t, self.conv.weight, seg.unit_of_token, seg.num_units)
+        return self.scale_targets(conv, x, h, seg, clip_update_norm)
+
+    def scale_targets(self, v, x, h, seg, clip_update_norm=None):
+        """`targets` from the conv output `v`: the projection, the learning rate and the per-unit clip."""
         if self.target_proj is not None:
             v = self.target_proj(v)
         lr = self.lr * self.lr_scale
@@ -341,6 +356,8 @@ class TTTMLP(nn.Module):
         t = x if self.target == "hidden_states" else ctx.inputs_embeds
         if t is None:
             raise ValueError("target='input_embed' needs the input embeddings: call the TTT model, not the MLP alone")
+        if ctx.parallel is not None:  # context parallelism (ttt_adapt.parallel): the state crosses ranks
+            return ctx.parallel.ttt_forward(self, x, h, t)
         state = ctx.layer_state(self.layer_idx)
         if state is not None and state.started and x.shape[1] == 1:
             y = self.down_proj(h)
@@ -474,13 +491,18 @@ class FlatLayout:
 
 
 class TTTContext:
-    """What the TTT layers of one forward call share: real-token mask, document starts, embeddings, cache."""
+    """What the TTT layers of one forward call share: real-token mask, document starts, embeddings, cache.
 
-    def __init__(self, valid=None, doc_start=None, inputs_embeds=None, layer_states=None):
+    `parallel`, when set, is the context-parallel shard of this call (a `ttt_adapt.parallel.CPShard`): the TTT
+    layers then hand their tokens to its `ttt_forward`, which carries the fast weights across ranks.
+    """
+
+    def __init__(self, valid=None, doc_start=None, inputs_embeds=None, layer_states=None, parallel=None):
         self.valid = valid  # (B, L) bool or None (all real)
         self.doc_start = doc_start  # (B, L) bool or None (no packed documents)
         self.inputs_embeds = inputs_embeds
         self.layer_states = layer_states  # {layer_idx: TTTLayerState} when generating with a cache
+        self.parallel = parallel
         self._layouts = {}
 
     @classmethod

@@ -1,0 +1,172 @@
+"""Context parallelism: 2 gloo ranks on CPU give the single-process logits and gradients (float64)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from conftest import randomize_ttt, tiny_base
+
+IGNORE = -100
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def packed_batch(doc_lengths_per_row, vocab=97, seed=0):
+    """Rows of packed documents: positions restart at each document, labels -100 at document starts."""
+    g = torch.Generator().manual_seed(seed)
+    ids, pos, labels = [], [], []
+    for docs in doc_lengths_per_row:
+        row_ids = torch.randint(3, vocab, (sum(docs),), generator=g)
+        ids.append(row_ids)
+        pos.append(torch.cat([torch.arange(n) for n in docs]))
+        lab = row_ids.clone()
+        start = 0
+        for n in docs:
+            lab[start] = IGNORE
+            start += n
+        labels.append(lab)
+    return {"input_ids": torch.stack(ids), "position_ids": torch.stack(pos), "labels": torch.stack(labels)}
+
+
+# Chunk 4, 2 ranks. Rows of 16 tokens (8 per rank) and of 24 (12 per rank) place document starts and chunk
+# boundaries every way relative to the shard boundary: aligned, a chunk straddling it (with 1..3 tokens on
+# either side, so the conv halo is cut by the chunk edge), a document ending or starting exactly there, a
+# document starting right after a straddling head, a document covering several shards.
+ROWS_16 = [[16], [3, 10, 3], [8, 8], [6, 2, 8], [9, 7], [2, 3, 11]]
+ROWS_24 = [[1, 23], [5, 19], [24], [11, 13], [12, 1, 11]]
+
+CASES = {
+    "qwen3": dict(arch="qwen3", ttt=dict(layers=[0, 2], chunk_size=4), rows=ROWS_16),
+    "qwen3_clip_token_sliding": dict(
+        arch="qwen3", ttt=dict(layers=[1, 3], chunk_size=4, clip_update_norm=0.05, lr_mode="token"),
+        rows=ROWS_24, base=dict(use_sliding_window=True, sliding_window=5, max_window_layers=2),
+    ),
+    "llama_input_embed_ckpt": dict(
+        arch="llama", ttt=dict(layers=[0, 3], chunk_size=4, target="input_embed", clip_update_norm=0.2),
+        rows=ROWS_24, checkpointing=True,
+    ),
+    "padded_to_shards": dict(arch="qwen3", ttt=dict(layers=[2], chunk_size=4), rows=[[5, 6], [11]]),
+}
+# 4 ranks of 8 tokens: documents crossing several shards, so the state is carried through middle ranks.
+ROWS_32 = [[32], [3, 27, 2], [9, 23], [16, 16], [1, 6, 25], [30, 2], [1, 10, 21]]
+CASES_4 = {
+    "4_ranks": dict(arch="qwen3", ttt=dict(layers=[0, 3], chunk_size=4), rows=ROWS_32),
+    "4_ranks_clip_sliding": dict(
+        arch="qwen3", ttt=dict(layers=[1, 2], chunk_size=4, clip_update_norm=0.05), rows=ROWS_32,
+        base=dict(use_sliding_window=True, sliding_window=11, max_window_layers=2),
+    ),
+}
+
+
+def _model(case):
+    from ttt_adapt import TTTConfig, convert
+
+    base = tiny_base(case["arch"], **case.get("base", {})).double()
+    model = randomize_ttt(convert(base, TTTConfig(**case["ttt"])), scale=0.3).double()
+    model.train()
+    if case.get("checkpointing"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _reference(case, batch):
+    model = _model(case)
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+    loss.backward()
+    return logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _run_cases(rank, world, port, names):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        from ttt_adapt.parallel import ContextParallel, loss_sum, prepare_model
+
+        cp = ContextParallel(cp_size=world)
+        for name in names:
+            case = {**CASES, **CASES_4}[name]
+            batch = packed_batch(case["rows"])
+            ref_logits, ref_loss, ref_grads = _reference(case, batch)
+            model = _model(case)
+            prepare_model(model)
+            local, shard = cp.shard(batch, case["ttt"]["chunk_size"])
+            logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False,
+                           cp_shard=shard).logits
+            loss = F.cross_entropy(logits.flatten(0, 1), local["labels"].flatten(), ignore_index=IGNORE,
+                                   reduction="sum")
+            loss.backward()
+            assert torch.allclose(loss_sum(model, local, shard).detach(), loss.detach(), rtol=0, atol=0), name
+            full = cp.gather_sequence(logits.detach(), batch["input_ids"].shape[1])
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            torch.testing.assert_close(full, ref_logits, rtol=1e-10, atol=1e-10, msg=f"{name}: logits")
+            torch.testing.assert_close(total, ref_loss, rtol=1e-10, atol=1e-10, msg=f"{name}: loss")
+            grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+            assert grads.keys() == ref_grads.keys(), name
+            for n, g in grads.items():
+                dist.all_reduce(g)
+                torch.testing.assert_close(g, ref_grads[n], rtol=1e-9, atol=1e-10, msg=f"{name}: grad of {n}")
+            assert any(".mlp.ttt." in n and g.abs().sum() > 0 for n, g in grads.items()), name
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_dp_cp(rank, world, port):
+    """2 data-parallel groups x 2 context-parallel ranks: each group takes half the rows."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        from ttt_adapt.parallel import ContextParallel, loss_sum, prepare_model
+
+        cp = ContextParallel(cp_size=2)
+        assert (cp.dp_size, cp.dp_rank, cp.cp_rank) == (2, rank // 2, rank % 2)
+        case = CASES["qwen3"]
+        batch = packed_batch(case["rows"])
+        _, ref_loss, ref_grads = _reference(case, batch)
+        model = _model(case)
+        prepare_model(model)
+        mine = {k: v[cp.dp_rank :: cp.dp_size] for k, v in batch.items()}
+        local, shard = cp.shard(mine, case["ttt"]["chunk_size"])
+        loss = loss_sum(model, local, shard)
+        loss.backward()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        torch.testing.assert_close(total, ref_loss, rtol=1e-10, atol=1e-10)
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-9, atol=1e-10, msg=f"grad of {n}")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(n, fn, *args):
+    mp.start_processes(fn, args=(n, _free_port(), *args), nprocs=n, join=True, start_method="spawn")
+
+
+@pytest.mark.timeout(600)
+def test_two_ranks_equal_one_process():
+    run_on_ranks(2, _run_cases, list(CASES))
+
+
+@pytest.mark.timeout(600)
+def test_four_ranks_equal_one_process():
+    run_on_ranks(4, _run_cases, list(CASES_4))
+
+
+@pytest.mark.timeout(600)
+def test_data_and_context_parallel_mesh():
+    run_on_ranks(4, _run_dp_cp)

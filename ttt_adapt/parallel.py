@@ -1,0 +1,391 @@
+"""Context parallelism for In-Place TTT models: one sequence split across ranks, exact.
+
+Each row of a batch is cut into `cp_size` contiguous shards of whole chunks; rank r of a context-parallel
+group holds tokens [r * L/cp, (r+1) * L/cp). Two things cross ranks:
+
+* Attention: every rank all-gathers the keys/values of its group (differentiable) and attends with an explicit
+  causal, same-document (and sliding-window) mask over global token indices.
+* The TTT fast weights. Per row and rank, `g_r` is what the rank adds to the state of the document that is
+  still open at its end, `m_r` whether that document was already open when the rank began (no document start
+  on the rank). The state before the chunk a rank is in when it begins is an exclusive scan
+      A_r = sum_{j<r} g_j * prod_{j<i<r} m_i,
+  computed from an all-gather of the g_j as a masked sum (every rank keeps the collective in its autograd
+  graph; slicing the gathered list would leave rank 0 without it and deadlock in backward). A chunk that
+  straddles ranks r-1 and r is finished by rank r: rank r-1 sends the open chunk's partial update b_{r-1}
+  (a first all-gather), rank r adds its own part p_r (and clips the sum if asked), so the chunk's update is
+  exactly the single-process one. The conv's two-token halo comes from the neighbours' edge tokens.
+
+Every rank runs the same operations in the same order (only slice bounds differ), so the collectives that
+autograd runs in backward line up across ranks. Labels are shifted before sharding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ttt_adapt.modeling.ttt_layer import CARRY, INIT, ZERO, Segments, chunk_conv, fast_weight_scan
+
+ATTN_IMPLEMENTATION = "ttt_cp"  # sdpa without a `cp_shard`; all-gather attention with one
+IGNORE_INDEX = -100
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+class ContextParallel:
+    """A (dp, cp) device mesh over the default process group: rank = dp_rank * cp_size + cp_rank.
+
+    Ranks of one context-parallel group read the same rows and each holds one shard of them; data-parallel
+    groups read different rows. With `cp_size == 1` nothing is exchanged (and no process group is needed).
+    """
+
+    def __init__(self, cp_size: int, device_type: str = "cpu"):
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1:
+            raise ValueError(f"parallel.cp_size must be an integer >= 1, got {cp_size!r}")
+        if world % cp_size:
+            raise ValueError(f"parallel.cp_size {cp_size} does not divide the number of processes {world}")
+        self.cp_size, self.dp_size = cp_size, world // cp_size
+        self.group, self.mesh = None, None
+        if cp_size == 1:
+            self.cp_rank, self.dp_rank = 0, rank
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.mesh = init_device_mesh(device_type, (self.dp_size, cp_size), mesh_dim_names=("dp", "cp"))
+        self.group = self.mesh.get_group("cp")
+        self.cp_rank, self.dp_rank = self.mesh.get_local_rank("cp"), self.mesh.get_local_rank("dp")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cp_size > 1
+
+    def shard(self, batch: dict, chunk_size: int) -> tuple[dict, CPShard | None]:
+        """This rank's part of a batch of packed rows (`input_ids`, `position_ids`, optional `labels`).
+
+        Labels are shifted first (position i holds the label of token i+1; no further shift in the loss). Rows
+        whose length is not a multiple of `cp_size * chunk_size` are padded at the end with a separate,
+        unlabelled document. Returns the local batch and the `CPShard` to pass to the model as `cp_shard`
+        (None without context parallelism; the batch is then returned with shifted labels).
+        """
+        ids, pos = batch["input_ids"], batch.get("position_ids")
+        B, L = ids.shape
+        if pos is None:
+            pos = torch.arange(L, device=ids.device).expand(B, L)
+        labels = batch.get("labels")
+        if labels is not None:
+            labels = torch.cat([labels[:, 1:], labels.new_full((B, 1), IGNORE_INDEX)], 1)
+        if not self.enabled:
+            out = {"input_ids": ids, "position_ids": pos}
+            return (out if labels is None else {**out, "labels": labels}), None
+        unit = self.cp_size * chunk_size
+        pad = -L % unit
+        if pad:
+            ids = torch.cat([ids, ids.new_zeros(B, pad)], 1)
+            pos = torch.cat([pos, torch.arange(pad, device=pos.device).expand(B, pad)], 1)
+            if labels is not None:
+                labels = torch.cat([labels, labels.new_full((B, pad), IGNORE_INDEX)], 1)
+            L += pad
+        shard = CPShard(self.group, self.cp_rank, self.cp_size, pos, chunk_size)
+        lo, hi = shard.lo, shard.hi
+        out = {"input_ids": ids[:, lo:hi], "position_ids": pos[:, lo:hi]}
+        if labels is not None:
+            out["labels"] = labels[:, lo:hi]
+        return out, shard
+
+    def gather_sequence(self, local: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """(B, L/cp, ...) per rank -> (B, L, ...) on every rank (not differentiable); trimmed to `length`."""
+        if not self.enabled:
+            return local if length is None else local[:, :length]
+        parts = [torch.empty_like(local) for _ in range(self.cp_size)]
+        dist.all_gather(parts, local.contiguous(), group=self.group)
+        full = torch.cat(parts, 1)
+        return full if length is None else full[:, :length]
+
+
+def prepare_model(model) -> None:
+    """Make a TTT model run context-parallel when called with `cp_shard=...` (in place); refuse what can't be exact.
+
+    Sets the attention implementation to `ttt_cp`, which is plain SDPA for calls without a shard.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "ttt_modules"):
+        raise ValueError(
+            f"context parallelism needs an In-Place TTT model (ttt_qwen3 / ttt_llama), got {type(base).__name__}"
+        )
+    config = base.config
+    for i, kind in enumerate(getattr(config, "layer_types", None) or ["full_attention"]):
+        if kind not in ATTENTION_LAYER_TYPES:
+            raise ValueError(f"context parallelism cannot split layer {i} of type {kind!r} exactly")
+    if getattr(config, "attention_dropout", 0.0):
+        raise ValueError(
+            f"context parallelism needs attention_dropout 0 (got {config.attention_dropout}): "
+            "dropout masks would differ from a single process"
+        )
+    _register()
+    base.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+# ------------------------------------------------------------------------------------------------ one shard
+
+
+class CPShard:
+    """One rank's view of a sharded batch: which global tokens it holds and where documents start.
+
+    Passed to the model as `cp_shard`; the attention function and the TTT layers read it.
+    """
+
+    def __init__(self, group, rank, size, position_ids, chunk_size):
+        B, L = position_ids.shape
+        self.group, self.rank, self.size = group, rank, size
+        self.batch_size, self.length = B, L
+        self.local_length = L // size
+        self.lo, self.hi = rank * self.local_length, (rank + 1) * self.local_length
+        pos = position_ids.cpu()
+        doc_start = torch.ones(B, L, dtype=torch.bool)
+        doc_start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1  # the rule of TTTContext and transformers' packing
+        self.doc_start = doc_start
+        self._doc_id = torch.cumsum(doc_start.long(), 1)
+        self._masks = {}
+        self._plans = {}
+
+    def check_call(self, attention_mask=None, past_key_values=None, use_cache=False, **_):
+        """Refuse model calls the context-parallel layers cannot run exactly."""
+        if attention_mask is not None:
+            raise ValueError("context parallelism takes no attention_mask: documents come from restarting position_ids")
+        if use_cache or past_key_values is not None:
+            raise ValueError("context parallelism is for training and scoring: call the model with use_cache=False")
+
+    def attention_mask(self, sliding_window, device) -> torch.Tensor:
+        """(B, 1, L/cp, L) bool: key j is visible to local query i iff same document, j <= i, within the window."""
+        key = (sliding_window, str(device))
+        if key not in self._masks:
+            q = torch.arange(self.lo, self.hi)[:, None]
+            k = torch.arange(self.length)[None, :]
+            allowed = k <= q
+            if sliding_window is not None:
+                allowed &= k > q - sliding_window
+            same_doc = self._doc_id[:, self.lo : self.hi, None] == self._doc_id[:, None, :]
+            self._masks[key] = (allowed & same_doc).unsqueeze(1).to(device)
+        return self._masks[key]
+
+    def plan(self, chunk_size, kernel_size) -> _TTTPlan:
+        key = (chunk_size, kernel_size)
+        if key not in self._plans:
+            self._plans[key] = _TTTPlan.build(self, chunk_size, kernel_size)
+        return self._plans[key]
+
+    def ttt_forward(self, mlp, x, h, t):
+        """The TTT MLP's output on this rank's tokens, with the fast-weight state carried across ranks."""
+        return _ttt_forward(self, mlp, x, h, t)
+
+
+@dataclass
+class _TTTPlan:
+    """Where one rank's units, head (end of a chunk begun on the previous rank) and open tail lie, per row."""
+
+    seg: Segments
+    head: list  # per row: (start, end) flat range of the head, empty if none
+    tail: list  # per row: flat range of an open last chunk (continued by the next rank), empty if none
+    carried: list  # per row: flat range of the complete units this rank adds to the state it passes on
+    straddles: torch.Tensor  # (B,) the row begins inside a chunk begun on the previous rank
+    continues: torch.Tensor  # (B,) no document starts in the row on this rank (the state passes through)
+    scan_weights: torch.Tensor  # (cp, B): weight of rank j's g_j in this rank's A_r
+    ext_index: torch.Tensor  # conv input rows (local tokens and valid halo tokens), into [local; left; right]
+    ext_units: torch.Tensor  # unit of each conv input row
+    local_in_ext: torch.Tensor  # where the local tokens are among the conv input rows
+    halo: int  # edge tokens exchanged with each neighbour
+
+    @classmethod
+    def build(cls, shard: CPShard, C: int, kernel_size: int) -> _TTTPlan:
+        B, L, Ls, r, cp = shard.batch_size, shard.length, shard.local_length, shard.rank, shard.size
+        lo, hi = shard.lo, shard.hi
+        ds = shard.doc_start
+        ar = torch.arange(L)
+        last_ds = torch.cummax(torch.where(ds, ar, torch.zeros_like(ar)), 1).values
+        boundary = ds | ((ar - last_ds) % C == 0)
+        unit_id = torch.cumsum(boundary.long(), 1)  # global unit of every token, per row
+        e = min(kernel_size // 2, Ls)
+        starts, ends, rows, state, init_index, write = [], [], [], [], [], []
+        head, tail, carried, halos = [], [], [], []
+        straddles = torch.zeros(B, dtype=torch.bool)
+        continues = torch.zeros(B, dtype=torch.bool)
+        for b in range(B):
+            off = b * Ls
+            local_starts = [0] + torch.nonzero(boundary[b, lo + 1 : hi]).flatten().add(1).tolist()
+            k0 = 0 if boundary[b, lo] else local_starts[1]  # the first chunk that starts on this rank
+            straddle = not bool(ds[b, lo]) and k0 > 0
+            open_tail = hi < L and bool(unit_id[b, hi - 1] == unit_id[b, hi])
+            local_ds = torch.nonzero(ds[b, lo:hi]).flatten().tolist()
+            straddles[b], continues[b] = straddle, not local_ds
+            for i, s in enumerate(local_starts):
+                starts.append(off + s)
+                ends.append(off + (local_starts[i + 1] if i + 1 < len(local_starts) else Ls))
+                rows.append(b)
+                if ds[b, lo + s]:
+                    state.append(ZERO)
+                elif s == 0 or (straddle and s == k0):
+                    state.append(INIT)
+                else:
+                    state.append(CARRY)
+                init_index.append(B + b if straddle and s == k0 else b)
+                is_head = straddle and s == 0
+                is_open = open_tail and i == len(local_starts) - 1
+                write.append(not is_head and not is_open)  # complete chunks only (they get clipped here)
+            s_last = local_starts[-1]
+            head.append((off, off + (k0 if straddle else 0)))
+            tail.append((off + s_last, off + Ls) if open_tail else (off + Ls, off + Ls))
+            first = k0 if not local_ds else local_ds[-1]
+            carried.append((off + first, off + (s_last if open_tail else Ls)))
+            # valid halo tokens: those in the same chunk as the first / last local token
+            n_left = sum(1 for q in range(1, e + 1) if lo - q >= 0 and unit_id[b, lo - q] == unit_id[b, lo])
+            n_right = sum(1 for q in range(e) if hi + q < L and unit_id[b, hi + q] == unit_id[b, hi - 1])
+            halos.append((n_left, n_right))
+        n = len(starts)
+        unit_of_token = torch.repeat_interleave(torch.arange(n), torch.tensor(ends) - torch.tensor(starts))
+        seg = Segments(B, B * Ls, starts, ends, rows, state, [k != ZERO for k in state], write, [False] * n,
+                       unit_of_token, init_index)
+        # conv input rows: per row its valid left halo, its tokens, its valid right halo, indexing the
+        # concatenation [local tokens (B*Ls); left edges (B*e); right edges (B*e)]
+        ext_index, ext_units, local_in_ext = [], [], []
+        for b, (n_left, n_right) in enumerate(halos):
+            units = unit_of_token[b * Ls : (b + 1) * Ls]
+            local_in_ext.append(torch.arange(n_left, n_left + Ls) + sum(len(x) for x in ext_index))
+            ext_index.append(torch.cat([
+                B * Ls + b * e + torch.arange(e - n_left, e), torch.arange(b * Ls, (b + 1) * Ls),
+                B * Ls + B * e + b * e + torch.arange(n_right),
+            ]))
+            ext_units.append(torch.cat([units[:1].repeat(n_left), units, units[-1:].repeat(n_right)]))
+        # m_j: no document starts in the row on rank j; A_r = sum_{j<r} g_j prod_{j<i<r} m_i
+        m = torch.stack([~ds[:, j * Ls : (j + 1) * Ls].any(1) for j in range(cp)]).double()
+        weights = torch.zeros(cp, B, dtype=torch.float64)
+        for j in range(r):
+            weights[j] = m[j + 1 : r].prod(0)  # the empty product (j = r-1) is 1
+        return cls(seg, head, tail, carried, straddles, continues, weights, torch.cat(ext_index),
+                   torch.cat(ext_units), torch.cat(local_in_ext), e)
+
+    def to(self, device) -> _TTTPlan:
+        if self.ext_index.device == torch.device(device):
+            return self
+        self.seg.unit_of_token = self.seg.unit_of_token.to(device)
+        for name in ("ext_index", "ext_units", "local_in_ext"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather along a new first dim; backward reduce-scatters (sums each rank's slice over the group).
+
+    torch.distributed.nn's all_gather backward breaks on gloo subgroups (it scatters from group ranks as if they
+    were global ranks), so the (dp, cp) mesh needs this one.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        world = dist.get_world_size(group)
+        out = tensor.new_empty(world * tensor.numel())
+        dist.all_gather_into_tensor(out, tensor.contiguous().flatten(), group=group)
+        return out.view(world, *tensor.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_empty(grad.shape[1:])
+        dist.reduce_scatter_tensor(out.view(-1), grad.contiguous().view(-1), group=ctx.group)
+        return out, None
+
+
+def _gathered(tensor, group) -> torch.Tensor:
+    """Differentiable all-gather, stacked: (world, *tensor.shape)."""
+    return _AllGather.apply(tensor, group)
+
+
+def _partial_updates(a, h, ranges, acc) -> torch.Tensor:
+    """(R, d, H): sum_i a_i h_i^T over each flat range (zeros for an empty one), in fp32 or wider."""
+    return torch.stack([a[s:e].to(acc).T @ h[s:e].to(acc) for s, e in ranges])
+
+
+def _ttt_forward(shard: CPShard, mlp, x, h, t):
+    ttt = mlp.ttt
+    plan = shard.plan(mlp.chunk_size, ttt.conv.kernel_size[0]).to(x.device)
+    seg, group, r, cp = plan.seg, shard.group, shard.rank, shard.size
+    B, Ls, e = x.shape[0], x.shape[1], plan.halo
+    xf, hf, tf = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1]), t.reshape(-1, t.shape[-1])
+
+    # Conv with the neighbours' edge tokens as halo (all ranks exchange both edges; invalid ones are not read).
+    edges = _gathered(torch.stack([t[:, :e], t[:, Ls - e :]]), group)  # (cp, 2, B, e, d)
+    left, right = edges[(r - 1) % cp, 1], edges[(r + 1) % cp, 0]
+    src = torch.cat([tf, left.reshape(-1, tf.shape[-1]), right.reshape(-1, tf.shape[-1])])
+    conv = chunk_conv(src.index_select(0, plan.ext_index), ttt.conv.weight, plan.ext_units, seg.num_units)
+    a = ttt.scale_targets(conv.index_select(0, plan.local_in_ext), xf, hf, seg, mlp.clip_update_norm)
+
+    acc = torch.promote_types(hf.dtype, torch.float32)
+    # Phase 1: the open chunk's partial update goes to the next rank, which finishes (and clips) that chunk.
+    open_part = _partial_updates(a, hf, plan.tail, acc)
+    previous = _gathered(open_part, group)[(r - 1) % cp]
+    straddles = plan.straddles.to(device=x.device, dtype=acc)[:, None, None]
+    chunk = previous + _partial_updates(a, hf, plan.head, acc)
+    if mlp.clip_update_norm is not None:
+        norm = torch.linalg.matrix_norm(chunk)
+        chunk = chunk * torch.clamp(mlp.clip_update_norm / (norm + 1e-6), max=1.0)[:, None, None]
+    straddle_update = chunk * straddles
+    # Phase 2: exclusive scan of what each rank adds to the state it passes on.
+    continues = plan.continues.to(device=x.device, dtype=acc)[:, None, None]
+    passed_on = continues * straddle_update + _partial_updates(a, hf, plan.carried, acc)
+    weights = plan.scan_weights.to(device=x.device, dtype=acc)[:, :, None, None]
+    before = (weights * _gathered(passed_on, group)).sum(0)  # A_r: the state before this rank's first chunk
+    init_state = torch.cat([before, before + straddle_update])
+
+    fused = type(mlp.down_proj) is torch.nn.Linear
+    out, _ = fast_weight_scan(hf, a, seg, init_state, mlp.down_proj.weight if fused else None)
+    if fused:
+        y = out.view(*x.shape[:-1], -1)
+        return y if mlp.down_proj.bias is None else y + mlp.down_proj.bias
+    y = mlp.down_proj(h)
+    return y + out.view(*x.shape[:-1], -1).to(y.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+def cp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                 cp_shard=None, **kwargs):
+    """transformers attention function `ttt_cp`: SDPA, with keys/values all-gathered across the CP group."""
+    if cp_shard is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if dropout:
+        raise ValueError("context parallelism cannot apply attention dropout exactly: set attention_dropout to 0")
+    kv = _gathered(torch.stack([key, value]), cp_shard.group)  # (cp, 2, B, kv_heads, L/cp, D)
+    kv = torch.cat(kv.unbind(0), dim=3)
+    mask = cp_shard.attention_mask(sliding_window, query.device)
+    return sdpa_attention_forward(module, query, kv[0], kv[1], mask, dropout=0.0, scaling=scaling, is_causal=False,
+                                  **kwargs)
+
+
+_REGISTERED = False
+
+
+def _register():
+    global _REGISTERED
+    if not _REGISTERED:
+        AttentionInterface.register(ATTN_IMPLEMENTATION, cp_attention)
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+        _REGISTERED = True
+
+
+def loss_sum(model, local: dict, shard: CPShard | None) -> torch.Tensor:
+    """Sum of next-token losses over this rank's tokens (`local` from `ContextParallel.shard`: labels shifted)."""
+    logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False,
+                   cp_shard=shard).logits
+    logits = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, local["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+__all__ = ["ContextParallel", "CPShard", "prepare_model", "cp_attention", "loss_sum", "ATTN_IMPLEMENTATION"]
