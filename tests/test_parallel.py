@@ -1,7 +1,11 @@
 """Context parallelism: 2 gloo ranks on CPU give the single-process logits and gradients (float64)."""
 
+import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ import torch.nn.functional as F
 from conftest import randomize_ttt, tiny_base
 
 IGNORE = -100
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _free_port():
@@ -55,6 +60,7 @@ CASES = {
         rows=ROWS_24, checkpointing=True,
     ),
     "padded_to_shards": dict(arch="qwen3", ttt=dict(layers=[2], chunk_size=4), rows=[[5, 6], [11]]),
+    "lora_on_down_proj": dict(arch="qwen3", ttt=dict(layers=[0, 3], chunk_size=4), rows=ROWS_16, lora=True),
 }
 # 4 ranks of 8 tokens: documents crossing several shards, so the state is carried through middle ranks.
 ROWS_32 = [[32], [3, 27, 2], [9, 23], [16, 16], [1, 6, 25], [30, 2], [1, 10, 21]]
@@ -73,6 +79,13 @@ def _model(case):
     base = tiny_base(case["arch"], **case.get("base", {})).double()
     model = randomize_ttt(convert(base, TTTConfig(**case["ttt"])), scale=0.3).double()
     model.train()
+    if case.get("lora"):  # down_proj wrapped by peft: the TTT layer adds its fast-weight part to the LoRA output
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        lora = LoraConfig(r=2, target_modules=["down_proj", "q_proj"], modules_to_save=["ttt"],
+                          init_lora_weights=False)
+        model = get_peft_model(model, lora).double()
     if case.get("checkpointing"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -170,3 +183,68 @@ def test_four_ranks_equal_one_process():
 @pytest.mark.timeout(600)
 def test_data_and_context_parallel_mesh():
     run_on_ranks(4, _run_dp_cp)
+
+
+# ---------------------------------------------------------------------------------------------- guards
+
+
+def test_what_cannot_be_split_exactly_is_refused():
+    from ttt_adapt import TTTConfig, convert
+    from ttt_adapt.parallel import ContextParallel, CPShard, prepare_model
+
+    with pytest.raises(ValueError, match="needs an In-Place TTT model"):
+        prepare_model(tiny_base())
+    with pytest.raises(ValueError, match="attention_dropout 0"):
+        prepare_model(convert(tiny_base(attention_dropout=0.1), TTTConfig(layers=[0], chunk_size=4)))
+    with pytest.raises(ValueError, match="does not divide the number of processes 1"):
+        ContextParallel(cp_size=2)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        ContextParallel(cp_size=0)
+    model = convert(tiny_base(), TTTConfig(layers=[0], chunk_size=4))
+    prepare_model(model)
+    batch = packed_batch([[8], [3, 5]])
+    shard = CPShard(None, 0, 2, batch["position_ids"], 4)  # rank 0 of 2 (the refusals come before any exchange)
+    local = {k: v[:, :4] for k, v in batch.items()}
+    for kwargs, match in (({"attention_mask": torch.ones(2, 4, dtype=torch.long)}, "takes no attention_mask"),
+                          ({"use_cache": True}, "use_cache=False")):
+        with pytest.raises(ValueError, match=match):
+            model(input_ids=local["input_ids"], position_ids=local["position_ids"], cp_shard=shard, **kwargs)
+    # without a shard the `ttt_cp` attention is plain SDPA: the prepared model still gives the base's logits
+    base = tiny_base()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=batch["input_ids"]).logits, base(input_ids=batch["input_ids"]).logits)
+
+
+# ---------------------------------------------------------------------------------------------- the training loop
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.timeout(900)
+def test_tiny_recipe_with_cp_size_2_logs_the_losses_of_one_process(tmp_path):
+    """`accelerate launch --num_processes 2 scripts/adapt.py recipes/tiny_qwen3.yaml parallel.cp_size=2`: each
+    1024-token row is split over 2 gloo ranks (4 chunks each), yet every logged loss equals the 1-process run."""
+    common = ["train.max_steps=4", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=2",
+              "train.eval_batches=2", "eval=null", "export.dir=null"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "scripts/adapt.py", "recipes/tiny_qwen3.yaml", *common,
+                          f"train.output_dir={tmp_path / 'one'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "scripts/adapt.py",
+              "recipes/tiny_qwen3.yaml", *common, "parallel.cp_size=2", f"train.output_dir={tmp_path / 'two'}"]
+    two = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "(1 data-parallel x 2 context-parallel)" in two.stdout
+    a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [m["step"] for m in a] == [m["step"] for m in b] and len([m for m in a if "eval_loss" in m]) == 2
+    for x, y in zip(a, b):
+        for key in ("loss", "eval_loss", "grad_norm"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-5), (key, x, y)
+        for key in ("tokens", "eval_tokens"):
+            if key in x:
+                assert y[key] == x[key], (key, x, y)

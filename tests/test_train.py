@@ -302,11 +302,13 @@ def test_run_checks_refuse_bad_bases_and_finished_runs(files, tmp_path):
         "'gpt2'": [f"model.name_or_path={gpt2}"],
         "ttt.layers": ["ttt.layers=[1,4]"],
         "tokenizer": [f"model.name_or_path={no_tokenizer}"],
-        "cp_size": ["parallel.cp_size=2"],
+        "data.seq_len: 96 tokens cannot be cut into 2 shards of whole 32-token chunks; use a multiple of 64":
+            ["parallel.cp_size=2"],
         "eval.nope: unknown key": ["eval.nope=1"],
         "eval.corpus: no such file": ["eval.corpus=/no/such.jsonl"],
-        "not installed": ["train.trackers=[tensorboard]"] if not _installed("tensorboard") else ["parallel.cp_size=2"],
     }
+    if not _installed("tensorboard"):
+        cases["not installed"] = ["train.trackers=[tensorboard]"]
     for expected, overrides in cases.items():
         with pytest.raises(RecipeError, match=expected) as err:
             check_run(load(files, tmp_path, overrides))
@@ -318,6 +320,12 @@ def test_run_checks_refuse_bad_bases_and_finished_runs(files, tmp_path):
         check_run(load(files, tmp_path, ["train.resume=false"]))
     with pytest.raises(RecipeError, match=r"^train.lora.target_modules: .*qproj"):
         build_model(load(files, tmp_path, ["train.lora.r=4", "train.lora.target_modules=[qproj]"]))
+
+
+def test_cp_size_must_divide_the_process_count(files, tmp_path):
+    with pytest.raises(RecipeError, match=r"^parallel.cp_size: 3 does not divide the 1 process\(es\); launch a multiple"):
+        train(load(files, tmp_path, ["parallel.cp_size=3"]))
+    assert not (tmp_path / "run").exists()
 
 
 def test_unreadable_corpus_is_a_one_line_error(files, tmp_path):

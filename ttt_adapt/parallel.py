@@ -67,37 +67,33 @@ class ContextParallel:
         return self.cp_size > 1
 
     def shard(self, batch: dict, chunk_size: int) -> tuple[dict, CPShard | None]:
-        """This rank's part of a batch of packed rows (`input_ids`, `position_ids`, optional `labels`).
+        """This rank's part of a batch of packed rows: `input_ids`, optional `position_ids`, `labels`, and any
+        other (B, L) field (e.g. `attention_mask`).
 
-        Labels are shifted first (position i holds the label of token i+1; no further shift in the loss). Rows
-        whose length is not a multiple of `cp_size * chunk_size` are padded at the end with a separate,
-        unlabelled document. Returns the local batch and the `CPShard` to pass to the model as `cp_shard`
-        (None without context parallelism; the batch is then returned with shifted labels).
+        Labels are shifted first (position i holds the label of token i+1; the loss shifts no further). Rows
+        whose length is not a multiple of `cp_size * chunk_size` get a separate, unlabelled, masked document at
+        the end. Returns the local batch and the `CPShard` to pass to the model as `cp_shard` (None without
+        context parallelism: the whole batch comes back, labels shifted).
         """
-        ids, pos = batch["input_ids"], batch.get("position_ids")
+        ids = batch["input_ids"]
         B, L = ids.shape
-        if pos is None:
-            pos = torch.arange(L, device=ids.device).expand(B, L)
-        labels = batch.get("labels")
-        if labels is not None:
-            labels = torch.cat([labels[:, 1:], labels.new_full((B, 1), IGNORE_INDEX)], 1)
+        out = dict(batch)
+        if out.get("position_ids") is None:
+            out["position_ids"] = torch.arange(L, device=ids.device).expand(B, L)
+        if out.get("labels") is not None:
+            labels = out["labels"]
+            out["labels"] = torch.cat([labels[:, 1:], labels.new_full((B, 1), IGNORE_INDEX)], 1)
         if not self.enabled:
-            out = {"input_ids": ids, "position_ids": pos}
-            return (out if labels is None else {**out, "labels": labels}), None
-        unit = self.cp_size * chunk_size
-        pad = -L % unit
+            return out, None
+        pad = -L % (self.cp_size * chunk_size)
         if pad:
-            ids = torch.cat([ids, ids.new_zeros(B, pad)], 1)
-            pos = torch.cat([pos, torch.arange(pad, device=pos.device).expand(B, pad)], 1)
-            if labels is not None:
-                labels = torch.cat([labels, labels.new_full((B, pad), IGNORE_INDEX)], 1)
-            L += pad
-        shard = CPShard(self.group, self.cp_rank, self.cp_size, pos, chunk_size)
-        lo, hi = shard.lo, shard.hi
-        out = {"input_ids": ids[:, lo:hi], "position_ids": pos[:, lo:hi]}
-        if labels is not None:
-            out["labels"] = labels[:, lo:hi]
-        return out, shard
+            fill = {"labels": IGNORE_INDEX}
+            for k, v in out.items():
+                tail = torch.arange(pad, device=v.device).expand(B, pad) if k == "position_ids" \
+                    else v.new_full((B, pad), fill.get(k, 0))
+                out[k] = torch.cat([v, tail], 1)
+        shard = CPShard(self.group, self.cp_rank, self.cp_size, out["position_ids"], chunk_size)
+        return {k: v[:, shard.lo : shard.hi] for k, v in out.items()}, shard
 
     def gather_sequence(self, local: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """(B, L/cp, ...) per rank -> (B, L, ...) on every rank (not differentiable); trimmed to `length`."""
@@ -291,13 +287,13 @@ class _AllGather(torch.autograd.Function):
         ctx.group = group
         world = dist.get_world_size(group)
         out = tensor.new_empty(world * tensor.numel())
-        dist.all_gather_into_tensor(out, tensor.contiguous().flatten(), group=group)
+        dist.all_gather_single(out, tensor.contiguous().flatten(), group=group)
         return out.view(world, *tensor.shape)
 
     @staticmethod
     def backward(ctx, grad):
         out = grad.new_empty(grad.shape[1:])
-        dist.reduce_scatter_tensor(out.view(-1), grad.contiguous().view(-1), group=ctx.group)
+        dist.reduce_scatter_single(out.view(-1), grad.contiguous().view(-1), group=ctx.group)
         return out, None
 
 
@@ -381,9 +377,13 @@ def _register():
 
 
 def loss_sum(model, local: dict, shard: CPShard | None) -> torch.Tensor:
-    """Sum of next-token losses over this rank's tokens (`local` from `ContextParallel.shard`: labels shifted)."""
-    logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False,
-                   cp_shard=shard).logits
+    """Sum of next-token losses over this rank's tokens (`local` from `ContextParallel.shard`: labels shifted).
+
+    No attention mask: with restarting position_ids transformers (and the CP mask) keep packed documents apart,
+    and the TTT layers restart their fast weights at each document; trailing padding is a document of its own.
+    """
+    extra = {} if shard is None else {"cp_shard": shard}
+    logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False, **extra).logits
     logits = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits, local["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 

@@ -9,7 +9,8 @@ in `train.output_dir`, logs to `metrics.jsonl` (and trackers), and at the end ru
 
 The loss of a step is the mean over every real token of the global batch (all processes, all accumulation
 micro-batches): each micro-batch contributes `sum of its token losses / global token count`, times the number
-of data-parallel processes because DDP/FSDP average gradients over them.
+of processes because DDP/FSDP average gradients over all of them (with context parallelism each rank of a
+group holds part of the same rows, so its share of the loss is summed, not averaged, across the group).
 
 Data order is a pure function of `train.seed`, the number of packed rows and a row cursor stored in each
 checkpoint, so a resumed run reads exactly the rows the uninterrupted run would have read.
@@ -40,12 +41,12 @@ from ttt_adapt import convert
 from ttt_adapt.config import Recipe, RecipeError
 from ttt_adapt.data import build_datasets
 from ttt_adapt.modeling.modeling_ttt import set_ttt_training_step, ttt_learning_rates
+from ttt_adapt.parallel import IGNORE_INDEX, ContextParallel, loss_sum, prepare_model
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
 CONVERTED_MODEL_TYPES = ("ttt_qwen3", "ttt_llama")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
-IGNORE_INDEX = -100
 ADAM_BETAS = (0.9, 0.95)  # the usual choice for LM pretraining; torch's default 0.999 adapts too slowly
 
 
@@ -82,9 +83,12 @@ def check_run(recipe: Recipe):
         from ttt_adapt.evaluate import settings_from_recipe
 
         settings_from_recipe(recipe, config)
-    if recipe.parallel.cp_size > 1:
+    cp_size = recipe.parallel.cp_size
+    if cp_size > 1 and recipe.data.seq_len % (cp_size * recipe.ttt.chunk_size):
+        unit = cp_size * recipe.ttt.chunk_size
         raise RecipeError(
-            "parallel.cp_size: context parallelism is not wired into the training loop yet; use cp_size: 1"
+            f"data.seq_len: {recipe.data.seq_len} tokens cannot be cut into {cp_size} shards of whole "
+            f"{recipe.ttt.chunk_size}-token chunks; use a multiple of {unit} (e.g. {max(unit, recipe.data.seq_len // unit * unit)})"
         )
     if recipe.train.trackers:
         from accelerate.tracking import get_available_trackers
@@ -266,6 +270,16 @@ class RowStream:
                 raise ValueError("the training data stream is empty")
 
 
+def check_world(recipe: Recipe, num_processes: int):
+    """The process count must split into data-parallel groups of `parallel.cp_size` ranks (RecipeError)."""
+    cp_size = recipe.parallel.cp_size
+    if num_processes % cp_size:
+        raise RecipeError(
+            f"parallel.cp_size: {cp_size} does not divide the {num_processes} process(es); "
+            f"launch a multiple of {cp_size} (accelerate launch --num_processes {cp_size} ...)"
+        )
+
+
 def collate(rows: list[dict], device) -> dict:
     """Stack packed rows into tensors on `device`."""
     batch = {k: torch.tensor([list(r[k]) for r in rows], dtype=torch.long) for k in rows[0]}
@@ -277,28 +291,17 @@ def collate(rows: list[dict], device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def loss_sum(model, batch) -> torch.Tensor:
-    """Sum of next-token losses over the batch's real tokens (labels != -100, shifted as in HF)."""
-    # No attention_mask: with restarting position_ids transformers isolates packed documents, and the TTT
-    # layers restart their fast weights at each document; trailing padding is a document of its own.
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        batch["labels"][:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-
-
-def count_targets(batch) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+def count_targets(local) -> int:
+    """Tokens with a label in a batch from `ContextParallel.shard` (labels already shifted)."""
+    return int((local["labels"] != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
-def evaluate_loss(accelerator, model, eval_data: list[dict], recipe: Recipe) -> dict:
-    """Mean token loss over the held-out rows `eval_data`, split across processes (same rows on every run)."""
+def evaluate_loss(accelerator, model, eval_data: list[dict], recipe: Recipe, cp: ContextParallel) -> dict:
+    """Mean token loss over the held-out rows `eval_data`, split across data-parallel groups (same rows on every
+    run) and sharded across the ranks of each context-parallel group."""
     t = recipe.train
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world, rank = cp.dp_size, cp.dp_rank
     rows = eval_data
     if not rows:
         return {}
@@ -313,7 +316,8 @@ def evaluate_loss(accelerator, model, eval_data: list[dict], recipe: Recipe) -> 
         batch = collate([r for r, _ in part], accelerator.device)
         keep = torch.tensor([real for _, real in part], device=accelerator.device)
         batch["labels"] = torch.where(keep[:, None], batch["labels"], IGNORE_INDEX)
-        total += torch.stack([loss_sum(model, batch).double(), torch.tensor(float(count_targets(batch)))
+        local, shard = cp.shard(batch, recipe.ttt.chunk_size)
+        total += torch.stack([loss_sum(model, local, shard).double(), torch.tensor(float(count_targets(local)))
                               .to(total)])
     model.train()
     total = accelerator.reduce(total, reduction="sum")
@@ -407,6 +411,7 @@ def train(recipe: Recipe) -> dict:
         cpu=cpu, mixed_precision=mixed_precision, log_with=t.trackers or None, project_dir=t.output_dir
     )
     check_run(recipe)
+    check_world(recipe, accelerator.num_processes)
     if mixed_precision != t.mixed_precision:
         accelerator.print(f"train.mixed_precision={t.mixed_precision} needs a GPU: training in fp32 on CPU")
     out = Path(t.output_dir)
@@ -414,6 +419,9 @@ def train(recipe: Recipe) -> dict:
 
     tokenizer = load_tokenizer(recipe)
     model = build_model(recipe)
+    cp = ContextParallel(recipe.parallel.cp_size, accelerator.device.type)
+    if cp.enabled:
+        prepare_model(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(param_groups(model, recipe), betas=ADAM_BETAS, eps=1e-8)
@@ -461,12 +469,13 @@ def train(recipe: Recipe) -> dict:
     accelerator.print(
         f"training {n_trainable:,} of {n_total:,} parameters ({t.trainable}"
         f"{f' + LoRA r={t.lora.r}' if t.lora.r else ''}) on {accelerator.num_processes} process(es)"
+        f"{f' ({cp.dp_size} data-parallel x {cp.cp_size} context-parallel)' if cp.enabled else ''}"
     )
     if state["step"] >= t.max_steps:
         accelerator.print(f"nothing to train: {resume_from.name} is at step {state['step']} >= train.max_steps")
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    rows_per_step = t.batch_size * t.grad_accum * world
+    world = accelerator.num_processes
+    rows_per_step = t.batch_size * t.grad_accum * cp.dp_size  # the ranks of a CP group share rows
     last_checkpoint = resume_from
     window = {"loss": 0.0, "targets": 0.0, "tokens": 0.0, "seconds": 0.0}  # since the last metrics line
     history = []
@@ -481,18 +490,19 @@ def train(recipe: Recipe) -> dict:
             group["lr"] = group["base_lr"] * factor
         set_ttt_training_step(accelerator.unwrap_model(model), step)
 
-        rows = stream.take(state["rows"], rows_per_step)[rank::world]
-        micro = [collate(rows[i : i + t.batch_size], accelerator.device) for i in range(0, len(rows), t.batch_size)]
-        counts = [sum(count_targets(b) for b in micro), sum(int(b["attention_mask"].sum()) for b in micro)]
+        rows = stream.take(state["rows"], rows_per_step)[cp.dp_rank :: cp.dp_size]
+        micro = [cp.shard(collate(rows[i : i + t.batch_size], accelerator.device), recipe.ttt.chunk_size)
+                 for i in range(0, len(rows), t.batch_size)]
+        counts = [sum(count_targets(b) for b, _ in micro), sum(int(b["attention_mask"].sum()) for b, _ in micro)]
         counts = torch.tensor(counts, dtype=torch.float64, device=accelerator.device)
         targets, tokens = accelerator.reduce(counts, reduction="sum").tolist()
         scale = world / max(targets, 1.0)  # DDP/FSDP average gradients over processes: undo that
 
         step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        for i, batch in enumerate(micro):
+        for i, (local, shard) in enumerate(micro):
             last = i == len(micro) - 1  # gradients are all-reduced once, on the last micro-batch
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                summed = loss_sum(model, batch)
+                summed = loss_sum(model, local, shard)
                 accelerator.backward(summed * scale)
             step_loss += summed.detach().double()
         clip = t.clip_grad_norm if t.clip_grad_norm is not None else float("inf")
@@ -527,7 +537,7 @@ def train(recipe: Recipe) -> dict:
             history.append(record)
             window = dict.fromkeys(window, 0.0)
         if eval_data and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
-            _log(accelerator, out, {"step": step, **evaluate_loss(accelerator, model, eval_data, recipe)})
+            _log(accelerator, out, {"step": step, **evaluate_loss(accelerator, model, eval_data, recipe, cp)})
         if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
             last_checkpoint = save_checkpoint(accelerator, recipe, state)
     bar.close()
