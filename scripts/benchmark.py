@@ -3,6 +3,7 @@
     python scripts/benchmark.py layer [--length 16384 --chunk 512 --hidden 1024 --intermediate 3072 --repeats 3]
     python scripts/benchmark.py train-step [--lengths 2048,4096 --repeats 3]
     python scripts/benchmark.py generate [--prompt 1024 --new-tokens 128 --batches 1,8 --chunk 64]
+    python scripts/benchmark.py cp [--length 4096 --ranks 2 --chunk 512 --repeats 3]
 
 `layer`: forward+backward of one MLP on a (1, L, d) fp32 input, CPU: the plain Qwen3 MLP, our TTT MLP, the
 published algorithm (every per-chunk d x H update materialised, then a cumulative sum) and a plain Python loop
@@ -15,6 +16,11 @@ gradients and temporaries. Writes a JSON file and prints a table.
 its TTT version (TTT every 6th layer: 0 and 6). `train-step`: forward + backward + AdamW step of all parameters
 on one row of L tokens; time (interleaved, median) and peak memory (fresh process, as above). `generate`: prefill
 of the prompt, then greedy decoding one token at a time with the cache (chunk-boundary updates included).
+
+`cp`: context parallelism (`ttt_adapt.parallel`) on that TTT model: one training step (forward + backward + AdamW)
+of a row of N x L tokens split over N gloo ranks, against L tokens on 1 rank (and N x L on 1 rank, what context
+parallelism avoids). Every rank is a fresh process; per-rank peak memory as above (the largest rank), step time
+the median of repeats (the CPU cores are shared out among the ranks).
 """
 
 import argparse
@@ -256,6 +262,85 @@ def bench_generate(args):
     return {"benchmark": "generate", "machine": machine(), "settings": vars(args) | {"func": None}, "rows": rows}
 
 
+def cp_rank(args):
+    """One rank of the `cp` benchmark (a fresh process): peak-memory rise of a training step, then step times."""
+    import torch.distributed as dist
+
+    from ttt_adapt.parallel import ContextParallel, loss_sum, prepare_model
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.ranks))
+    if args.ranks > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
+        dist.init_process_group("gloo", rank=args.rank, world_size=args.ranks)
+    cp = ContextParallel(args.ranks)
+    model = make_lm(True, args.chunk).train()
+    if cp.enabled:
+        prepare_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+
+    def step(length):
+        ids = torch.randint(0, 4096, (1, length), generator=g)
+        local, shard = cp.shard({"input_ids": ids, "labels": ids}, args.chunk)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum(model, local, shard).backward()
+        optimizer.step()
+
+    step(args.ranks * args.chunk)  # optimizer state allocated before measuring
+    before = _rss_kib("VmRSS")
+    step(args.length)
+    peak = (_rss_kib("VmHWM") - before) / 1024
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        step(args.length)
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"rank": args.rank, "peak_mib": peak, "seconds": statistics.median(times)}))
+    if args.ranks > 1:
+        dist.destroy_process_group()
+
+
+def run_cp(ranks, length, chunk, repeats):
+    """Launch `ranks` fresh processes on one row of `length` tokens; (largest per-rank peak MiB, seconds)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+    procs = [subprocess.Popen([sys.executable, __file__, "_cp_rank", "--ranks", str(ranks), "--rank", str(r),
+                               "--port", str(port), "--length", str(length), "--chunk", str(chunk),
+                               "--repeats", str(repeats)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for r in range(ranks)]
+    results = []
+    for p in procs:
+        out, err = p.communicate()
+        if p.returncode:
+            raise RuntimeError(f"cp rank failed: {err.strip().splitlines()[-1] if err.strip() else p.returncode}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return max(r["peak_mib"] for r in results), max(r["seconds"] for r in results)
+
+
+def bench_cp(args):
+    L, N = args.length, args.ranks
+    runs = [("1 rank", 1, L), (f"{N} ranks", N, N * L), ("1 rank", 1, N * L)]
+    rows = []
+    for name, ranks, tokens in runs:
+        peak, seconds = run_cp(ranks, tokens, args.chunk, args.repeats)
+        rows.append({"setup": name, "ranks": ranks, "tokens": tokens, "tokens_per_rank": tokens // ranks,
+                     "peak_mib_per_rank": peak, "seconds": seconds})
+    ref = rows[0]["peak_mib_per_rank"]
+    for r in rows:
+        r["memory_vs_1_rank_L"] = r["peak_mib_per_rank"] / ref
+    print(f"cp: train step (fwd+bwd+AdamW), Qwen3 hidden 512 x 12 layers, TTT layers 0,6 chunk {args.chunk}, "
+          f"fp32 CPU, gloo")
+    print(f"{'setup':>8} {'tokens':>7} {'tok/rank':>8} {'peak MiB/rank':>13} {'x (1 rank, L)':>13} {'step s':>7}")
+    for r in rows:
+        print(f"{r['setup']:>8} {r['tokens']:>7} {r['tokens_per_rank']:>8} {r['peak_mib_per_rank']:13.0f} "
+              f"{r['memory_vs_1_rank_L']:13.2f} {r['seconds']:7.2f}")
+    return {"benchmark": "cp", "machine": machine(), "settings": vars(args) | {"func": None}, "rows": rows}
+
+
 def machine():
     return {
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -291,7 +376,21 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="exports/benchmark_generate.json")
+    for name in ("cp", "_cp_rank"):
+        p = sub.add_parser(name)
+        p.add_argument("--length", type=int, default=4096, help="tokens per rank")
+        p.add_argument("--ranks", type=int, default=2)
+        p.add_argument("--chunk", type=int, default=512)
+        p.add_argument("--repeats", type=int, default=3)
+        p.add_argument("--out", default="exports/benchmark_cp.json")
+        p.add_argument("--rank", type=int, default=0)
+        p.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command in ("cp", "_cp_rank"):
+        if min(args.length, args.ranks, args.chunk, args.repeats) < 1 or args.length % args.chunk:
+            parser.exit(2, "benchmark: sizes must be positive and --length a multiple of --chunk\n")
+        if args.command == "_cp_rank":
+            return cp_rank(args)
     if args.command == "_memory_step":
         return measure_step_memory(args)
     if args.command in ("layer", "_memory"):
@@ -302,6 +401,8 @@ def main(argv=None):
         result = bench_layer(args)
     elif args.command == "train-step":
         result = bench_train_step(args)
+    elif args.command == "cp":
+        result = bench_cp(args)
     else:
         result = bench_generate(args)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

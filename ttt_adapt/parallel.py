@@ -159,15 +159,16 @@ class CPShard:
             raise ValueError("context parallelism is for training and scoring: call the model with use_cache=False")
 
     def attention_mask(self, sliding_window, device) -> torch.Tensor:
-        """(B, 1, L/cp, L) bool: key j is visible to local query i iff same document, j <= i, within the window."""
+        """(B, 1, L/cp, hi) bool: key j is visible to local query i iff same document, j <= i, within the window
+        (keys from `hi` on, on later ranks, never are)."""
         key = (sliding_window, str(device))
         if key not in self._masks:
             q = torch.arange(self.lo, self.hi)[:, None]
-            k = torch.arange(self.length)[None, :]
+            k = torch.arange(self.hi)[None, :]
             allowed = k <= q
             if sliding_window is not None:
                 allowed &= k > q - sliding_window
-            same_doc = self._doc_id[:, self.lo : self.hi, None] == self._doc_id[:, None, :]
+            same_doc = self._doc_id[:, self.lo : self.hi, None] == self._doc_id[:, None, : self.hi]
             self._masks[key] = (allowed & same_doc).unsqueeze(1).to(device)
         return self._masks[key]
 
@@ -359,10 +360,12 @@ def cp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
     if dropout:
         raise ValueError("context parallelism cannot apply attention dropout exactly: set attention_dropout to 0")
     kv = _gathered(torch.stack([key, value]), cp_shard.group)  # (cp, 2, B, kv_heads, L/cp, D)
-    kv = torch.cat(kv.unbind(0), dim=3)
+    kv = torch.cat(kv.unbind(0)[: cp_shard.rank + 1], dim=3)  # keys after this rank's tokens are never visible
     mask = cp_shard.attention_mask(sliding_window, query.device)
-    return sdpa_attention_forward(module, query, kv[0], kv[1], mask, dropout=0.0, scaling=scaling, is_causal=False,
-                                  **kwargs)
+    # SDPA's own grouped-query support: the gathered keys/values are not repeated per query head
+    out = F.scaled_dot_product_attention(query, kv[0], kv[1], attn_mask=mask, scale=scaling,
+                                         enable_gqa=query.shape[1] != kv.shape[2])
+    return out.transpose(1, 2).contiguous(), None
 
 
 _REGISTERED = False
