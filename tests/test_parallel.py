@@ -203,12 +203,15 @@ def test_what_cannot_be_split_exactly_is_refused():
     model = convert(tiny_base(), TTTConfig(layers=[0], chunk_size=4))
     prepare_model(model)
     batch = packed_batch([[8], [3, 5]])
-    shard = CPShard(None, 0, 2, batch["position_ids"], 4)  # rank 0 of 2 (the refusals come before any exchange)
+    shard = CPShard(None, 0, 2, batch["position_ids"])  # rank 0 of 2 (the refusals come before any exchange)
     local = {k: v[:, :4] for k, v in batch.items()}
     for kwargs, match in (({"attention_mask": torch.ones(2, 4, dtype=torch.long)}, "takes no attention_mask"),
                           ({"use_cache": True}, "use_cache=False")):
         with pytest.raises(ValueError, match=match):
             model(input_ids=local["input_ids"], position_ids=local["position_ids"], cp_shard=shard, **kwargs)
+    misaligned = CPShard(None, 0, 2, torch.arange(12).expand(2, 12))  # shards of 6 tokens, chunks of 4
+    with pytest.raises(ValueError, match="not whole 4-token TTT chunks"):
+        misaligned.plan(chunk_size=4, kernel_size=5)
     # without a shard the `ttt_cp` attention is plain SDPA: the prepared model still gives the base's logits
     base = tiny_base()
     with torch.no_grad():

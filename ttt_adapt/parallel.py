@@ -92,7 +92,7 @@ class ContextParallel:
                 tail = torch.arange(pad, device=v.device).expand(B, pad) if k == "position_ids" \
                     else v.new_full((B, pad), fill.get(k, 0))
                 out[k] = torch.cat([v, tail], 1)
-        shard = CPShard(self.group, self.cp_rank, self.cp_size, out["position_ids"], chunk_size)
+        shard = CPShard(self.group, self.cp_rank, self.cp_size, out["position_ids"])
         return {k: v[:, shard.lo : shard.hi] for k, v in out.items()}, shard
 
     def gather_sequence(self, local: torch.Tensor, length: int | None = None) -> torch.Tensor:
@@ -137,7 +137,7 @@ class CPShard:
     Passed to the model as `cp_shard`; the attention function and the TTT layers read it.
     """
 
-    def __init__(self, group, rank, size, position_ids, chunk_size):
+    def __init__(self, group, rank, size, position_ids):
         B, L = position_ids.shape
         self.group, self.rank, self.size = group, rank, size
         self.batch_size, self.length = B, L
@@ -203,6 +203,11 @@ class _TTTPlan:
     def build(cls, shard: CPShard, C: int, kernel_size: int) -> _TTTPlan:
         B, L, Ls, r, cp = shard.batch_size, shard.length, shard.local_length, shard.rank, shard.size
         lo, hi = shard.lo, shard.hi
+        if Ls % C:  # a chunk could then span three ranks, which the exchange below does not cover
+            raise ValueError(
+                f"context parallelism: shards of {Ls} tokens are not whole {C}-token TTT chunks; "
+                f"shard with ContextParallel.shard(batch, chunk_size={C})"
+            )
         ds = shard.doc_start
         ar = torch.arange(L)
         last_ds = torch.cummax(torch.where(ds, ar, torch.zeros_like(ar)), 1).values
