@@ -275,8 +275,8 @@ def check_world(recipe: Recipe, num_processes: int):
     cp_size = recipe.parallel.cp_size
     if num_processes % cp_size:
         raise RecipeError(
-            f"parallel.cp_size: {cp_size} does not divide the {num_processes} process(es); "
-            f"launch a multiple of {cp_size} (accelerate launch --num_processes {cp_size} ...)"
+            f"parallel.cp_size: {cp_size} does not divide the {num_processes} process(es); launch a multiple of "
+            f"{cp_size} (accelerate launch --multi_gpu --num_processes {cp_size} ...; --multi_gpu on CPU-only machines too)"
         )
 
 
