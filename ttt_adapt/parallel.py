@@ -148,6 +148,8 @@ class CPShard:
         doc_start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1  # the rule of TTTContext and transformers' packing
         self.doc_start = doc_start
         self._doc_id = torch.cumsum(doc_start.long(), 1)
+        ar = torch.arange(L).expand(B, L)
+        self._doc_start_index = torch.cummax(torch.where(doc_start, ar, torch.zeros_like(ar)), 1).values
         self._masks = {}
         self._plans = {}
 
@@ -158,18 +160,21 @@ class CPShard:
         if use_cache or past_key_values is not None:
             raise ValueError("context parallelism is for training and scoring: call the model with use_cache=False")
 
-    def attention_mask(self, sliding_window, device) -> torch.Tensor:
-        """(B, 1, L/cp, hi) bool: key j is visible to local query i iff same document, j <= i, within the window
-        (keys from `hi` on, on later ranks, never are)."""
+    def attention_mask(self, sliding_window, device) -> tuple[int, torch.Tensor]:
+        """(first, mask): keys before `first` are visible to no local query, and `mask` (B, 1, L/cp, hi - first)
+        says whether key first + j is visible to local query i: same document, j <= i, within the window. Keys from
+        `hi` on (later ranks) never are."""
         key = (sliding_window, str(device))
         if key not in self._masks:
+            doc_begin = self._doc_start_index[:, self.lo].min().item()  # earliest document still open here
+            first = doc_begin if sliding_window is None else max(doc_begin, self.lo - sliding_window + 1)
             q = torch.arange(self.lo, self.hi)[:, None]
-            k = torch.arange(self.hi)[None, :]
+            k = torch.arange(first, self.hi)[None, :]
             allowed = k <= q
             if sliding_window is not None:
                 allowed &= k > q - sliding_window
-            same_doc = self._doc_id[:, self.lo : self.hi, None] == self._doc_id[:, None, : self.hi]
-            self._masks[key] = (allowed & same_doc).unsqueeze(1).to(device)
+            same_doc = self._doc_id[:, self.lo : self.hi, None] == self._doc_id[:, None, first : self.hi]
+            self._masks[key] = (first, (allowed & same_doc).unsqueeze(1).to(device))
         return self._masks[key]
 
     def plan(self, chunk_size, kernel_size) -> _TTTPlan:
@@ -364,9 +369,11 @@ def cp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
                                       **kwargs)
     if dropout:
         raise ValueError("context parallelism cannot apply attention dropout exactly: set attention_dropout to 0")
+    first, mask = cp_shard.attention_mask(sliding_window, query.device)
     kv = _gathered(torch.stack([key, value]), cp_shard.group)  # (cp, 2, B, kv_heads, L/cp, D)
-    kv = torch.cat(kv.unbind(0)[: cp_shard.rank + 1], dim=3)  # keys after this rank's tokens are never visible
-    mask = cp_shard.attention_mask(sliding_window, query.device)
+    # only the keys some local query can see: from `first` (document start, window) to this rank's last token
+    Ls = cp_shard.local_length
+    kv = torch.cat(kv.unbind(0)[first // Ls : cp_shard.rank + 1], dim=3)[..., first % Ls :, :]
     # SDPA's own grouped-query support: the gathered keys/values are not repeated per query head
     out = F.scaled_dot_product_attention(query, kv[0], kv[1], attn_mask=mask, scale=scaling,
                                          enable_gqa=query.shape[1] != kv.shape[2])
