@@ -422,6 +422,9 @@ def train(recipe: Recipe) -> dict:
     cp = ContextParallel(recipe.parallel.cp_size, accelerator.device.type)
     if cp.enabled:
         prepare_model(model)
+        if recipe.model.attn_implementation not in (None, "sdpa"):
+            accelerator.print(f"parallel.cp_size={cp.cp_size}: attention runs as all-gather SDPA "
+                              f"(model.attn_implementation={recipe.model.attn_implementation} is not used)")
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(param_groups(model, recipe), betas=ADAM_BETAS, eps=1e-8)
