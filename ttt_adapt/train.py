@@ -427,7 +427,8 @@ def train(recipe: Recipe) -> dict:
                               f"(model.attn_implementation={recipe.model.attn_implementation} is not used)")
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(param_groups(model, recipe), betas=ADAM_BETAS, eps=1e-8)
+    fused = accelerator.device.type in ("cpu", "cuda")  # torch's one-kernel AdamW where it has one
+    optimizer = torch.optim.AdamW(param_groups(model, recipe), betas=ADAM_BETAS, eps=1e-8, fused=fused)
 
     with accelerator.main_process_first():
         try:
