@@ -107,7 +107,7 @@ def _run_cases(rank, world, port, names):
     try:
         from ttt_adapt.parallel import ContextParallel, loss_sum, prepare_model
 
-        cp = ContextParallel(cp_size=world)
+        cp = ContextParallel(cp_size=world, query_block=5)  # attention in blocks of 5 local queries (not chunk-aligned)
         for name in names:
             case = {**CASES, **CASES_4}[name]
             batch = packed_batch(case["rows"])

@@ -44,7 +44,7 @@ class ContextParallel:
     groups read different rows. With `cp_size == 1` nothing is exchanged (and no process group is needed).
     """
 
-    def __init__(self, cp_size: int, device_type: str = "cpu"):
+    def __init__(self, cp_size: int, device_type: str = "cpu", query_block: int = 1024):
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
         if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1:
@@ -52,6 +52,7 @@ class ContextParallel:
         if world % cp_size:
             raise ValueError(f"parallel.cp_size {cp_size} does not divide the number of processes {world}")
         self.cp_size, self.dp_size = cp_size, world // cp_size
+        self.query_block = query_block  # local queries per attention call (bounds the mask's memory)
         self.group, self.mesh = None, None
         if cp_size == 1:
             self.cp_rank, self.dp_rank = 0, rank
@@ -92,7 +93,7 @@ class ContextParallel:
                 tail = torch.arange(pad, device=v.device).expand(B, pad) if k == "position_ids" \
                     else v.new_full((B, pad), fill.get(k, 0))
                 out[k] = torch.cat([v, tail], 1)
-        shard = CPShard(self.group, self.cp_rank, self.cp_size, out["position_ids"])
+        shard = CPShard(self.group, self.cp_rank, self.cp_size, out["position_ids"], self.query_block)
         return {k: v[:, shard.lo : shard.hi] for k, v in out.items()}, shard
 
     def gather_sequence(self, local: torch.Tensor, length: int | None = None) -> torch.Tensor:
@@ -137,8 +138,9 @@ class CPShard:
     Passed to the model as `cp_shard`; the attention function and the TTT layers read it.
     """
 
-    def __init__(self, group, rank, size, position_ids):
+    def __init__(self, group, rank, size, position_ids, query_block=1024):
         B, L = position_ids.shape
+        self.query_block = query_block
         self.group, self.rank, self.size = group, rank, size
         self.batch_size, self.length = B, L
         self.local_length = L // size
@@ -150,7 +152,7 @@ class CPShard:
         self._doc_id = torch.cumsum(doc_start.long(), 1)
         ar = torch.arange(L).expand(B, L)
         self._doc_start_index = torch.cummax(torch.where(doc_start, ar, torch.zeros_like(ar)), 1).values
-        self._masks = {}
+        self._blocks, self._doc_ids = {}, {}
         self._plans = {}
 
     def check_call(self, attention_mask=None, past_key_values=None, use_cache=False, **_):
@@ -160,22 +162,34 @@ class CPShard:
         if use_cache or past_key_values is not None:
             raise ValueError("context parallelism is for training and scoring: call the model with use_cache=False")
 
-    def attention_mask(self, sliding_window, device) -> tuple[int, torch.Tensor]:
-        """(first, mask): keys before `first` are visible to no local query, and `mask` (B, 1, L/cp, hi - first)
-        says whether key first + j is visible to local query i: same document, j <= i, within the window. Keys from
-        `hi` on (later ranks) never are."""
-        key = (sliding_window, str(device))
-        if key not in self._masks:
-            doc_begin = self._doc_start_index[:, self.lo].min().item()  # earliest document still open here
-            first = doc_begin if sliding_window is None else max(doc_begin, self.lo - sliding_window + 1)
-            q = torch.arange(self.lo, self.hi)[:, None]
-            k = torch.arange(first, self.hi)[None, :]
-            allowed = k <= q
-            if sliding_window is not None:
-                allowed &= k > q - sliding_window
-            same_doc = self._doc_id[:, self.lo : self.hi, None] == self._doc_id[:, None, first : self.hi]
-            self._masks[key] = (first, (allowed & same_doc).unsqueeze(1).to(device))
-        return self._masks[key]
+    def attention_blocks(self, sliding_window) -> list:
+        """Local queries in blocks of `query_block`: [(q_start, q_end, k_start, k_end)], local query and global key
+        ranges. A block's keys run from the earliest one any of its queries can see (the start of the document
+        still open at its first query, or the sliding window's reach) to its last query: causality skips the rest."""
+        if sliding_window not in self._blocks:
+            blocks = []
+            for qs in range(0, self.local_length, self.query_block):
+                qe = min(qs + self.query_block, self.local_length)
+                k_start = int(self._doc_start_index[:, self.lo + qs].min())
+                if sliding_window is not None:
+                    k_start = max(k_start, self.lo + qs - sliding_window + 1)
+                blocks.append((qs, qe, k_start, self.lo + qe))
+            self._blocks[sliding_window] = blocks
+        return self._blocks[sliding_window]
+
+    def block_mask(self, block, sliding_window, device) -> torch.Tensor:
+        """(B, 1, q, k) bool for one of `attention_blocks`: same document, key <= query, within the window."""
+        qs, qe, ks, ke = block
+        if str(device) not in self._doc_ids:
+            self._doc_ids[str(device)] = self._doc_id.to(device)
+        doc = self._doc_ids[str(device)]
+        q = torch.arange(self.lo + qs, self.lo + qe, device=device)[:, None]
+        k = torch.arange(ks, ke, device=device)[None, :]
+        allowed = k <= q
+        if sliding_window is not None:
+            allowed &= k > q - sliding_window
+        same_doc = doc[:, self.lo + qs : self.lo + qe, None] == doc[:, None, ks:ke]
+        return (allowed & same_doc).unsqueeze(1)
 
     def plan(self, chunk_size, kernel_size) -> _TTTPlan:
         key = (chunk_size, kernel_size)
@@ -369,14 +383,23 @@ def cp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
                                       **kwargs)
     if dropout:
         raise ValueError("context parallelism cannot apply attention dropout exactly: set attention_dropout to 0")
-    first, mask = cp_shard.attention_mask(sliding_window, query.device)
+    blocks = cp_shard.attention_blocks(sliding_window)
     kv = _gathered(torch.stack([key, value]), cp_shard.group)  # (cp, 2, B, kv_heads, L/cp, D)
-    # only the keys some local query can see: from `first` (document start, window) to this rank's last token
+    # only the shards holding keys some local query can see, up to this rank's own
     Ls = cp_shard.local_length
-    kv = torch.cat(kv.unbind(0)[first // Ls : cp_shard.rank + 1], dim=3)[..., first % Ls :, :]
-    # SDPA's own grouped-query support: the gathered keys/values are not repeated per query head
-    out = F.scaled_dot_product_attention(query, kv[0], kv[1], attn_mask=mask, scale=scaling,
-                                         enable_gqa=query.shape[1] != kv.shape[2])
+    first_shard = min(ks for _, _, ks, _ in blocks) // Ls
+    kv = torch.cat(kv.unbind(0)[first_shard : cp_shard.rank + 1], dim=3)
+    offset = first_shard * Ls
+    outs = []
+    for block in blocks:  # the same number of blocks on every rank
+        qs, qe, ks, ke = block
+        mask = cp_shard.block_mask(block, sliding_window, query.device)
+        # SDPA's own grouped-query support: the gathered keys/values are not repeated per query head
+        outs.append(F.scaled_dot_product_attention(
+            query[:, :, qs:qe], kv[0, :, :, ks - offset : ke - offset], kv[1, :, :, ks - offset : ke - offset],
+            attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != kv.shape[2],
+        ))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2).contiguous(), None
 
 
