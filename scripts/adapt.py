@@ -9,6 +9,7 @@ are relative to the current directory. Rerunning the same command resumes from t
 recipe, override or run folder prints one line and exits 2.
 
 Several processes on a CPU-only machine (gloo): `accelerate launch --multi_gpu --num_processes 2 scripts/adapt.py ...`
+One sequence split over N processes (context parallelism, exact): add `parallel.cp_size=N`.
 """
 
 import os
