@@ -2,7 +2,6 @@
 synthetic tasks with their needles in place, scoring, left-padded generation, the plot, one-line errors and the
 CLI, and (when lm_eval is installed) the exported model under lm-evaluation-harness."""
 
-import importlib.util
 import json
 import os
 import random
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_ttt
+from conftest import randomize_ttt, script_main
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from ttt_adapt import TTTConfig, convert
@@ -297,10 +296,7 @@ def _cli(*args):
 @pytest.fixture(scope="module")
 def cli_main():
     """`main` of scripts/evaluate.py, imported once (a subprocess per case costs seconds of imports)."""
-    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return script_main("evaluate")
 
 
 def test_cli_bad_input_exits_2_with_one_line(files, tmp_path, cli_main, capsys):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import script_main
 
 from ttt_adapt.config import Recipe, RecipeError, load_recipe
 
@@ -212,12 +213,7 @@ def test_tiny_recipe_is_valid():
 
 def adapt_main():
     """`main(argv)` of scripts/adapt.py, called in-process (each subprocess costs seconds of imports)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("adapt_cli", REPO / "scripts" / "adapt.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return script_main("adapt")
 
 
 @pytest.mark.parametrize(
