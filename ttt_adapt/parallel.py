@@ -30,10 +30,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ttt_adapt.data import IGNORE_INDEX
 from ttt_adapt.modeling.ttt_layer import CARRY, INIT, ZERO, Segments, chunk_conv, fast_weight_scan
 
 ATTN_IMPLEMENTATION = "ttt_cp"  # sdpa without a `cp_shard`; all-gather attention with one
-IGNORE_INDEX = -100
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -274,10 +274,11 @@ class _TTTPlan:
                        unit_of_token, init_index)
         # conv input rows: per row its valid left halo, its tokens, its valid right halo, indexing the
         # concatenation [local tokens (B*Ls); left edges (B*e); right edges (B*e)]
-        ext_index, ext_units, local_in_ext = [], [], []
+        ext_index, ext_units, local_in_ext, n_ext = [], [], [], 0
         for b, (n_left, n_right) in enumerate(halos):
             units = unit_of_token[b * Ls : (b + 1) * Ls]
-            local_in_ext.append(torch.arange(n_left, n_left + Ls) + sum(len(x) for x in ext_index))
+            local_in_ext.append(torch.arange(n_ext + n_left, n_ext + n_left + Ls))
+            n_ext += n_left + Ls + n_right
             ext_index.append(torch.cat([
                 B * Ls + b * e + torch.arange(e - n_left, e), torch.arange(b * Ls, (b + 1) * Ls),
                 B * Ls + B * e + b * e + torch.arange(n_right),
@@ -336,7 +337,7 @@ def _ttt_forward(shard: CPShard, mlp, x, h, t):
     ttt = mlp.ttt
     plan = shard.plan(mlp.chunk_size, ttt.conv.kernel_size[0]).to(x.device)
     seg, group, r, cp = plan.seg, shard.group, shard.rank, shard.size
-    B, Ls, e = x.shape[0], x.shape[1], plan.halo
+    Ls, e = x.shape[1], plan.halo
     xf, hf, tf = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1]), t.reshape(-1, t.shape[-1])
 
     # Conv with the neighbours' edge tokens as halo (all ranks exchange both edges; invalid ones are not read).

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
@@ -39,9 +38,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ttt_adapt import convert
 from ttt_adapt.config import Recipe, RecipeError
-from ttt_adapt.data import build_datasets
+from ttt_adapt.data import IGNORE_INDEX, build_datasets
 from ttt_adapt.modeling.modeling_ttt import set_ttt_training_step, ttt_learning_rates
-from ttt_adapt.parallel import IGNORE_INDEX, ContextParallel, loss_sum, prepare_model
+from ttt_adapt.parallel import ContextParallel, loss_sum, prepare_model
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
 CONVERTED_MODEL_TYPES = ("ttt_qwen3", "ttt_llama")

@@ -4,7 +4,7 @@
 plus one `ttt` dict holding a `TTTConfig`. This file ships inside every export: torch/transformers only.
 """
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 from transformers import LlamaConfig, Qwen3Config
 
