@@ -225,12 +225,14 @@ def decode(model, ids, new_tokens):
     """(prefill seconds, decode seconds) of greedy decoding with the cache."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    from ttt_adapt.modeling.modeling_ttt import cache_argument
+
+    cache = {cache_argument(type(model)): DynamicCache(config=model.config)}  # `cache` from transformers 5.24
     t0 = time.perf_counter()
-    logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+    logits = model(ids, **cache, use_cache=True).logits[:, -1]
     t1 = time.perf_counter()
     for _ in range(new_tokens):
-        logits = model(logits.argmax(-1, keepdim=True), past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(logits.argmax(-1, keepdim=True), **cache, use_cache=True).logits[:, -1]
     return t1 - t0, time.perf_counter() - t1
 
 

@@ -1,4 +1,5 @@
 import importlib.util
+import inspect
 import os
 import textwrap
 from pathlib import Path
@@ -8,6 +9,17 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _cache_kw():
+    from transformers import Qwen3ForCausalLM
+
+    return "cache" if "cache" in inspect.signature(Qwen3ForCausalLM.forward).parameters else "past_key_values"
+
+
+# The name the installed transformers gives the cache argument of a model forward (`cache` from 5.24).
+CACHE_KW = _cache_kw()
+OLD_CACHE_KW = "past_key_values" if CACHE_KW == "cache" else "cache"
 
 
 def tiny_base(arch="qwen3", seed=0, layers=4, tie=False, **overrides):

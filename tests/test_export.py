@@ -335,3 +335,79 @@ def test_push_asks_for_the_right_repo_files_and_branch_and_never_shows_the_token
     assert SECRET not in seen
     for folder in (out, tmp_path / "kept"):
         assert not [p for p in folder.iterdir() if SECRET in p.read_text(errors="ignore")]
+
+
+# ---------------------------------------------------------------------------------------------- refresh
+
+
+def test_refresh_code_rewrites_code_and_metadata_not_weights(exports, tmp_path, monkeypatch, capsys):
+    from ttt_adapt import modeling
+    from ttt_adapt.modeling.configuration_ttt import TESTED_TRANSFORMERS
+
+    folder = tmp_path / "published"
+    shutil.copytree(exports["plain"], folder)
+    # Make it an export of older code: other modeling files, stale metadata, a card without the code note.
+    (folder / "modeling_ttt.py").write_text((folder / "modeling_ttt.py").read_text() + "\n# older code\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["ttt_code"] = {"transformers_tested": ["5.0.0", "5.23.0"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    card = export_module.CODE_NOTE.sub("", (folder / "README.md").read_text())
+    (folder / "README.md").write_text(card)
+    weights = folder / "model.safetensors"
+    before = {"inode": weights.stat().st_ino, "bytes": weights.read_bytes()}
+
+    main = export_main()
+    for _ in range(2):  # idempotent
+        assert main(["--refresh-code", str(folder)]) == 0
+    assert "refreshed the modeling code" in capsys.readouterr().out
+    package = Path(modeling.__file__).parent
+    for name in MODELING_FILES:
+        assert (folder / name).read_bytes() == (package / name).read_bytes()
+    after = json.loads((folder / "config.json").read_text())
+    assert after["ttt_code"] == {"transformers_tested": list(TESTED_TRANSFORMERS)}
+    unchanged = {k: v for k, v in config.items() if k not in ("ttt_code", "transformers_version")}
+    assert {k: after.get(k) for k in unchanged} == unchanged
+    assert weights.stat().st_ino == before["inode"] and weights.read_bytes() == before["bytes"]  # never rewritten
+    text = (folder / "README.md").read_text()
+    assert text.count("<!-- ttt-adapt:code -->") == 1 and TESTED_TRANSFORMERS[1] in text
+    assert text.replace(export_module.code_note() + "\n", "") == card  # the rest of the card as it was
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    ids = torch.randint(3, 33, (1, 40))
+    with torch.no_grad():
+        from transformers import AutoModelForCausalLM
+
+        a = AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(exports["plain"]).eval()(ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    # Pushing uploads only what changed.
+    hub = FakeHub().install(monkeypatch)
+    assert main(["--refresh-code", str(folder), "--push-to-hub", "org/tiny-ttt"]) == 0
+    upload = hub.calls[-1][2]
+    assert sorted(upload["allow_patterns"]) == sorted([*MODELING_FILES, "config.json", "README.md"])
+    assert "weights unchanged" in upload["commit_message"]
+
+
+def test_refresh_code_bad_input_changes_nothing(exports, tmp_path, capsys):
+    main = export_main()
+    not_export = tmp_path / "other"
+    not_export.mkdir()
+    (not_export / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    broken = tmp_path / "broken"
+    shutil.copytree(exports["plain"], broken)
+    (broken / "modeling_ttt.py").write_text("# older code\n")
+    tensors = load_file(broken / "model.safetensors")
+    tensors.pop(next(k for k in tensors if ".mlp.ttt." in k))
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    cases = [
+        (["--refresh-code", str(tmp_path / "missing")], "no such export folder"),
+        (["--refresh-code", str(not_export)], "not an In-Place TTT export"),
+        (["--refresh-code", str(broken)], "do not fit this version's model code: missing"),
+        (["--refresh-code", str(broken), "--out", str(tmp_path / "x")], "cannot be combined"),
+        (["--push-to-hub", "org/x"], "--checkpoint and --out (or --refresh-code DIR)"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert (broken / "modeling_ttt.py").read_text() == "# older code\n"

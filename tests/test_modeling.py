@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import randomize_ttt, tiny_base
+from conftest import CACHE_KW, OLD_CACHE_KW, randomize_ttt, tiny_base
 from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from ttt_adapt import TTTConfig, convert
+from ttt_adapt.compat import enable_activation_checkpointing
 
 
 def ttt_model(arch="qwen3", chunk_size=4, layers=(0, 2), seed=0, **kw):
@@ -60,9 +61,9 @@ def test_incremental_decoding_equals_full_forward(arch, kw):
     with torch.no_grad():
         full = model(ids, attention_mask=mask, position_ids=pos).logits
         cache = DynamicCache(config=model.config)
-        steps = [model(ids[:, :5], attention_mask=mask[:, :5], position_ids=pos[:, :5], past_key_values=cache, use_cache=True).logits]
+        steps = [model(ids[:, :5], attention_mask=mask[:, :5], position_ids=pos[:, :5], **{CACHE_KW: cache}, use_cache=True).logits]
         for j in range(5, 19):
-            out = model(ids[:, j : j + 1], attention_mask=mask[:, : j + 1], position_ids=pos[:, j : j + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, j : j + 1], attention_mask=mask[:, : j + 1], position_ids=pos[:, j : j + 1], **{CACHE_KW: cache}, use_cache=True)
             steps.append(out.logits)
         inc = torch.cat(steps, dim=1)
     real = mask.bool()
@@ -78,7 +79,7 @@ def test_multi_token_continuation_with_cache_equals_full_forward():
         parts = []
         for a, b in [(0, 6), (6, 7), (7, 13), (13, 16), (16, 23)]:  # prefill, a step, then chunks mid-way
             pos = torch.arange(a, b).unsqueeze(0).expand(2, -1)
-            parts.append(model(ids[:, a:b], position_ids=pos, past_key_values=cache, use_cache=True).logits)
+            parts.append(model(ids[:, a:b], position_ids=pos, **{CACHE_KW: cache}, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-5)
 
 
@@ -184,7 +185,7 @@ def test_gradient_checkpointing_gives_same_gradients():
         return {n: p.grad.clone() for n, p in model.named_parameters() if ".ttt." in n}
 
     ref = grads()
-    model.activation_checkpointing_enable()
+    enable_activation_checkpointing(model)
     got = grads()
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7)
@@ -232,7 +233,7 @@ def test_bf16_model_accumulates_fast_weights_in_fp32():
     ids = torch.randint(3, 97, (1, 18))
     with torch.no_grad():
         cache = DynamicCache(config=model16.config)
-        out16 = model16(ids, past_key_values=cache, use_cache=True).logits
+        out16 = model16(ids, **{CACHE_KW: cache}, use_cache=True).logits
         out32 = model32(ids).logits
     state = cache.layers[0].ttt_state
     assert state.S.dtype == torch.float32 and state.buf_x.dtype == torch.bfloat16

@@ -75,6 +75,7 @@ CASES_4 = {
 
 def _model(case):
     from ttt_adapt import TTTConfig, convert
+    from ttt_adapt.compat import enable_activation_checkpointing
 
     base = tiny_base(case["arch"], **case.get("base", {})).double()
     model = randomize_ttt(convert(base, TTTConfig(**case["ttt"])), scale=0.3).double()
@@ -87,7 +88,7 @@ def _model(case):
                           init_lora_weights=False)
         model = get_peft_model(model, lora).double()
     if case.get("checkpointing"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model
 
 

@@ -22,8 +22,26 @@ RELOAD = BLOCK_TTT_ADAPT + textwrap.dedent(
         torch.testing.assert_close(lm(expected["ids"]).logits, expected["logits"], rtol=0, atol=0)
         base = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
         torch.testing.assert_close(base(expected["ids"]).last_hidden_state, expected["hidden"], rtol=0, atol=0)
-    out = lm.generate(expected["ids"][:1, :5], max_new_tokens=7, do_sample=False, pad_token_id=0, eos_token_id=None)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    out = lm.generate(expected["ids"][:1, :5], max_new_tokens=7, **kw)
     assert torch.equal(out, expected["generated"]), (out, expected["generated"])
+    # cached greedy decoding == greedy by full forwards (no cache), across several chunk boundaries
+    greedy = expected["ids"][:1, :5]
+    with torch.no_grad():
+        for _ in range(7):
+            nxt = lm(greedy, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            greedy = torch.cat([greedy, nxt], 1)
+    assert torch.equal(out, greedy), (out, greedy)
+    # a left-padded batch == each prompt alone
+    prompts = [expected["ids"][0, :9], expected["ids"][1, :4]]
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, 9 - len(p):], mask[i, 9 - len(p):] = p, 1
+    batch = lm.generate(ids, attention_mask=mask, max_new_tokens=6, **kw)
+    for i, p in enumerate(prompts):
+        alone = lm.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=6, **kw)
+        assert torch.equal(batch[i, 9:], alone[0, len(p):]), (i, batch[i, 9:], alone[0, len(p):])
     print("reloaded ok")
     """
 )
@@ -54,7 +72,8 @@ def _check(arch, tmp_path):
     for name in ("configuration_ttt.py", "modeling_ttt.py", "ttt_layer.py"):  # only torch/transformers imports
         src = (tmp_path / "export" / name).read_text()
         imports = [l.split()[1] for l in src.splitlines() if l.startswith(("import ", "from "))]
-        assert all(m.split(".")[0] in {"torch", "transformers", "dataclasses", ""} or m.startswith(".") for m in imports), imports
+        stdlib = {"dataclasses", "inspect"}
+        assert all(m.split(".")[0] in {"torch", "transformers", *stdlib} or m.startswith(".") for m in imports), imports
 
 
 def test_qwen3_export_reloads_without_ttt_adapt(tmp_path):

@@ -7,24 +7,11 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .convert import convert
-from .modeling import (
-    TTTConfig,
-    TTTLlamaConfig,
-    TTTLlamaForCausalLM,
-    TTTLlamaModel,
-    TTTQwen3Config,
-    TTTQwen3ForCausalLM,
-    TTTQwen3Model,
-    set_ttt_training_step,
-    ttt_learning_rates,
-)
+from .modeling import MODEL_CLASSES, TTTConfig, set_ttt_training_step, ttt_learning_rates
 
-for _config, _model, _lm in (
-    (TTTQwen3Config, TTTQwen3Model, TTTQwen3ForCausalLM),
-    (TTTLlamaConfig, TTTLlamaModel, TTTLlamaForCausalLM),
-):
-    AutoConfig.register(_config.model_type, _config, exist_ok=True)
-    AutoModel.register(_config, _model, exist_ok=True)
-    AutoModelForCausalLM.register(_config, _lm, exist_ok=True)
+for _model, _lm in MODEL_CLASSES:
+    AutoConfig.register(_model.config_class.model_type, _model.config_class, exist_ok=True)
+    AutoModel.register(_model.config_class, _model, exist_ok=True)
+    AutoModelForCausalLM.register(_model.config_class, _lm, exist_ok=True)
 
 __all__ = ["TTTConfig", "convert", "set_ttt_training_step", "ttt_learning_rates"]

@@ -9,6 +9,10 @@ model the recipe trained (`ttt_adapt.train.build_model`), loads the checkpoint's
 model's id), the modeling files, safetensors weights (sharded with an index above `max_shard_size`), the
 tokenizer, `generation_config.json` and a `README.md` model card.
 
+`refresh_code(folder)` repairs an export made with older code: it rewrites the modeling files and the config
+metadata to this version's code (tested with the transformers range in `TESTED_TRANSFORMERS`) without touching
+the weights, and can push the changed files.
+
 The folder is written next to `out` under a hidden temporary name and renamed into place once complete, so a
 failed export leaves `out` as it was. Bad input raises `ExportError` (one line); a failed push raises
 `PushError` (one line) and leaves the export on disk. The Hub token is never read here except to scrub it
@@ -30,9 +34,13 @@ import torch
 import yaml
 from huggingface_hub import create_branch, create_repo, get_token, hf_hub_download, metadata_load, upload_folder
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import safe_open
 from safetensors.torch import load_model
 
+from ttt_adapt import modeling
+from ttt_adapt.compat import disable_activation_checkpointing
 from ttt_adapt.config import HUB_REPO_ID, RecipeError, build_recipe, looks_like_local_path
+from ttt_adapt.modeling.configuration_ttt import TESTED_TRANSFORMERS
 from ttt_adapt.train import STATE_FILE, build_model, latest_checkpoint, load_tokenizer
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -43,6 +51,7 @@ SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b)\s*$", re.IGNORECASE)
 BRANCH = re.compile(r"^(?!-)(?!.*\.\.)[\w.\-/]+(?<![./])$")
 ADAPTER_MARKERS = ("lora_", "modules_to_save", "original_module", "base_layer")
+CODE_NOTE = re.compile(r"<!-- ttt-adapt:code -->.*?<!-- /ttt-adapt:code -->\n?", re.DOTALL)
 
 
 class ExportError(RecipeError):
@@ -116,6 +125,110 @@ def export_model(
     if push_to_hub is not None:
         push_folder(out, push_to_hub, private=private, revision=revision, commit_message=commit_message)
     return out
+
+
+def refresh_code(folder, *, push_to_hub: str | None = None, private: bool = False, revision: str | None = None,
+                 commit_message: str | None = None) -> Path:
+    """Rewrite an export's modeling files, `config.json` metadata and model-card note to this version's code.
+
+    The weights are not read or rewritten: the new folder links to the same files. It is staged next to `folder`,
+    checked (the config loads with the new code, the stored weight names are exactly the new model's) and renamed
+    into place, so a failure leaves `folder` as it was. With `push_to_hub`, only the changed files are uploaded.
+    """
+    folder = Path(folder)
+    if push_to_hub is not None:
+        check_hub_target(push_to_hub, revision)
+    config = read_export_config(folder)
+    check_weight_names(folder, config)
+    with staging(folder, overwrite=True) as tmp:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True, copy_function=_link_or_copy,
+                        ignore=shutil.ignore_patterns(*modeling.SHIPPED_FILES, "config.json"))
+        package = Path(modeling.__file__).parent
+        for name in modeling.SHIPPED_FILES:
+            shutil.copyfile(package / name, tmp / name)
+        config.save_pretrained(tmp)
+        card = tmp / "README.md"
+        if card.is_file():
+            text = card.read_text()
+            card.unlink()  # a hard link to the old card: never write through it
+            card.write_text(with_code_note(text))
+        read_export_config(tmp)  # what the new files say must load
+    if push_to_hub is not None:
+        changed = [*modeling.SHIPPED_FILES, "config.json", "README.md"]
+        push_folder(folder, push_to_hub, private=private, revision=revision, allow_patterns=changed,
+                    commit_message=commit_message or "Refresh the In-Place TTT modeling code (weights unchanged)")
+    return folder
+
+
+def read_export_config(folder: Path):
+    """The TTT config of an export folder, read with this version's config classes (ExportError if not one)."""
+    if not folder.is_dir():
+        raise ExportError(f"no such export folder: {folder}")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ExportError(f"{folder} is not an export: it holds no config.json")
+    raw = _read_json(path)
+    classes = {lm.config_class.model_type: lm for _, lm in modeling.MODEL_CLASSES}
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in classes:
+        raise ExportError(
+            f"{folder} holds a {model_type!r} model, not an In-Place TTT export ({', '.join(sorted(classes))})"
+        )
+    try:
+        return classes[model_type].config_class.from_pretrained(folder)
+    except (ValueError, TypeError, OSError) as e:
+        raise ExportError(f"{path} does not load with this version's TTT config: {_first_line(e)}") from None
+
+
+def check_weight_names(folder: Path, config) -> None:
+    """The tensors stored in `folder` must be exactly those of the model `config` describes (tied ones aside)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"{folder} holds no safetensors weights")
+    stored = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as weights:
+            stored.update(weights.keys())
+    classes = {lm.config_class.model_type: lm for _, lm in modeling.MODEL_CLASSES}
+    with torch.device("meta"):
+        model = classes[config.model_type](config)
+    expected = set(model.state_dict())
+    tied = set(model._tied_weights_keys or {}) if config.tie_word_embeddings else set()
+    missing, unexpected = expected - stored - tied, stored - expected
+    if missing or unexpected:
+        raise ExportError(
+            f"the weights in {folder} do not fit this version's model code: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}; nothing was changed"
+        )
+
+
+def code_note() -> str:
+    """The model card's line about the modeling code (replaced by `refresh_code`)."""
+    lo, hi = TESTED_TRANSFORMERS
+    return (
+        "<!-- ttt-adapt:code -->\n## Modeling code\n\nThe modeling files of this folder are tested with transformers "
+        f"{lo} to {hi} (`config.json`: `ttt_code`). They refuse older releases, and every cached forward checks that "
+        "the attention cache and the fast weights have read the same tokens, stopping with an error rather than "
+        "generating wrong tokens under a release that routes the cache differently; `scripts/export.py "
+        "--refresh-code` of a newer ttt-adapt updates them without touching the weights.\n<!-- /ttt-adapt:code -->\n"
+    )
+
+
+def with_code_note(card: str) -> str:
+    """`card` with its modeling-code note replaced by the current one (added before Usage, or at the end)."""
+    if CODE_NOTE.search(card):
+        return CODE_NOTE.sub(lambda _: code_note(), card, count=1)
+    at = card.find("## Usage")
+    return card[:at] + code_note() + "\n" + card[at:] if at >= 0 else card.rstrip("\n") + "\n\n" + code_note()
+
+
+def _link_or_copy(src, dst):
+    """Hard-link (the weights are not copied); copy where the filesystem cannot link."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -234,8 +347,7 @@ def load_checkpoint_model(checkpoint: Path, recipe):
     leftover = [n for n, _ in model.named_parameters() if any(m in n for m in ADAPTER_MARKERS)]
     if leftover:
         raise RuntimeError(f"adapter parameters left after merging: {leftover[:3]}")
-    if model.is_activation_checkpointing:
-        model.activation_checkpointing_disable()
+    disable_activation_checkpointing(model)
     return model.eval()
 
 
@@ -315,6 +427,7 @@ def render_model_card(config, recipe, state: dict, checkpoint: Path, *, report=N
     load_from = repo_id or "path/to/this/folder"
     pin = f', revision="{revision}"' if revision else ""
     parts += [
+        code_note(),
         "## Usage\n",
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'tokenizer = AutoTokenizer.from_pretrained("{load_from}"{pin})\n'
@@ -419,16 +532,18 @@ def base_license(name_or_path: str) -> str | None:
 
 
 def push_folder(folder, repo_id: str, *, private: bool = False, revision: str | None = None,
-                commit_message: str | None = None) -> str:
-    """Upload `folder` to the Hub model repo `repo_id` (created if missing, on branch `revision`, created from
-    main if missing); return the commit URL. Raise `PushError` (one line, token scrubbed) on any failure."""
+                commit_message: str | None = None, allow_patterns: list[str] | None = None) -> str:
+    """Upload `folder` (or its files matching `allow_patterns`) to the Hub model repo `repo_id` (created if
+    missing, on branch `revision`, created from main if missing); return the commit URL. Raise `PushError` (one
+    line, token scrubbed) on any failure."""
     check_hub_target(repo_id, revision)
     message = commit_message or f"Upload In-Place TTT model ({Path(folder).name})"
     try:
         create_repo(repo_id, private=private or None, exist_ok=True)  # None: the account's default visibility
         if revision not in (None, "main"):
             create_branch(repo_id, branch=revision, exist_ok=True)
-        info = upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, commit_message=message)
+        info = upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, commit_message=message,
+                             allow_patterns=allow_patterns)
     except Exception as e:  # network, auth, offline mode, quota ...: all mean "not pushed"; say why in one line
         raise PushError(f"push to {repo_id} failed ({_push_reason(e)}); the export is kept in {folder}") from None
     return str(getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")
@@ -449,4 +564,4 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
     return text.splitlines()[0][:limit] if text else type(e).__name__
 
 
-__all__ = ["export_model", "push_folder", "render_model_card", "ExportError", "PushError"]
+__all__ = ["export_model", "refresh_code", "push_folder", "render_model_card", "ExportError", "PushError"]

@@ -155,11 +155,11 @@ class CPShard:
         self._blocks, self._doc_ids = {}, {}
         self._plans = {}
 
-    def check_call(self, attention_mask=None, past_key_values=None, use_cache=False, **_):
+    def check_call(self, attention_mask=None, cache=None, use_cache=False, **_):
         """Refuse model calls the context-parallel layers cannot run exactly."""
         if attention_mask is not None:
             raise ValueError("context parallelism takes no attention_mask: documents come from restarting position_ids")
-        if use_cache or past_key_values is not None:
+        if use_cache or cache is not None:
             raise ValueError("context parallelism is for training and scoring: call the model with use_cache=False")
 
     def attention_blocks(self, sliding_window) -> list:

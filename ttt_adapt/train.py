@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ttt_adapt import convert
+from ttt_adapt.compat import enable_activation_checkpointing
 from ttt_adapt.config import Recipe, RecipeError
 from ttt_adapt.data import IGNORE_INDEX, build_datasets
 from ttt_adapt.modeling.modeling_ttt import set_ttt_training_step, ttt_learning_rates
@@ -160,7 +161,7 @@ def build_model(recipe: Recipe):
     model.config.use_cache = False
     t = recipe.train
     if t.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if t.lora.r > 0:
         from peft import LoraConfig, get_peft_model
 

@@ -2,11 +2,44 @@
 
 `TTTConfig` holds the TTT knobs; `TTTQwen3Config` / `TTTLlamaConfig` are the stock transformers configs
 plus one `ttt` dict holding a `TTTConfig`. This file ships inside every export: torch/transformers only.
+It is the first file of an export that transformers imports, so it refuses a transformers release older than
+the oldest one this code is tested with.
 """
 
 from dataclasses import asdict, dataclass, fields
 
+import transformers
 from transformers import LlamaConfig, Qwen3Config
+
+# The transformers releases this code is tested with (oldest, newest); pyproject.toml declares the same floor.
+TESTED_TRANSFORMERS = ("5.0.0", "5.24.0")
+
+
+def release(version: str) -> tuple:
+    """(major, minor, patch) of a version string such as "5.24.0" or "5.25.0.dev0"."""
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        parts.append(int(digits or 0))
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def check_transformers(version: str = None) -> None:
+    """Refuse (ImportError, one line) a transformers release older than the oldest tested one."""
+    version = transformers.__version__ if version is None else version
+    lo, hi = TESTED_TRANSFORMERS
+    if release(version) < release(lo):
+        raise ImportError(
+            f"this In-Place TTT model code needs transformers>={lo} (tested with {lo} to {hi}), "
+            f"found {version}: pip install -U 'transformers>={lo}'"
+        )
+
+
+check_transformers()
 
 LR_MODES = ("scalar", "token")
 TARGETS = ("hidden_states", "input_embed")
@@ -101,6 +134,8 @@ class TTTConfigMixin:
             "AutoModelForCausalLM": f"modeling_ttt.{prefix}ForCausalLM",
         }
         self.auto_map = {**defaults, **(getattr(self, "auto_map", None) or {})}
+        # What the code that reads this config was tested with (an export's code and config travel together).
+        self.ttt_code = {"transformers_tested": list(TESTED_TRANSFORMERS)}
 
     @property
     def ttt_config(self) -> TTTConfig:
@@ -112,6 +147,7 @@ class TTTQwen3Config(TTTConfigMixin, Qwen3Config):
 
     model_type = "ttt_qwen3"
     ttt: dict | None = None
+    ttt_code: dict | None = None
     base_model_name_or_path: str | None = None
 
 
@@ -120,7 +156,8 @@ class TTTLlamaConfig(TTTConfigMixin, LlamaConfig):
 
     model_type = "ttt_llama"
     ttt: dict | None = None
+    ttt_code: dict | None = None
     base_model_name_or_path: str | None = None
 
 
-__all__ = ["TTTConfig", "TTTQwen3Config", "TTTLlamaConfig"]
+__all__ = ["TTTConfig", "TTTQwen3Config", "TTTLlamaConfig", "TESTED_TRANSFORMERS", "check_transformers"]

@@ -4,10 +4,17 @@ The chosen decoder layers get a `TTTMLP`; the model builds a `TTTContext` (real 
 input embeddings, generation state) once per forward and hands it to those layers. Generation state lives
 in transformers' own `DynamicCache`: its layers for TTT layers become `TTTDynamicLayer` /
 `TTTSlidingWindowLayer`, which carry the fast weights and reorder them for beam search.
+transformers renamed the forward's cache argument (`past_key_values` up to 5.23, `cache` from 5.24): the models
+accept either name and hand the cache on under the name the installed release's own classes take. Every cached
+forward then checks that the attention cache and the fast weights have seen the same number of tokens, so a
+cache that an environment change misroutes raises instead of producing wrong tokens.
 This file ships inside every export: torch and transformers only.
 """
 
+import inspect
+
 import torch
+import transformers
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.models.llama.modeling_llama import (
@@ -23,7 +30,7 @@ from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3PreTrainedModel,
 )
 
-from .configuration_ttt import TTTLlamaConfig, TTTQwen3Config
+from .configuration_ttt import TESTED_TRANSFORMERS, TTTLlamaConfig, TTTQwen3Config
 from .ttt_layer import TTTContext, TTTLayerState, TTTMLP, TTTParams
 
 # ----------------------------------------------------------------------------------------------- cache
@@ -83,6 +90,44 @@ def attach_ttt_states(cache, ttt_layers, num_layers):
     return states
 
 
+def cache_argument(model_cls) -> str:
+    """The name under which `model_cls.forward` (a stock transformers model) takes the cache."""
+    params = inspect.signature(model_cls.forward).parameters  # follows the deprecation wrappers to the function
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def one_cache(cache, past_key_values):
+    """The cache passed under either name (a ValueError if two different ones were passed)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the cache once, as `cache` or `past_key_values`, not two different ones")
+    return cache if cache is not None else past_key_values
+
+
+def check_cache_in_step(cache, states, when, attention_mask=None):
+    """Every TTT layer's attention cache must hold exactly the tokens its fast weights have read (and, after the
+    forward, as many as a 2-D attention mask covers).
+
+    A cache that transformers did not hand to attention (a renamed argument, a replaced cache object) breaks
+    this; raising here is what keeps a stateful model from returning wrong logits silently.
+    """
+    for i, state in states.items():
+        held = cache.get_seq_length(i)
+        if held != state.seen:
+            _cache_error(f"{when} (layer {i}): attention holds {held} tokens but the fast weights have read {state.seen}")
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.shape[1] != held:
+            _cache_error(f"{when} (layer {i}): the attention mask covers {attention_mask.shape[1]} tokens but the "
+                         f"cache holds {held}")
+
+
+def _cache_error(what):
+    lo, hi = TESTED_TRANSFORMERS
+    raise RuntimeError(
+        f"In-Place TTT cache check failed {what}, so the cache did not reach attention as this code expects under "
+        f"transformers {transformers.__version__} (this model code was tested with {lo} to {hi}); refresh the model "
+        f"code (ttt-adapt: python scripts/export.py --refresh-code DIR) or install transformers>={lo},<={hi}"
+    )
+
+
 # ----------------------------------------------------------------------------------------------- layers
 
 
@@ -140,6 +185,8 @@ class TTTModelMixin(TTTPreTrainedMixin):
     and the TTT layers.
     """
 
+    _cache_argument = "past_key_values"  # each model class sets the name its stock forward takes
+
     def _replace_ttt_layers(self, layer_cls):
         for i in self.config.ttt["layers"]:
             self.layers[i] = layer_cls(self.config, i)
@@ -149,38 +196,44 @@ class TTTModelMixin(TTTPreTrainedMixin):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         use_cache=None,
+        past_key_values=None,
         **kwargs,
     ):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        cache = one_cache(cache, past_key_values)
         cp_shard = kwargs.get("cp_shard")
         if cp_shard is not None:
-            cp_shard.check_call(attention_mask=attention_mask, past_key_values=past_key_values, use_cache=use_cache)
+            cp_shard.check_call(attention_mask=attention_mask, cache=cache, use_cache=use_cache)
             use_cache = False
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache is None:  # no cache in training: it would only hold fast-weight state nobody reads
             use_cache = self.config.use_cache and not self.training
-        if use_cache and past_key_values is None and not (self.gradient_checkpointing and self.training):
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None and not (self.gradient_checkpointing and self.training):
+            cache = DynamicCache(config=self.config)
         states = None
-        if use_cache and past_key_values is not None:
-            states = attach_ttt_states(past_key_values, self.config.ttt["layers"], self.config.num_hidden_layers)
+        if use_cache and cache is not None:
+            states = attach_ttt_states(cache, self.config.ttt["layers"], self.config.num_hidden_layers)
+            check_cache_in_step(cache, states, "before the forward")
         ttt_context = TTTContext.from_inputs(attention_mask, position_ids, inputs_embeds, states)
         ttt_context.parallel = cp_shard
-        return super().forward(
+        out = super().forward(
             input_ids=None,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             ttt_context=ttt_context,
+            **{self._cache_argument: cache},
             **kwargs,
         )
+        if states is not None:
+            check_cache_in_step(cache, states, "after the forward", attention_mask)
+        return out
 
 
 class TTTQwen3Model(TTTModelMixin, Qwen3Model):
@@ -188,6 +241,7 @@ class TTTQwen3Model(TTTModelMixin, Qwen3Model):
 
     config_class = TTTQwen3Config
     _no_split_modules = ["Qwen3DecoderLayer", "TTTQwen3DecoderLayer"]
+    _cache_argument = cache_argument(Qwen3Model)
 
     def __init__(self, config):
         super().__init__(config)
@@ -200,6 +254,7 @@ class TTTLlamaModel(TTTModelMixin, LlamaModel):
 
     config_class = TTTLlamaConfig
     _no_split_modules = ["LlamaDecoderLayer", "TTTLlamaDecoderLayer"]
+    _cache_argument = cache_argument(LlamaModel)
 
     def __init__(self, config):
         super().__init__(config)

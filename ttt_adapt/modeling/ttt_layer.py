@@ -301,6 +301,7 @@ class TTTLayerState:
         self.buf_x = None  # (B, C, d) MLP inputs of the unfinished chunk
         self.buf_t = None  # (B, C, d) target sources of the unfinished chunk (target="input_embed" only)
         self.n = None  # (B,) long on CPU: tokens in the unfinished chunk
+        self.seen = 0  # positions (pads included) this layer has read: what its attention cache must hold
 
     @property
     def started(self) -> bool:
@@ -321,6 +322,7 @@ class TTTLayerState:
 
     def reset(self):
         self.S = self.buf_x = self.buf_t = self.n = None
+        self.seen = 0
 
 
 class TTTMLP(nn.Module):
@@ -359,6 +361,8 @@ class TTTMLP(nn.Module):
         if ctx.parallel is not None:  # context parallelism (ttt_adapt.parallel): the state crosses ranks
             return ctx.parallel.ttt_forward(self, x, h, t)
         state = ctx.layer_state(self.layer_idx)
+        if state is not None:
+            state.seen += x.shape[1]
         if state is not None and state.started and x.shape[1] == 1:
             y = self.down_proj(h)
             return y + self._decode_step(x, h, t, state, ctx).to(y.dtype)
