@@ -148,3 +148,16 @@ def test_declared_floor_is_the_oldest_tested_release():
     assert floor == TESTED_TRANSFORMERS[0]
     ci = (REPO / ".ci" / "run").read_text()
     assert f"transformers=={TESTED_TRANSFORMERS[0]}" in ci  # CI really tests the floor
+
+
+def test_config_is_validated_and_completed_whatever_the_config_machinery():
+    """transformers 5.0's configs are plain classes (no __post_init__); later ones are dataclasses: both paths
+    must resolve the TTT layers, validate them and write the full auto_map."""
+    from ttt_adapt.modeling.configuration_ttt import TTTQwen3Config
+
+    config = TTTQwen3Config(num_hidden_layers=13, ttt={"chunk_size": 8})
+    assert config.ttt["layers"] == [0, 6, 12] and config.ttt["chunk_size"] == 8
+    assert set(config.auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+    assert config.ttt_code == {"transformers_tested": list(TESTED_TRANSFORMERS)}
+    with pytest.raises(ValueError, match="ttt layer 5 is out of range"):
+        TTTQwen3Config(num_hidden_layers=3, ttt={"layers": [5]})

@@ -121,8 +121,18 @@ class TTTConfig:
 class TTTConfigMixin:
     """Adds the `ttt` dict to a stock decoder config and checks it."""
 
+    def __init__(self, ttt=None, ttt_code=None, base_model_name_or_path=None, **kwargs):
+        # Only transformers releases whose configs are plain classes (5.0) run this; where configs are
+        # dataclasses, each config class gets a generated __init__ that calls __post_init__ instead.
+        self.ttt, self.base_model_name_or_path = ttt, base_model_name_or_path
+        super().__init__(**kwargs)
+        self._finish_ttt()
+
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self._finish_ttt()
+
+    def _finish_ttt(self):
         ttt = TTTConfig.from_dict(self.ttt or {})
         ttt.layers = ttt.validate(self.num_hidden_layers).resolved_layers(self.num_hidden_layers)
         self.ttt = ttt.to_dict()
