@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import CACHE_KW, OLD_CACHE_KW, randomize_ttt, tiny_base
+from conftest import CACHE_KW, randomize_ttt, tiny_base
 from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from ttt_adapt import TTTConfig, convert
