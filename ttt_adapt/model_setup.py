@@ -63,7 +63,7 @@ def build_model(recipe: Recipe):
         )
         try:
             with warnings.catch_warnings():  # peft reads transformers' deprecated alias: not the user's to fix
-                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
                 model = get_peft_model(model, lora)
         except ValueError as e:  # e.g. a target module name the model does not have
             reason = str(e).strip().splitlines()[0]
