@@ -30,7 +30,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ttt_adapt.data import IGNORE_INDEX
+from ttt_adapt.loss import IGNORE_INDEX, causal_lm_loss_sum
 from ttt_adapt.modeling.ttt_layer import CARRY, INIT, ZERO, Segments, chunk_conv, fast_weight_scan
 
 ATTN_IMPLEMENTATION = "ttt_cp"  # sdpa without a `cp_shard`; all-gather attention with one
@@ -420,11 +420,11 @@ def loss_sum(model, local: dict, shard: CPShard | None) -> torch.Tensor:
 
     No attention mask: with restarting position_ids transformers (and the CP mask) keep packed documents apart,
     and the TTT layers restart their fast weights at each document; trailing padding is a document of its own.
+    The loss is computed in blocks of tokens (`ttt_adapt.loss`): no full logits.
     """
     extra = {} if shard is None else {"cp_shard": shard}
-    logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False, **extra).logits
-    logits = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits, local["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return causal_lm_loss_sum(model, local["labels"], input_ids=local["input_ids"],
+                              position_ids=local["position_ids"], use_cache=False, **extra)
 
 
 __all__ = ["ContextParallel", "CPShard", "prepare_model", "cp_attention", "loss_sum", "ATTN_IMPLEMENTATION"]
