@@ -399,3 +399,18 @@ def test_cli_end_to_end_then_resume_then_refuse(files, tmp_path, capsys):
     assert main([str(path), "train.resume=false", "export.overwrite=true"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "train.output_dir" in err and "train.resume=true" in err
+
+
+def test_training_attends_packed_rows_in_blocks_without_a_dense_mask(files, tmp_path, monkeypatch):
+    import ttt_adapt.attention as attention
+
+    def no_dense_mask(*args, **kwargs):
+        raise AssertionError("a dense attention mask was built for packed training rows")
+
+    calls = []
+    blocked = attention.blocked_sdpa
+    monkeypatch.setattr(attention, "sdpa_mask", no_dense_mask)
+    monkeypatch.setattr(attention, "blocked_sdpa", lambda *a, **k: calls.append(1) or blocked(*a, **k))
+    recipe = load(files, tmp_path, train={"max_steps": 1, "eval_every": 1})
+    train(recipe)
+    assert len(calls) >= 4 and "eval_loss" in metrics(recipe)[-1]  # every layer of the step and of the eval loss

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ttt_adapt import convert
+from ttt_adapt.attention import use_packed_attention
 from ttt_adapt.config import Recipe, RecipeError
 from ttt_adapt.data import IGNORE_INDEX, build_datasets
 from ttt_adapt.modeling.modeling_ttt import set_ttt_training_step, ttt_learning_rates
@@ -424,6 +425,8 @@ def train(recipe: Recipe) -> dict:
         if recipe.model.attn_implementation not in (None, "sdpa"):
             accelerator.print(f"parallel.cp_size={cp.cp_size}: attention runs as all-gather SDPA "
                               f"(model.attn_implementation={recipe.model.attn_implementation} is not used)")
+    elif recipe.model.attn_implementation in (None, "sdpa", "eager"):  # flash/flex isolate documents themselves
+        use_packed_attention(model)  # packed rows without the dense L x L mask transformers builds for these
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     fused = accelerator.device.type in ("cpu", "cuda")  # torch's one-kernel AdamW where it has one
