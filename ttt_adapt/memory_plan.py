@@ -28,12 +28,13 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 class MemoryPlan:
     """Bytes per device, by item, with the assumptions that produced them."""
 
-    items: list = field(default_factory=list)  # (name, bytes, note)
+    items: list = field(default_factory=list)  # (name, bytes, note), held through the step
+    transient: list = field(default_factory=list)  # (name, bytes, note), one at a time: the largest counts
     settings: dict = field(default_factory=dict)
 
     @property
     def total(self) -> int:
-        return int(sum(b for _, b, _ in self.items))
+        return int(sum(b for _, b, _ in self.items) + max((b for _, b, _ in self.transient), default=0))
 
     def fits(self, device_memory: float) -> bool:
         return self.total <= device_memory
@@ -42,14 +43,17 @@ class MemoryPlan:
         s = self.settings
         split = f" / cp {s['cp']}" if s["cp"] > 1 else ""
         lines = [
-            f"memory plan per device: {s['model']} ({s['parameters'] / 1e9:.2f}B parameters, "
+            f"memory plan per device: {s['model']} ({s['parameters'] / 1e6:,.1f}M parameters, "
             f"{s['trainable'] / 1e6:,.1f}M trained), {s['tokens_per_device']:,} tokens a micro-batch on each device "
             f"({s['batch_size']} x {s['seq_len']:,}{split}), {s['processes']} process(es)"
             f"{', FSDP' if s['fsdp'] else ''}, {s['compute']} compute on {s['device']}",
         ]
-        width = max(len(n) for n, _, _ in self.items)
+        width = max(len(n) for n, _, _ in self.items + self.transient) + 2
         for name, b, note in self.items:
             lines.append(f"  {name:<{width}} {b / GiB:9.2f} GiB   {note}")
+        lines.append("  the largest of (one after the other):")
+        for name, b, note in self.transient:
+            lines.append(f"    {name:<{width - 2}} {b / GiB:9.2f} GiB   {note}")
         lines.append(f"  {'total':<{width}} {self.total / GiB:9.2f} GiB")
         if device_memory is not None:
             verdict = "fits" if self.fits(device_memory) else "does NOT fit"
@@ -117,45 +121,51 @@ def plan_memory(recipe, config, processes: int = 1, fsdp: bool = False, device: 
     per_token_ttt = per_token + 6 * ab * d + 4 * d
     per_layer_mean = (per_token * (layers - ttt_layers) + per_token_ttt * ttt_layers) / layers
     if t.gradient_checkpointing:
-        # every layer's input stays; one layer at a time is recomputed, its activations and their gradients live
-        act = n * rb * d * layers + 2 * n * per_token_ttt
-        act_note = f"checkpointed: {layers} layer inputs + one layer recomputed with its gradients"
+        stored = n * rb * d * layers  # every layer's input stays
+        # one layer recomputed; its gradients take the place of the activations they consume (measured on CPU)
+        layer_peak = n * per_token_ttt
+        act_note = f"checkpointed: the {layers} layer inputs"
     else:
-        act = n * per_layer_mean * layers + n * per_token_ttt
-        act_note = f"all {layers} layers' saved tensors + one layer's gradients"
-    act += n * (rb * d * 3)  # embeddings output, final norm, gradient of the hidden states
+        stored = n * per_layer_mean * layers
+        layer_peak = n * per_token_ttt  # the gradients of the layer being differentiated
+        act_note = f"the saved tensors of all {layers} layers"
+    stored += n * rb * d * 2  # embeddings output, final norm output
     if cp > 1:  # all-gathered keys/values of the layer(s) alive at once
-        act += 2 * (L - n // t.batch_size) * t.batch_size * kvd * ab * (1 if t.gradient_checkpointing else layers)
+        stored += 2 * (L - n // t.batch_size) * t.batch_size * kvd * ab * (1 if t.gradient_checkpointing else layers)
     from ttt_adapt.attention import QUERY_BLOCK
 
-    mask = t.batch_size * min(QUERY_BLOCK, n) * L  # one query block's bool mask
-
+    layer_peak += t.batch_size * min(QUERY_BLOCK, n) * L  # one query block's bool mask
+    fast = 3 * t.batch_size * d * inter * 4 if ttt_layers else 0  # state, its gradient, a product: fp32
     head_trained = any(p.requires_grad for p in model.get_output_embeddings().parameters())
     block = min(n, max(16, BLOCK_ELEMENTS // V))
-    loss = block * V * (4 + 4 + ab) + n * d * rb + (V * d * 4 if head_trained else 0)
-    fast = 3 * t.batch_size * d * inter * 4 if ttt_layers else 0  # state, its gradient, a product: fp32
-    items = [
+    # a block's fp32 logits and logsumexp's temporary (+ a low-precision copy), the hidden states' gradient
+    loss = block * V * (8 + (ab if ab != 4 else 0)) + n * d * rb + (V * d * 4 if head_trained else 0)
+    static = [
         ("parameters", P * wb / shard, f"{P / 1e6:,.0f}M x {wb} B" + (f" / {shard} (FSDP)" if shard > 1 else "")),
         ("gradients", T * wb / shard, f"{T / 1e6:,.1f}M trained x {wb} B"),
         ("optimizer states", 2 * T * wb / shard, "AdamW: 2 states per trained parameter"),
     ]
     if shard > 1:
         biggest = max(sum(p.numel() for p in layer.parameters()) for layer in _decoder_layers(model))
-        items.append(("FSDP gathered layers", 2 * biggest * wb, "the running layer and the prefetched next one"))
+        static.append(("FSDP gathered layers", 2 * biggest * wb, "the running layer and the prefetched next one"))
     if mixed:
-        items.append(("autocast weight copies", 2 * T / shard + 2 * d * max(V, 3 * inter),
-                      "bf16 copies of trained weights (cached) + the largest frozen one"))
-    items += [
-        ("activations", act, act_note),
-        ("attention masks", mask, f"one {min(QUERY_BLOCK, n)} x {L:,} block mask (ttt_packed)"),
-        ("fast-weight states", fast, f"{ttt_layers} TTT layer(s), d x H fp32, one layer at a time"),
-        ("loss buffers", loss, f"{block} tokens x {V:,} logits a block" + (" + head gradient" if head_trained else "")),
+        static.append(("autocast weight copies", 2 * T / shard + 2 * d * max(V, 3 * inter),
+                       "bf16 copies of trained weights (cached) + the largest frozen one"))
+    static += [
+        ("activations kept", stored, act_note),
         ("runtime reserve", RUNTIME_RESERVE.get(device, 0), "CUDA context, workspaces, fragmentation"),
+    ]
+    # these come one after the other (loss, then layer by layer in backward): the largest counts
+    transient = [
+        ("loss buffers", loss, f"{block} tokens x {V:,} logits a block" + (" + head gradient" if head_trained else "")),
+        ("backward of one layer", layer_peak + fast, f"{'recomputed ' if t.gradient_checkpointing else ''}"
+         f"activations, gradients, {min(QUERY_BLOCK, n)} x {L:,} mask, fast-weight states"),
     ]
     settings = dict(model=recipe.model.name_or_path, parameters=P, trainable=T, tokens_per_device=n,
                     batch_size=t.batch_size, seq_len=L, cp=cp, processes=processes, fsdp=shard > 1,
                     compute="bf16 autocast" if mixed else recipe.model.dtype, device=device)
-    return MemoryPlan([(name, int(b), note) for name, b, note in items], settings)
+    return MemoryPlan([(name, int(b), note) for name, b, note in static],
+                      [(name, int(b), note) for name, b, note in transient], settings)
 
 
 def _decoder_layers(model):
