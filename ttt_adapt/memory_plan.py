@@ -140,10 +140,11 @@ def plan_memory(recipe, config, processes: int = 1, fsdp: bool = False, device: 
     block = min(n, max(16, BLOCK_ELEMENTS // V))
     # a block's fp32 logits and logsumexp's temporary (+ a low-precision copy), the hidden states' gradient
     loss = block * V * (8 + (ab if ab != 4 else 0)) + n * d * rb + (V * d * 4 if head_trained else 0)
+    sharded = f" / {shard} (FSDP)" if shard > 1 else ""
     static = [
-        ("parameters", P * wb / shard, f"{P / 1e6:,.0f}M x {wb} B" + (f" / {shard} (FSDP)" if shard > 1 else "")),
-        ("gradients", T * wb / shard, f"{T / 1e6:,.1f}M trained x {wb} B"),
-        ("optimizer states", 2 * T * wb / shard, "AdamW: 2 states per trained parameter"),
+        ("parameters", P * wb / shard, f"{P / 1e6:,.0f}M x {wb} B{sharded}"),
+        ("gradients", T * wb / shard, f"{T / 1e6:,.1f}M trained x {wb} B{sharded}"),
+        ("optimizer states", 2 * T * wb / shard, f"AdamW: 2 states per trained parameter{sharded}"),
     ]
     if shard > 1:
         biggest = max(sum(p.numel() for p in layer.parameters()) for layer in _decoder_layers(model))
