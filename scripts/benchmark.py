@@ -1,7 +1,9 @@
 """Benchmarks: the cost of In-Place TTT, measured (never asserted in unit tests).
 
     python scripts/benchmark.py layer [--length 16384 --chunk 512 --hidden 1024 --intermediate 3072 --repeats 3]
-    python scripts/benchmark.py train-step [--lengths 2048,4096 --repeats 3]
+    python scripts/benchmark.py train-step [--lengths 2048,4096 --repeats 3 --model mid|small --vocab 4096
+                                            --trainable full|ttt --checkpointing --variants base,ttt,ttt_plain]
+    python scripts/benchmark.py gpu [--toy]
     python scripts/benchmark.py generate [--prompt 1024 --new-tokens 128 --batches 1,8 --chunk 64]
     python scripts/benchmark.py cp [--length 4096 --ranks 2 --chunk 512 --repeats 3]
 
@@ -13,9 +15,12 @@ just before the run (inputs and parameters already allocated), which counts acti
 gradients and temporaries. Writes a JSON file and prints a table.
 
 `train-step` and `generate` use a mid-size CPU-runnable Qwen3 (hidden 512, 12 layers, MLP 1536, vocab 4096) and
-its TTT version (TTT every 6th layer: 0 and 6). `train-step`: forward + backward + AdamW step of all parameters
-on one row of L tokens; time (interleaved, median) and peak memory (fresh process, as above). `generate`: prefill
-of the prompt, then greedy decoding one token at a time with the cache (chunk-boundary updates included).
+its TTT version (TTT every 6th layer: 0 and 6); `--model small` (hidden 256, 2 layers) and `--vocab` give the
+issue-13 memory models. `train-step`: forward + backward + AdamW step as training runs it (one packed row of 4
+documents, the blocked loss, `ttt_packed` attention; `ttt_plain`: full logits and transformers' dense mask, as
+before); time (interleaved, median) and peak memory (fresh process, as above), with the memory plan's estimate.
+`generate`: prefill of the prompt, then greedy decoding one token at a time with the cache.
+`gpu`: the prepared GPU check (`bench_gpu`); `--toy` runs it at CPU size.
 
 `cp`: context parallelism (`ttt_adapt.parallel`) on that TTT model: one training step (forward + backward + AdamW)
 of a row of N x L tokens split over N gloo ranks, against L tokens on 1 rank (and N x L on 1 rank, what context
