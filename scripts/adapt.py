@@ -3,6 +3,11 @@
 
     python scripts/adapt.py RECIPE.yaml [dotted.key=value ...]
     accelerate launch scripts/adapt.py RECIPE.yaml [dotted.key=value ...]
+    python scripts/adapt.py RECIPE.yaml --plan [--device-memory 80GB] [--processes N] [--fsdp] [--device cpu]
+
+`--plan` reads the model config only (no weights, no data) and prints what one device holds during a training
+step (parameters, gradients, optimizer states, activations, fast-weight states, loss buffers) and, with
+`--device-memory`, whether it fits; `--processes`/`--fsdp` describe the launch (FSDP shards over all processes).
 
 Overrides take YAML values: `ttt.layers=[0,2] train.max_steps=3 train.lora.r=8`. Relative paths in the recipe
 are relative to the current directory. Rerunning the same command resumes from the last checkpoint.
@@ -34,7 +39,11 @@ def main(argv: list[str]) -> int:
 
     main_process = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`: one line, not one per process
     try:
+        plan, argv = _plan_options(argv)
         recipe = load_recipe(argv[0], argv[1:])
+        if plan is not None:
+            print(_plan(recipe, **plan))
+            return 0
         from ttt_adapt.train import train
 
         train(recipe)
@@ -50,6 +59,57 @@ def main(argv: list[str]) -> int:
         print("adapt.py: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     return 0
+
+
+def _plan_options(argv):
+    """Split `--plan` and its options off the arguments; (None, argv) without `--plan`."""
+    from ttt_adapt.config import RecipeError
+
+    rest, opts, i, plan = [], {"device_memory": None, "processes": 1, "fsdp": False, "device": "cuda"}, 0, False
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--plan", "--fsdp"):
+            plan |= a == "--plan"
+            opts["fsdp"] |= a == "--fsdp"
+        elif a in ("--device-memory", "--processes", "--device"):
+            if i + 1 == len(argv):
+                raise RecipeError(f"{a} needs a value")
+            opts[a[2:].replace("-", "_")] = argv[i + 1]
+            i += 1
+        else:
+            rest.append(a)
+        i += 1
+    if not plan:
+        if any(v != d for v, d in zip(opts.values(), (None, 1, False, "cuda"))):
+            raise RecipeError("--device-memory, --processes, --fsdp and --device go with --plan")
+        return None, argv
+    from ttt_adapt.memory_plan import parse_size
+
+    try:
+        opts["processes"] = int(opts["processes"])
+        opts["device_memory"] = None if opts["device_memory"] is None else parse_size(opts["device_memory"])
+    except ValueError as e:
+        raise RecipeError(f"--plan: {e}") from None
+    if opts["processes"] < 1 or opts["device"] not in ("cuda", "cpu"):
+        raise RecipeError("--plan: --processes must be >= 1 and --device cuda or cpu")
+    return opts, rest
+
+
+def _plan(recipe, device_memory, processes, fsdp, device) -> str:
+    from transformers import AutoConfig
+
+    from ttt_adapt.config import RecipeError
+    from ttt_adapt.memory_plan import plan_memory
+
+    name = recipe.model.name_or_path
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as e:  # OSError, hub errors: all mean "no config here"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RecipeError(f"model.name_or_path: cannot load a model config from {name!r}: {reason}") from None
+    if processes % recipe.parallel.cp_size:
+        raise RecipeError(f"--processes {processes} is not a multiple of parallel.cp_size {recipe.parallel.cp_size}")
+    return plan_memory(recipe, config, processes=processes, fsdp=fsdp, device=device).format(device_memory)
 
 
 if __name__ == "__main__":

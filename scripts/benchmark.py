@@ -1,7 +1,9 @@
 """Benchmarks: the cost of In-Place TTT, measured (never asserted in unit tests).
 
     python scripts/benchmark.py layer [--length 16384 --chunk 512 --hidden 1024 --intermediate 3072 --repeats 3]
-    python scripts/benchmark.py train-step [--lengths 2048,4096 --repeats 3]
+    python scripts/benchmark.py train-step [--lengths 2048,4096 --repeats 3 --model mid|small --vocab 4096
+                                            --trainable full|ttt --checkpointing --variants base,ttt,ttt_plain]
+    python scripts/benchmark.py gpu [--toy]
     python scripts/benchmark.py generate [--prompt 1024 --new-tokens 128 --batches 1,8 --chunk 64]
     python scripts/benchmark.py cp [--length 4096 --ranks 2 --chunk 512 --repeats 3]
 
@@ -13,9 +15,12 @@ just before the run (inputs and parameters already allocated), which counts acti
 gradients and temporaries. Writes a JSON file and prints a table.
 
 `train-step` and `generate` use a mid-size CPU-runnable Qwen3 (hidden 512, 12 layers, MLP 1536, vocab 4096) and
-its TTT version (TTT every 6th layer: 0 and 6). `train-step`: forward + backward + AdamW step of all parameters
-on one row of L tokens; time (interleaved, median) and peak memory (fresh process, as above). `generate`: prefill
-of the prompt, then greedy decoding one token at a time with the cache (chunk-boundary updates included).
+its TTT version (TTT every 6th layer: 0 and 6); `--model small` (hidden 256, 2 layers) and `--vocab` give the
+issue-13 memory models. `train-step`: forward + backward + AdamW step as training runs it (one packed row of 4
+documents, the blocked loss, `ttt_packed` attention; `ttt_plain`: full logits and transformers' dense mask, as
+before); time (interleaved, median) and peak memory (fresh process, as above), with the memory plan's estimate.
+`generate`: prefill of the prompt, then greedy decoding one token at a time with the cache.
+`gpu`: the prepared GPU check (`bench_gpu`); `--toy` runs it at CPU size.
 
 `cp`: context parallelism (`ttt_adapt.parallel`) on that TTT model: one training step (forward + backward + AdamW)
 of a row of N x L tokens split over N gloo ranks, against L tokens on 1 rank (and N x L on 1 rank, what context
@@ -37,10 +42,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from ttt_adapt.compat import enable_activation_checkpointing  # noqa: E402
 from ttt_adapt.modeling.configuration_ttt import TTTConfig  # noqa: E402
 from ttt_adapt.modeling.ttt_layer import TTTMLP  # noqa: E402
 
 VARIANTS = ("plain", "ttt", "published", "loop")
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def make_mlp(d, H, chunk, seed=0):
@@ -156,14 +163,22 @@ def bench_layer(args):
     return result
 
 
-def make_lm(ttt: bool, chunk: int, seed: int = 0):
+SIZES = {  # mid: the 12-layer CPU model; small: the issue-13 memory model (hidden 256, 2 layers, untied head)
+    "mid": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
+                num_key_value_heads=4, head_dim=64),
+    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64),
+}
+STEP_VARIANTS = ("base", "ttt", "ttt_plain")  # ttt_plain: full logits + transformers' dense packed mask (before)
+
+
+def make_lm(ttt: bool, chunk: int, seed: int = 0, size: str = "mid", vocab: int = 4096):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from ttt_adapt import convert
 
     torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
-                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=32768)
+    config = Qwen3Config(vocab_size=vocab, max_position_embeddings=131072, tie_word_embeddings=False, **SIZES[size])
     model = Qwen3ForCausalLM(config)
     if ttt:
         model = convert(model, TTTConfig(chunk_size=chunk))  # every 6th layer: 0 and 6
@@ -173,51 +188,114 @@ def make_lm(ttt: bool, chunk: int, seed: int = 0):
     return model
 
 
-def train_step(model, optimizer, ids):
-    optimizer.zero_grad(set_to_none=True)
-    model(ids, labels=ids, use_cache=False).loss.backward()
-    optimizer.step()
+def make_step(variant, args):
+    """(model, optimizer, step(length)) of one training step as `scripts/adapt.py` runs it: packed rows of 4
+    documents, `parallel.loss_sum` (blocked loss) and `ttt_packed` attention; `ttt_plain` as before issue 13."""
+    from ttt_adapt.attention import use_packed_attention
+    from ttt_adapt.loss import causal_lm_loss_sum
+
+    model = make_lm(variant != "base", args.chunk, size=args.model, vocab=args.vocab).train()
+    layers = range(0, model.config.num_hidden_layers, 6)
+    for name, p in model.named_parameters():  # `ttt` for the base: the MLPs of the layers TTT would convert
+        p.requires_grad_(args.trainable == "full" or (".mlp.ttt." in name if variant != "base" else
+                                                      any(f"layers.{i}.mlp." in name for i in layers)))
+    if args.checkpointing:
+        enable_activation_checkpointing(model)
+    if variant != "ttt_plain":
+        use_packed_attention(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+
+    def step(length):
+        ids = torch.randint(0, args.vocab, (1, length), generator=g)
+        pos = torch.arange(length) % max(1, length // 4)  # 4 packed documents
+        labels = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], 1)
+        optimizer.zero_grad(set_to_none=True)
+        if variant == "ttt_plain":
+            logits = model(input_ids=ids, position_ids=pos[None], use_cache=False).logits.float()
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        else:
+            loss = causal_lm_loss_sum(model, labels, input_ids=ids, position_ids=pos[None], use_cache=False)
+        loss.backward()
+        optimizer.step()
+
+    return model, optimizer, step
+
+
+def plan_mib(args, length) -> float:
+    """What `scripts/adapt.py RECIPE --plan --device cpu` estimates for this step (MiB)."""
+    import tempfile
+
+    from transformers import Qwen3Config
+
+    from ttt_adapt.config import load_recipe
+    from ttt_adapt.memory_plan import plan_memory
+
+    config = Qwen3Config(vocab_size=args.vocab, max_position_embeddings=131072, tie_word_embeddings=False,
+                         **SIZES[args.model])
+    with tempfile.TemporaryDirectory() as folder:
+        config.save_pretrained(folder)
+        recipe = load_recipe(os.path.join(REPO, "recipes", "tiny_qwen3.yaml"), [
+            f"model.name_or_path={folder}", f"data.seq_len={length}", "train.batch_size=1",
+            f"train.trainable={args.trainable}", f"train.gradient_checkpointing={str(args.checkpointing).lower()}",
+            f"ttt.layers={list(range(0, config.num_hidden_layers, 6))}", f"ttt.chunk_size={args.chunk}",
+        ])
+        return plan_memory(recipe, config, device="cpu").total / 2**20
 
 
 def measure_step_memory(args):
-    model = make_lm(args.variant == "ttt", args.chunk).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, 4096, (1, args.length))
-    train_step(model, optimizer, ids[:, :64])  # optimizer state allocated before measuring
+    """MiB: the rise of the peak resident set in one step (`peak_mib`) and over the process after imports
+    (`total_mib`: parameters, optimizer states and the step together, what `--plan` estimates)."""
+    start = _rss_kib("VmRSS")
+    _, _, step = make_step(args.variant, args)
+    step(min(args.length, 2 * args.chunk))  # optimizer state allocated before measuring
     before = _rss_kib("VmRSS")
-    train_step(model, optimizer, ids)
-    print(json.dumps({"peak_mib": (_rss_kib("VmHWM") - before) / 1024}))
+    step(args.length)
+    peak = _rss_kib("VmHWM")
+    print(json.dumps({"peak_mib": (peak - before) / 1024, "total_mib": (peak - start) / 1024}))
 
 
 def bench_train_step(args):
     rows = []
-    models = {v: make_lm(v == "ttt", args.chunk).train() for v in ("base", "ttt")}
-    optims = {v: torch.optim.AdamW(m.parameters(), lr=1e-4) for v, m in models.items()}
+    variants = args.variants
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
     for L in args.lengths:
-        ids = torch.randint(0, 4096, (1, L))
-        times = {v: [] for v in models}
-        for v in models:
-            train_step(models[v], optims[v], ids)  # warm-up
+        row = {"tokens": L}
+        steps = {v: make_step(v, args)[2] for v in variants} if args.repeats else {}
+        times = {v: [] for v in steps}
+        for v in steps:
+            steps[v](L)  # warm-up
         for _ in range(args.repeats):
-            for v in models:
+            for v in steps:
                 t0 = time.perf_counter()
-                train_step(models[v], optims[v], ids)
+                steps[v](L)
                 times[v].append(time.perf_counter() - t0)
-        mem = {}
-        for v in models:
-            cmd = [sys.executable, __file__, "_memory_step", "--variant", v, "--length", str(L), "--chunk", str(args.chunk)]
+        del steps
+        for v in variants:
+            if times.get(v):
+                row[f"{v}_tok_s"] = L / statistics.median(times[v])
+            cmd = [sys.executable, __file__, "_memory_step", "--variant", v, "--length", str(L), "--chunk",
+                   str(args.chunk), "--model", args.model, "--vocab", str(args.vocab), "--trainable", args.trainable]
+            cmd += ["--checkpointing"] if args.checkpointing else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
-            mem[v] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
-        tb, tt = statistics.median(times["base"]), statistics.median(times["ttt"])
-        rows.append({"tokens": L, "base_tok_s": L / tb, "ttt_tok_s": L / tt, "time_ratio": tt / tb,
-                     "base_peak_mib": mem["base"], "ttt_peak_mib": mem["ttt"], "memory_ratio": mem["ttt"] / mem["base"]})
-    print(f"train step (fwd+bwd+AdamW), Qwen3 hidden 512 x 12 layers, TTT layers 0,6 chunk {args.chunk}, fp32 CPU")
-    print(f"{'tokens':>7} {'base tok/s':>10} {'ttt tok/s':>10} {'time x':>7} {'base MiB':>9} {'ttt MiB':>8} {'mem x':>6}")
+            mem = json.loads(out.strip().splitlines()[-1])
+            row[f"{v}_peak_mib"], row[f"{v}_total_mib"] = mem["peak_mib"], mem["total_mib"]
+            if v == "ttt":
+                row["ttt_plan_mib"] = plan_mib(args, L)
+        rows.append(row)
+    print(f"train step (fwd+bwd+AdamW), Qwen3 {args.model} vocab {args.vocab}, trainable {args.trainable}"
+          f"{', checkpointing' if args.checkpointing else ''}, TTT every 6th layer chunk {args.chunk}, fp32 CPU")
+    head = "".join(f" {v + ' tok/s':>15} {v + ' step MiB':>18} {v + ' total MiB':>19}" for v in variants)
+    print(f"{'tokens':>7}{head}")
     for r in rows:
-        print(f"{r['tokens']:>7} {r['base_tok_s']:10.0f} {r['ttt_tok_s']:10.0f} {r['time_ratio']:7.2f} "
-              f"{r['base_peak_mib']:9.0f} {r['ttt_peak_mib']:8.0f} {r['memory_ratio']:6.2f}")
-    return {"benchmark": "train-step", "machine": machine(), "rows": rows}
+        print(f"{r['tokens']:>7}" + "".join(
+            f" {r.get(f'{v}_tok_s', float('nan')):15.0f} {r[f'{v}_peak_mib']:18.0f} {r[f'{v}_total_mib']:19.0f}"
+            for v in variants))
+    if "ttt" in variants:
+        print("memory plan (--plan --device cpu) vs measured total, ttt: " + ", ".join(
+            f"{r['tokens']}: {r['ttt_plan_mib']:.0f} vs {r['ttt_total_mib']:.0f} MiB "
+            f"({100 * (r['ttt_plan_mib'] / r['ttt_total_mib'] - 1):+.0f}%)" for r in rows))
+    return {"benchmark": "train-step", "machine": machine(), "settings": vars(args) | {"func": None}, "rows": rows}
 
 
 @torch.no_grad()
@@ -343,6 +421,180 @@ def bench_cp(args):
     return {"benchmark": "cp", "machine": machine(), "settings": vars(args) | {"func": None}, "rows": rows}
 
 
+GPU_SIZES = {  # Qwen3-0.6B's shape; toy: the same code at CPU-test size
+    "full": dict(model=dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                            num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+                 tokens=32768, chunk=4096, chunks=(1024, 4096), prompt=2048, new_tokens=64, decode_chunk=256),
+    "toy": dict(model=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=7,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+                tokens=256, chunk=64, chunks=(32, 64), prompt=24, new_tokens=6, decode_chunk=8),
+}
+
+
+def bench_gpu(args):
+    """The prepared GPU check (issue 13): random-initialised Qwen3-shaped models, bf16 autocast over fp32 weights.
+
+    Needs only torch, transformers, accelerate and peft (no `datasets`: ttt_adapt.parallel/data/train are not
+    imported). `--toy` runs every part at CPU size, so the unit tests keep it working.
+    """
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from ttt_adapt import convert
+    from ttt_adapt.attention import use_packed_attention
+    from ttt_adapt.loss import causal_lm_loss_sum, linear_cross_entropy
+
+    size = GPU_SIZES["toy" if args.toy else "full"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    amp = torch.bfloat16 if cuda else torch.float32  # CPU bf16 autocast is slow and proves nothing here
+    result = {"benchmark": "gpu", "machine": machine() | {"device": torch.cuda.get_device_name() if cuda else "cpu"},
+              "toy": args.toy, "dtype": str(amp)}
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def peak_reset():
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib():
+        return torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+
+    def lm(ttt, chunk, seed=0):
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(Qwen3Config(max_position_embeddings=131072, **size["model"]))
+        if ttt:
+            model = convert(model, TTTConfig(chunk_size=chunk))  # every 6th layer
+            with torch.no_grad():
+                for m in model.ttt_modules().values():
+                    m.ttt.conv.weight.normal_(0, 0.02)
+        return model.to(device)
+
+    # (1) one training step at `tokens` with gradient checkpointing, every weight trained, AdamW
+    L = size["tokens"]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, size["model"]["vocab_size"], (1, L), generator=g).to(device)
+    pos = (torch.arange(L) % (L // 4)).to(device)[None]  # 4 packed documents
+    labels = torch.cat([ids[:, 1:], torch.full((1, 1), -100, device=device)], 1)
+    rows = []
+    for variant in ("base", "ttt"):
+        model = lm(variant == "ttt", size["chunk"]).train()
+        enable_activation_checkpointing(model)
+        use_packed_attention(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp, enabled=cuda):
+                loss = causal_lm_loss_sum(model, labels, input_ids=ids, position_ids=pos, use_cache=False)
+            loss.backward()
+            optimizer.step()
+            return loss.item()
+
+        step()  # warm-up (optimizer states allocated)
+        peak_reset()
+        times = []
+        for _ in range(args.repeats):
+            sync()
+            t0 = time.perf_counter()
+            loss = step()
+            sync()
+            times.append(time.perf_counter() - t0)
+        rows.append({"variant": variant, "tokens": L, "tok_s": L / statistics.median(times), "peak_gib": peak_gib(),
+                     "loss_per_token": loss / L})
+        del model, optimizer
+    result["train_step"] = rows
+
+    # (2) the TTT MLP forward+backward vs the plain MLP and the published materialise-then-cumsum algorithm
+    d, H = size["model"]["hidden_size"], size["model"]["intermediate_size"]
+    mlp_rows = []
+    for C in size["chunks"]:
+        base, mlp = make_mlp(d, H, C)
+        base, mlp = base.to(device), mlp.to(device)
+        x = torch.randn(1, L, d, device=device, requires_grad=True)
+        w = torch.randn(1, L, d, device=device)
+        for variant in ("plain", "ttt", "published"):
+            def once():
+                with torch.autocast(device.type, dtype=amp, enabled=cuda):
+                    run_once(variant, base, mlp, x, w, C)
+            once()
+            peak_reset()
+            times = []
+            for _ in range(args.repeats):
+                sync()
+                t0 = time.perf_counter()
+                once()
+                sync()
+                times.append(time.perf_counter() - t0)
+            mlp_rows.append({"chunk": C, "variant": variant, "ms": 1000 * statistics.median(times),
+                             "peak_gib": peak_gib()})
+    result["mlp"] = mlp_rows
+
+    # (3) greedy generate() with the cache == greedy by full forwards (fp32: bf16 rounding could flip a near-tie);
+    # decode ms/token against the base (bf16 autocast)
+    P, N = size["prompt"], size["new_tokens"]
+    prompt = torch.randint(0, size["model"]["vocab_size"], (1, P), generator=g).to(device)
+    gen = {}
+    for variant in ("base", "ttt"):
+        model = lm(variant == "ttt", size["decode_chunk"]).eval()
+        with torch.no_grad():
+            cached = model.generate(prompt, max_new_tokens=N, do_sample=False, min_new_tokens=N)[0, P:]
+            seq = prompt
+            for _ in range(N):
+                seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+            with torch.autocast(device.type, dtype=amp, enabled=cuda):
+                model.generate(prompt, max_new_tokens=4, do_sample=False)  # warm-up
+                sync()
+                t0 = time.perf_counter()
+                model.generate(prompt, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+                sync()
+                t1 = time.perf_counter()
+                model.generate(prompt, max_new_tokens=N, min_new_tokens=N, do_sample=False)
+                sync()
+                t2 = time.perf_counter()
+        gen[variant] = {"equal_to_full_forwards": bool(torch.equal(cached, seq[0, P:])),
+                        "matching_tokens": int((cached == seq[0, P:]).sum()), "new_tokens": N,
+                        "decode_ms_per_token": 1000 * ((t2 - t1) - (t1 - t0)) / max(1, N - 1)}
+        del model
+    result["generate"] = gen
+
+    # (4) Liger-Kernel's fused linear cross-entropy against ours, where it is installed (CUDA)
+    from ttt_adapt.loss import _liger
+
+    liger = {"available": cuda and _liger() is not None}
+    if liger["available"]:
+        V = size["model"]["vocab_size"]
+        hidden = torch.randn(L, d, device=device, dtype=amp, requires_grad=True)
+        weight = (torch.randn(V, d, device=device) * 0.02).requires_grad_(True)
+        tgt = torch.randint(0, V, (L,), device=device)
+        for backend in ("torch", "auto"):
+            peak_reset()
+            sync()
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=amp):
+                loss = linear_cross_entropy(hidden, weight, tgt, backend=backend)
+            loss.backward()
+            sync()
+            liger["ours" if backend == "torch" else "liger"] = {"loss": float(loss), "ms": 1000 * (time.perf_counter() - t0),
+                                                                 "peak_gib": peak_gib()}
+            hidden.grad = weight.grad = None
+    result["liger"] = liger
+
+    print(f"gpu check on {result['machine']['device']} ({'toy sizes' if args.toy else 'Qwen3-0.6B shape'}), {amp}")
+    print(f"(1) train step, {L} tokens, checkpointing:  " + "  ".join(
+        f"{r['variant']}: {r['tok_s']:,.0f} tok/s, peak {r['peak_gib']:.2f} GiB" for r in rows))
+    print(f"(2) MLP fwd+bwd, {L} tokens:  " + "  ".join(
+        f"chunk {r['chunk']} {r['variant']}: {r['ms']:.1f} ms / {r['peak_gib']:.2f} GiB" for r in mlp_rows))
+    print("(3) generate:  " + "  ".join(
+        f"{v}: cached == full forwards {r['equal_to_full_forwards']} ({r['matching_tokens']}/{N}), "
+        f"{r['decode_ms_per_token']:.2f} ms/token" for v, r in gen.items()))
+    print("(4) liger: " + (json.dumps({k: v for k, v in liger.items() if k != "available"}) if liger["available"]
+                           else "not installed (or no CUDA): skipped"))
+    return result
+
+
 def machine():
     return {
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -362,15 +614,19 @@ def main(argv=None):
         p.add_argument("--repeats", type=int, default=3)
         p.add_argument("--out", default="exports/benchmark_layer.json")
         p.add_argument("--variant", choices=VARIANTS, default="ttt")
-    p = sub.add_parser("train-step")
-    p.add_argument("--lengths", type=_ints, default=[2048, 4096])
-    p.add_argument("--chunk", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="exports/benchmark_train_step.json")
-    p = sub.add_parser("_memory_step")
-    p.add_argument("--variant", choices=("base", "ttt"), required=True)
-    p.add_argument("--length", type=int, required=True)
-    p.add_argument("--chunk", type=int, default=512)
+    for name in ("train-step", "_memory_step"):
+        p = sub.add_parser(name)
+        p.add_argument("--lengths", type=_ints, default=[2048, 4096])
+        p.add_argument("--length", type=int, default=4096)
+        p.add_argument("--variant", choices=STEP_VARIANTS, default="ttt")
+        p.add_argument("--variants", type=_names(STEP_VARIANTS), default=["base", "ttt"])
+        p.add_argument("--model", choices=tuple(SIZES), default="mid")
+        p.add_argument("--vocab", type=int, default=4096)
+        p.add_argument("--trainable", choices=("full", "ttt"), default="full")
+        p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+        p.add_argument("--chunk", type=int, default=512)
+        p.add_argument("--repeats", type=int, default=3, help="timed steps per variant (0: memory only)")
+        p.add_argument("--out", default="exports/benchmark_train_step.json")
     p = sub.add_parser("generate")
     p.add_argument("--prompt", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -378,6 +634,10 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="exports/benchmark_generate.json")
+    p = sub.add_parser("gpu", help="the prepared GPU check (one GPU, <= 8 minutes)")
+    p.add_argument("--toy", action="store_true", help="CPU-test sizes")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", default="exports/benchmark_gpu.json")
     for name in ("cp", "_cp_rank"):
         p = sub.add_parser(name)
         p.add_argument("--length", type=int, default=4096, help="tokens per rank")
@@ -405,12 +665,24 @@ def main(argv=None):
         result = bench_train_step(args)
     elif args.command == "cp":
         result = bench_cp(args)
+    elif args.command == "gpu":
+        result = bench_gpu(args)
     else:
         result = bench_generate(args)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2, default=str)
     print(f"wrote {args.out}")
+
+
+def _names(choices):
+    def parse(text):
+        names = text.split(",")
+        if not names or any(n not in choices for n in names):
+            raise argparse.ArgumentTypeError(f"expected names from {', '.join(choices)}, got {text!r}")
+        return names
+
+    return parse
 
 
 def _ints(text):

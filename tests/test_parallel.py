@@ -121,7 +121,8 @@ def _run_cases(rank, world, port, names):
             loss = F.cross_entropy(logits.flatten(0, 1), local["labels"].flatten(), ignore_index=IGNORE,
                                    reduction="sum")
             loss.backward()
-            assert torch.allclose(loss_sum(model, local, shard).detach(), loss.detach(), rtol=0, atol=0), name
+            # the blocked loss (ttt_adapt.loss) sums in another order than F.cross_entropy: equal to rounding
+            torch.testing.assert_close(loss_sum(model, local, shard).detach(), loss.detach(), rtol=1e-12, atol=0)
             full = cp.gather_sequence(logits.detach(), batch["input_ids"].shape[1])
             total = loss.detach().clone()
             dist.all_reduce(total)

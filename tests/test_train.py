@@ -582,3 +582,17 @@ def test_every_process_stops_at_the_same_step_when_one_gets_the_signal(files, tm
     assert [p.name for p in run.iterdir() if p.is_dir()] == ["checkpoint-3"]
     assert json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())["step"] == 3
     assert [m["step"] for m in strict_metrics(run)] == [1, 2, 3]
+
+def test_training_attends_packed_rows_in_blocks_without_a_dense_mask(files, tmp_path, monkeypatch):
+    import ttt_adapt.attention as attention
+
+    def no_dense_mask(*args, **kwargs):
+        raise AssertionError("a dense attention mask was built for packed training rows")
+
+    calls = []
+    blocked = attention.blocked_sdpa
+    monkeypatch.setattr(attention, "sdpa_mask", no_dense_mask)
+    monkeypatch.setattr(attention, "blocked_sdpa", lambda *a, **k: calls.append(1) or blocked(*a, **k))
+    recipe = load(files, tmp_path, train={"max_steps": 1, "eval_every": 1})
+    train(recipe)
+    assert len(calls) >= 4 and "eval_loss" in metrics(recipe)[-1]  # every layer of the step and of the eval loss

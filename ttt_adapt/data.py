@@ -27,7 +27,8 @@ from datasets import Dataset, Features, IterableDataset, List, Value, load_datas
 from datasets.exceptions import DatasetNotFoundError
 from datasets.fingerprint import Hasher
 
-IGNORE_INDEX = -100
+from ttt_adapt.loss import IGNORE_INDEX  # the label the loss skips
+
 ROW_FEATURES = Features(
     {name: List(Value("int32")) for name in ("input_ids", "position_ids", "labels", "attention_mask")}
 )

@@ -25,15 +25,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface
 
-from ttt_adapt.data import IGNORE_INDEX
+from ttt_adapt.attention import blocked_sdpa, document_layout, packed_attention, packed_mask, query_blocks
+from ttt_adapt.loss import IGNORE_INDEX, causal_lm_loss_sum
 from ttt_adapt.modeling.ttt_layer import CARRY, INIT, ZERO, Segments, chunk_conv, fast_weight_scan
 
-ATTN_IMPLEMENTATION = "ttt_cp"  # sdpa without a `cp_shard`; all-gather attention with one
+ATTN_IMPLEMENTATION = "ttt_cp"  # `ttt_packed` without a `cp_shard`; all-gather attention with one
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -145,13 +144,9 @@ class CPShard:
         self.batch_size, self.length = B, L
         self.local_length = L // size
         self.lo, self.hi = rank * self.local_length, (rank + 1) * self.local_length
-        pos = position_ids.cpu()
-        doc_start = torch.ones(B, L, dtype=torch.bool)
-        doc_start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1  # the rule of TTTContext and transformers' packing
-        self.doc_start = doc_start
-        self._doc_id = torch.cumsum(doc_start.long(), 1)
-        ar = torch.arange(L).expand(B, L)
-        self._doc_start_index = torch.cummax(torch.where(doc_start, ar, torch.zeros_like(ar)), 1).values
+        # the packing rule of TTTContext and transformers: a document starts where positions do not go on by 1
+        self._doc_id, self._doc_start_index = document_layout(position_ids.cpu())
+        self.doc_start = self._doc_start_index == torch.arange(L)
         self._blocks, self._doc_ids = {}, {}
         self._plans = {}
 
@@ -163,33 +158,17 @@ class CPShard:
             raise ValueError("context parallelism is for training and scoring: call the model with use_cache=False")
 
     def attention_blocks(self, sliding_window) -> list:
-        """Local queries in blocks of `query_block`: [(q_start, q_end, k_start, k_end)], local query and global key
-        ranges. A block's keys run from the earliest one any of its queries can see (the start of the document
-        still open at its first query, or the sliding window's reach) to its last query: causality skips the rest."""
+        """Local queries in blocks of `query_block` (`ttt_adapt.attention.query_blocks`, global key ranges)."""
         if sliding_window not in self._blocks:
-            blocks = []
-            for qs in range(0, self.local_length, self.query_block):
-                qe = min(qs + self.query_block, self.local_length)
-                k_start = int(self._doc_start_index[:, self.lo + qs].min())
-                if sliding_window is not None:
-                    k_start = max(k_start, self.lo + qs - sliding_window + 1)
-                blocks.append((qs, qe, k_start, self.lo + qe))
-            self._blocks[sliding_window] = blocks
+            self._blocks[sliding_window] = query_blocks(self._doc_start_index, self.lo, self.local_length,
+                                                        self.query_block, sliding_window)
         return self._blocks[sliding_window]
 
-    def block_mask(self, block, sliding_window, device) -> torch.Tensor:
-        """(B, 1, q, k) bool for one of `attention_blocks`: same document, key <= query, within the window."""
-        qs, qe, ks, ke = block
+    def doc_ids(self, device) -> torch.Tensor:
+        """(B, L) document number of every global token, on `device`."""
         if str(device) not in self._doc_ids:
             self._doc_ids[str(device)] = self._doc_id.to(device)
-        doc = self._doc_ids[str(device)]
-        q = torch.arange(self.lo + qs, self.lo + qe, device=device)[:, None]
-        k = torch.arange(ks, ke, device=device)[None, :]
-        allowed = k <= q
-        if sliding_window is not None:
-            allowed &= k > q - sliding_window
-        same_doc = doc[:, self.lo + qs : self.lo + qe, None] == doc[:, None, ks:ke]
-        return (allowed & same_doc).unsqueeze(1)
+        return self._doc_ids[str(device)]
 
     def plan(self, chunk_size, kernel_size) -> _TTTPlan:
         key = (chunk_size, kernel_size)
@@ -378,10 +357,11 @@ def _ttt_forward(shard: CPShard, mlp, x, h, t):
 
 def cp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
                  cp_shard=None, **kwargs):
-    """transformers attention function `ttt_cp`: SDPA, with keys/values all-gathered across the CP group."""
+    """transformers attention function `ttt_cp`: blocked SDPA over keys/values all-gathered across the CP group;
+    without a `cp_shard`, `ttt_adapt.attention.packed_attention`."""
     if cp_shard is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return packed_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                sliding_window=sliding_window, **kwargs)
     if dropout:
         raise ValueError("context parallelism cannot apply attention dropout exactly: set attention_dropout to 0")
     blocks = cp_shard.attention_blocks(sliding_window)
@@ -390,18 +370,9 @@ def cp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
     Ls = cp_shard.local_length
     first_shard = min(ks for _, _, ks, _ in blocks) // Ls
     kv = torch.cat(kv.unbind(0)[first_shard : cp_shard.rank + 1], dim=3)
-    offset = first_shard * Ls
-    outs = []
-    for block in blocks:  # the same number of blocks on every rank
-        qs, qe, ks, ke = block
-        mask = cp_shard.block_mask(block, sliding_window, query.device)
-        # SDPA's own grouped-query support: the gathered keys/values are not repeated per query head
-        outs.append(F.scaled_dot_product_attention(
-            query[:, :, qs:qe], kv[0, :, :, ks - offset : ke - offset], kv[1, :, :, ks - offset : ke - offset],
-            attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != kv.shape[2],
-        ))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    return out.transpose(1, 2).contiguous(), None
+    out = blocked_sdpa(query, kv[0], kv[1], cp_shard.doc_ids(query.device), cp_shard.lo, blocks,
+                       key_offset=first_shard * Ls, sliding_window=sliding_window, scaling=scaling)
+    return out, None
 
 
 _REGISTERED = False
@@ -411,7 +382,7 @@ def _register():
     global _REGISTERED
     if not _REGISTERED:
         AttentionInterface.register(ATTN_IMPLEMENTATION, cp_attention)
-        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, packed_mask)  # no L x L mask, local or global
         _REGISTERED = True
 
 
@@ -420,11 +391,11 @@ def loss_sum(model, local: dict, shard: CPShard | None) -> torch.Tensor:
 
     No attention mask: with restarting position_ids transformers (and the CP mask) keep packed documents apart,
     and the TTT layers restart their fast weights at each document; trailing padding is a document of its own.
+    The loss is computed in blocks of tokens (`ttt_adapt.loss`): no full logits.
     """
     extra = {} if shard is None else {"cp_shard": shard}
-    logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False, **extra).logits
-    logits = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits, local["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return causal_lm_loss_sum(model, local["labels"], input_ids=local["input_ids"],
+                              position_ids=local["position_ids"], use_cache=False, **extra)
 
 
 __all__ = ["ContextParallel", "CPShard", "prepare_model", "cp_attention", "loss_sum", "ATTN_IMPLEMENTATION"]

@@ -37,6 +37,7 @@ from datasets.exceptions import DatasetGenerationError
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
+from ttt_adapt.attention import use_packed_attention
 from ttt_adapt.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from ttt_adapt.config import Recipe, RecipeError
 from ttt_adapt.data import IGNORE_INDEX, build_datasets
@@ -352,6 +353,8 @@ def set_up(recipe: Recipe) -> Run:
         if recipe.model.attn_implementation not in (None, "sdpa"):
             accelerator.print(f"parallel.cp_size={cp.cp_size}: attention runs as all-gather SDPA "
                               f"(model.attn_implementation={recipe.model.attn_implementation} is not used)")
+    elif recipe.model.attn_implementation in (None, "sdpa", "eager"):  # flash/flex isolate documents themselves
+        use_packed_attention(model)  # packed rows without the dense L x L mask transformers builds for these
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     fused = accelerator.device.type in ("cpu", "cuda")  # torch's one-kernel AdamW where it has one
