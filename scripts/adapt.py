@@ -5,8 +5,12 @@
     accelerate launch scripts/adapt.py RECIPE.yaml [dotted.key=value ...]
 
 Overrides take YAML values: `ttt.layers=[0,2] train.max_steps=3 train.lora.r=8`. Relative paths in the recipe
-are relative to the current directory. Rerunning the same command resumes from the last checkpoint. A bad
-recipe, override or run folder prints one line and exits 2.
+are relative to the current directory. Rerunning the same command resumes from the last checkpoint.
+
+Exit status: 0 done; 2 a bad recipe, override or run folder (one line, before any work); 3 training diverged
+(a non-finite loss or gradient norm; one line naming the step and the last good checkpoint); 75 stopped by
+a signal in `train.preempt_signals` (default SIGTERM, SIGINT) after checkpointing the step in flight: rerun
+the same command to resume; 130 interrupted (Ctrl-C) before training started.
 
 Several processes on a CPU-only machine (gloo): `accelerate launch --multi_gpu --num_processes 2 scripts/adapt.py ...`
 One sequence split over N processes (context parallelism, exact): add `parallel.cp_size=N`.
@@ -26,16 +30,22 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip() if argv else USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     from ttt_adapt.config import RecipeError, load_recipe
+    from ttt_adapt.stopping import Preempted, TrainingStopped
 
+    main_process = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`: one line, not one per process
     try:
         recipe = load_recipe(argv[0], argv[1:])
         from ttt_adapt.train import train
 
         train(recipe)
     except RecipeError as e:
-        if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, one line in all, not one per process
+        if main_process:
             print(f"adapt.py: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        if main_process:
+            print(f"adapt.py: {'' if isinstance(e, Preempted) else 'error: '}{e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("adapt.py: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130

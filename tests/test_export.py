@@ -24,7 +24,8 @@ from test_train import make_tiny_files, recipe_dict, write_recipe
 import ttt_adapt.export as export_module
 from ttt_adapt.config import load_recipe
 from ttt_adapt.export import ExportError, export_model, render_model_card
-from ttt_adapt.train import build_model, train
+from ttt_adapt.model_setup import build_model
+from ttt_adapt.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "hf_export_test_SeCrEtToKeN_0123456789"
@@ -227,6 +228,19 @@ def test_export_is_atomic_and_refuses_to_overwrite(runs, exports, tmp_path, monk
     export_model(run, out, dtype="float32", overwrite=True)
     assert {p.name for p in out.iterdir()} == {p.name for p in exports["plain"].iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_checkpoint_with_nonfinite_weights_is_not_exported(runs, tmp_path):
+    """Training never saves one; a checkpoint from elsewhere (or edited) is refused before anything is written."""
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    shutil.copytree(Path(runs["plain"].train.output_dir) / "checkpoint-2", checkpoint)
+    weights = load_file(checkpoint / "model.safetensors")
+    name = next(k for k in weights if ".mlp.ttt." in k)
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ExportError, match=r"model.safetensors holds non-finite weights \(the run diverged\)"):
+        export_model(checkpoint, tmp_path / "export", dtype="float32")
+    assert not (tmp_path / "export").exists()
 
 
 # ---------------------------------------------------------------------------------------------- the CLI

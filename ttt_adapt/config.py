@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import os
 import re
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 TRAINABLE = ("ttt", "full")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+ON_NONFINITE = ("stop", "skip")
+UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
@@ -114,6 +117,11 @@ class TrainConfig:
     `warmup_steps` (or `warmup_ratio * max_steps`), then follows a cosine down to `min_lr_ratio * lr`.
     `save_every: 0` saves only at the end; `eval_every: 0` evaluates only at the end (if there is eval data).
     The eval loss covers the first `eval_batches * batch_size` held-out rows, whatever the number of processes.
+
+    A step whose loss or gradient norm is not finite never updates the weights. `on_nonfinite: stop` ends the run
+    there; `skip` drops that step's update and goes on, up to `max_nonfinite_skips` steps in a row (one more
+    stops it). `preempt_signals` (default SIGTERM, SIGINT; add SIGUSR1 for SLURM's `--signal`) make the run
+    finish the step in flight, checkpoint it and stop; rerunning the same command resumes from there.
     """
 
     output_dir: str
@@ -139,6 +147,9 @@ class TrainConfig:
     eval_batches: int = 8
     seed: int = 0
     trackers: list[str] = field(default_factory=list)
+    on_nonfinite: str = "stop"
+    max_nonfinite_skips: int = 10
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT"])
 
     def validate(self):
         if not self.output_dir.strip():
@@ -174,6 +185,14 @@ class TrainConfig:
             _check_choice("train.trackers", name, TRACKERS)
         if len(set(self.trackers)) != len(self.trackers):
             _fail("train.trackers", f"lists a tracker twice: {self.trackers}")
+        _check_choice("train.on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        _check_int("train.max_nonfinite_skips", self.max_nonfinite_skips, 1)
+        for name in self.preempt_signals:
+            if name not in signal.Signals.__members__ or name in UNCATCHABLE_SIGNALS:
+                _fail("train.preempt_signals", f"{name!r} is not a signal a process can catch (e.g. SIGTERM, SIGINT, "
+                      "SIGUSR1)")
+        if len(set(self.preempt_signals)) != len(self.preempt_signals):
+            _fail("train.preempt_signals", f"lists a signal twice: {self.preempt_signals}")
 
     @property
     def resolved_warmup_steps(self) -> int:

@@ -4,10 +4,10 @@
     export_model("runs/tiny", "exports/tiny", dtype="bfloat16", push_to_hub="me/tiny-ttt", revision="v1")
 
 `export_model` takes a training `output_dir` (its latest checkpoint) or one `checkpoint-N` folder, rebuilds the
-model the recipe trained (`ttt_adapt.train.build_model`), loads the checkpoint's weights strictly, merges LoRA
-(`merge_and_unload`), and writes: `config.json` (the `ttt_*` model_type, `auto_map`, the TTT settings, the base
-model's id), the modeling files, safetensors weights (sharded with an index above `max_shard_size`), the
-tokenizer, `generation_config.json` and a `README.md` model card.
+model the recipe trained with the checkpoint's weights (`ttt_adapt.checkpoints.load_checkpoint_model`: loaded
+strictly, finite, LoRA merged), and writes: `config.json` (the `ttt_*` model_type, `auto_map`, the TTT
+settings, the base model's id), the modeling files, safetensors weights (sharded with an index above
+`max_shard_size`), the tokenizer, `generation_config.json` and a `README.md` model card.
 
 `refresh_code(folder)` repairs an export made with older code: it rewrites the modeling files and the config
 metadata to this version's code (tested with the transformers range in `TESTED_TRANSFORMERS`) without touching
@@ -35,22 +35,19 @@ import yaml
 from huggingface_hub import create_branch, create_repo, get_token, hf_hub_download, metadata_load, upload_folder
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
-from safetensors.torch import load_model
 
 from ttt_adapt import modeling
-from ttt_adapt.compat import disable_activation_checkpointing
 from ttt_adapt.config import HUB_REPO_ID, RecipeError, build_recipe, looks_like_local_path
+from ttt_adapt.checkpoints import STATE_FILE, CheckpointError, latest_checkpoint, load_checkpoint_model
+from ttt_adapt.model_setup import load_tokenizer
 from ttt_adapt.modeling.configuration_ttt import TESTED_TRANSFORMERS
-from ttt_adapt.train import STATE_FILE, build_model, latest_checkpoint, load_tokenizer
 
 DTYPES = ("bfloat16", "float16", "float32")
-WEIGHTS = "model.safetensors"  # what `accelerator.save_state` writes for the (first) prepared model
 REPORT = Path("eval") / "report.json"
 SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b)\s*$", re.IGNORECASE)
 BRANCH = re.compile(r"^(?!-)(?!.*\.\.)[\w.\-/]+(?<![./])$")
-ADAPTER_MARKERS = ("lora_", "modules_to_save", "original_module", "base_layer")
 CODE_NOTE = re.compile(r"<!-- ttt-adapt:code -->.*?<!-- /ttt-adapt:code -->\n?", re.DOTALL)
 
 
@@ -103,7 +100,10 @@ def export_model(
         raise ExportError(f"no such evaluation report: {report_path}")
     report = _read_json(report_path) if report_path.is_file() else None
 
-    model = load_checkpoint_model(checkpoint, recipe)
+    try:
+        model = load_checkpoint_model(checkpoint, recipe)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
     try:
         tokenizer = load_tokenizer(recipe)
     except (OSError, ValueError) as e:
@@ -315,40 +315,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ExportError(f"cannot read {path}: {_first_line(e)}") from None
-
-
-# ------------------------------------------------------------------------------------------------ the model
-
-
-def load_checkpoint_model(checkpoint: Path, recipe):
-    """The recipe's model (`build_model`) with the checkpoint's weights loaded strictly, LoRA merged."""
-    weights = checkpoint / WEIGHTS
-    if not weights.is_file():
-        found = ", ".join(sorted(p.name for p in checkpoint.iterdir())) or "nothing"
-        raise ExportError(
-            f"{checkpoint} holds no {WEIGHTS} (found {found}); sharded FSDP checkpoints must be saved with a "
-            "full state dict"
-        )
-    try:
-        model = build_model(recipe)
-    except (OSError, ValueError) as e:
-        raise ExportError(f"cannot rebuild the model from {recipe.model.name_or_path!r}: {_first_line(e)}") from None
-    try:
-        missing, unexpected = load_model(model, weights, strict=False)  # tied weights are stored once
-    except RuntimeError as e:  # shape mismatch
-        raise ExportError(f"{weights} does not fit the recipe's model: {_first_line(e)}") from None
-    if missing or unexpected:
-        raise ExportError(
-            f"{weights} does not fit the recipe's model: missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}"
-        )
-    if hasattr(model, "merge_and_unload"):  # peft: fold LoRA in, keep the trained copy of modules_to_save
-        model = model.merge_and_unload()
-    leftover = [n for n, _ in model.named_parameters() if any(m in n for m in ADAPTER_MARKERS)]
-    if leftover:
-        raise RuntimeError(f"adapter parameters left after merging: {leftover[:3]}")
-    disable_activation_checkpointing(model)
-    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------------ the folder

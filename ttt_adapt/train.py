@@ -1,11 +1,10 @@
 """Continued training of an In-Place TTT model: the Accelerate loop, in one page.
 
-`train(recipe)` checks the run (base model, output folder, trackers) before any work, loads the base model,
-converts it (`ttt_adapt.convert`), picks what is trained (`ttt`, `full`, or LoRA on the rest with the TTT
-modules trained in full), packs the corpus (`ttt_adapt.data`) and runs AdamW with warmup + cosine, gradient
-accumulation and clipping. It checkpoints with `accelerator.save_state`, resumes from the latest checkpoint
-in `train.output_dir`, logs to `metrics.jsonl` (and trackers), and at the end runs the recipe's `eval` section
-(`ttt_adapt.evaluate`) and writes the export (`ttt_adapt.export`).
+`train(recipe)` reads top to bottom: set-up (`set_up`: check the run before any work, build the model of
+`ttt_adapt.model_setup`, pack the corpus with `ttt_adapt.data`, resume from the latest checkpoint in
+`train.output_dir`), then per step `train_step` (AdamW with warmup + cosine, gradient accumulation, clipping),
+logging to `metrics.jsonl` (and trackers), eval loss and checkpoints (`ttt_adapt.checkpoints`), and `finish`:
+the recipe's `eval` section (`ttt_adapt.evaluate`) and the export (`ttt_adapt.export`).
 
 The loss of a step is the mean over every real token of the global batch (all processes, all accumulation
 micro-batches): each micro-batch contributes `sum of its token losses / global token count`, times the number
@@ -14,45 +13,48 @@ group holds part of the same rows, so its share of the loss is summed, not avera
 
 Data order is a pure function of `train.seed`, the number of packed rows and a row cursor stored in each
 checkpoint, so a resumed run reads exactly the rows the uninterrupted run would have read.
+
+A run stops early, cleanly, in two ways (`ttt_adapt.stopping`): a step whose loss or gradient norm is not
+finite on any process updates nothing and raises `Diverged` (`train.on_nonfinite: stop`) or is skipped
+(`skip`); a stop signal (`train.preempt_signals`) lets the step in flight finish, checkpoints it and raises
+`Preempted`. One reduction per step makes every process agree on both.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
-import os
-import re
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType
 from datasets.exceptions import DatasetGenerationError
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig
 
-from ttt_adapt import convert
-from ttt_adapt.compat import enable_activation_checkpointing
+from ttt_adapt.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from ttt_adapt.config import Recipe, RecipeError
 from ttt_adapt.data import IGNORE_INDEX, build_datasets
+from ttt_adapt.export import export_model
+from ttt_adapt.metrics import MetricsFile, flat
+from ttt_adapt.model_setup import (
+    CONVERTED_MODEL_TYPES,
+    SUPPORTED_MODEL_TYPES,
+    build_model,
+    is_ttt_param,
+    load_tokenizer,
+)
 from ttt_adapt.modeling.modeling_ttt import set_ttt_training_step, ttt_learning_rates
 from ttt_adapt.parallel import ContextParallel, loss_sum, prepare_model
+from ttt_adapt.stopping import Diverged, Preempted, StopSignals
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
-CONVERTED_MODEL_TYPES = ("ttt_qwen3", "ttt_llama")
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "trainer_state.json"
 ADAM_BETAS = (0.9, 0.95)  # the usual choice for LM pretraining; torch's default 0.999 adapts too slowly
-
-
-def is_ttt_param(name: str) -> bool:
-    """TTT parameters live in each TTT layer's `mlp.ttt` submodule (also under peft's modules_to_save)."""
-    return ".mlp.ttt." in name
+NONFINITE_NAMES = {"loss": "the loss", "grad_norm": "the gradient norm"}
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -134,56 +136,7 @@ def _check_same_ttt(recipe: Recipe, config):
             )
 
 
-def load_tokenizer(recipe: Recipe):
-    """The base model's tokenizer; it must have an eos token (packing ends every document with it)."""
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path)
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token (needed to separate packed documents)")
-    return tokenizer
-
-
-# ------------------------------------------------------------------------------------------------ model
-
-
-def build_model(recipe: Recipe):
-    """The model to train: base loaded, converted, trainable parameters chosen (LoRA via peft if asked).
-
-    Seeded with `train.seed`, so the same recipe always builds the same initial TTT (and LoRA) weights.
-    """
-    set_seed(recipe.train.seed)
-    m = recipe.model
-    kwargs = {"dtype": getattr(torch, m.dtype)}
-    if m.attn_implementation is not None:
-        kwargs["attn_implementation"] = m.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
-    if model.config.model_type not in CONVERTED_MODEL_TYPES:
-        model = convert(model, recipe.ttt)
-    model.config.use_cache = False
-    t = recipe.train
-    if t.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    if t.lora.r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=t.lora.r,
-            lora_alpha=t.lora.alpha,
-            lora_dropout=t.lora.dropout,
-            target_modules=list(t.lora.target_modules),
-            modules_to_save=["ttt"],  # suffix match: model.layers.N.mlp.ttt (the TTTParams of each TTT layer)
-            task_type="CAUSAL_LM",
-        )
-        try:
-            model = get_peft_model(model, lora)
-        except ValueError as e:  # e.g. a target module name the model does not have
-            reason = str(e).strip().splitlines()[0]
-            raise RecipeError(f"train.lora.target_modules: peft refused {t.lora.target_modules}: {reason}") from None
-    else:
-        for name, p in model.named_parameters():
-            p.requires_grad_(t.trainable == "full" or is_ttt_param(name))
-    if not any(is_ttt_param(n) and p.requires_grad for n, p in model.named_parameters()):
-        raise RuntimeError("no trainable TTT parameter found after conversion")
-    return model
+# ------------------------------------------------------------------------------------------------ optimizer
 
 
 def param_groups(model, recipe: Recipe) -> list[dict]:
@@ -324,46 +277,6 @@ def evaluate_loss(accelerator, model, eval_data: list[dict], recipe: Recipe, cp:
     return {"eval_loss": float(total[0] / total[1].clamp(min=1)), "eval_tokens": int(total[1])}
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-
-def list_checkpoints(output_dir) -> list[Path]:
-    """Complete checkpoints (`checkpoint-N` holding a trainer state) in `output_dir`, oldest first."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := CHECKPOINT.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
-
-
-def latest_checkpoint(output_dir) -> Path | None:
-    """The newest complete checkpoint folder in `output_dir`, or None."""
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-def save_checkpoint(accelerator, recipe: Recipe, state: dict) -> Path:
-    """`accelerator.save_state` into a temporary folder, renamed into place once complete; keep the last K."""
-    out = Path(recipe.train.output_dir)
-    final = out / f"checkpoint-{state['step']}"
-    tmp = out / f".tmp-checkpoint-{state['step']}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(out)[: -recipe.train.keep_last]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
 # ------------------------------------------------------------------------------------------------ export
 
 
@@ -387,8 +300,6 @@ def export_after_training(accelerator, recipe: Recipe, checkpoint: Path) -> Path
     e = recipe.export
     if e.dir is None:
         return None
-    from ttt_adapt.export import export_model  # imports this module: import it late
-
     if accelerator.is_main_process:
         export_model(
             checkpoint, e.dir, dtype=e.dtype, max_shard_size=e.max_shard_size, push_to_hub=e.push_to_hub,
@@ -399,11 +310,27 @@ def export_after_training(accelerator, recipe: Recipe, checkpoint: Path) -> Path
     return Path(e.dir)
 
 
-# ------------------------------------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------------------------------------ set-up
 
 
-def train(recipe: Recipe) -> dict:
-    """Run (or resume) the recipe's training and export; return a summary (steps, tokens, last losses)."""
+@dataclass
+class Run:
+    """What the loop works with, built by `set_up`. `state` is saved in every checkpoint."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    cp: ContextParallel
+    stream: RowStream
+    eval_data: list | None
+    state: dict  # step, tokens, rows (the data cursor), num_rows, nonfinite_in_a_row
+    checkpoint: Path | None  # the newest checkpoint: resumed from or written
+    metrics: MetricsFile
+
+
+def set_up(recipe: Recipe) -> Run:
+    """The accelerator, the run checks, the model and optimizer, the data, and the state of the checkpoint
+    being resumed (the latest one in `train.output_dir`, if any)."""
     t = recipe.train
     cpu = not torch.accelerator.is_available()  # also makes multi-process CPU runs use gloo
     mixed_precision = "no" if cpu else t.mixed_precision  # CPU autocast is slow and gains nothing: fp32 on CPU
@@ -415,7 +342,7 @@ def train(recipe: Recipe) -> dict:
     if mixed_precision != t.mixed_precision:
         accelerator.print(f"train.mixed_precision={t.mixed_precision} needs a GPU: training in fp32 on CPU")
     out = Path(t.output_dir)
-    resume_from = latest_checkpoint(out)
+    checkpoint = latest_checkpoint(out)
 
     tokenizer = load_tokenizer(recipe)
     model = build_model(recipe)
@@ -429,7 +356,37 @@ def train(recipe: Recipe) -> dict:
     n_total = sum(p.numel() for p in model.parameters())
     fused = accelerator.device.type in ("cpu", "cuda")  # torch's one-kernel AdamW where it has one
     optimizer = torch.optim.AdamW(param_groups(model, recipe), betas=ADAM_BETAS, eps=1e-8, fused=fused)
+    stream, eval_data = load_data(accelerator, recipe, tokenizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
 
+    state = {"step": 0, "tokens": 0, "rows": 0, "num_rows": stream.num_rows, "nonfinite_in_a_row": 0}
+    if checkpoint is not None:
+        state.update(load_checkpoint(accelerator, checkpoint))
+        if state["num_rows"] != stream.num_rows:
+            accelerator.print(f"warning: the data changed since {checkpoint.name}: the data order differs")
+            state["num_rows"] = stream.num_rows
+        accelerator.print(f"resuming from {checkpoint} (step {state['step']})")
+
+    metrics = MetricsFile(accelerator, out)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    metrics.truncate(after_step=state["step"])  # drop the lines of steps being redone
+    if t.trackers:
+        accelerator.init_trackers(out.name, config=flat(recipe.to_dict()))
+    accelerator.print(
+        f"training {n_trainable:,} of {n_total:,} parameters ({t.trainable}"
+        f"{f' + LoRA r={t.lora.r}' if t.lora.r else ''}) on {accelerator.num_processes} process(es)"
+        f"{f' ({cp.dp_size} data-parallel x {cp.cp_size} context-parallel)' if cp.enabled else ''}"
+    )
+    if state["step"] >= t.max_steps:
+        accelerator.print(f"nothing to train: {checkpoint.name} is at step {state['step']} >= train.max_steps")
+    return Run(accelerator, model, optimizer, cp, stream, eval_data, state, checkpoint, metrics)
+
+
+def load_data(accelerator, recipe: Recipe, tokenizer) -> tuple[RowStream, list | None]:
+    """The training rows in training order and the first held-out rows (None without eval data)."""
+    t = recipe.train
     with accelerator.main_process_first():
         try:
             train_rows, eval_rows = build_datasets(recipe.data, tokenizer)
@@ -440,167 +397,209 @@ def train(recipe: Recipe) -> dict:
             reason = str(e.__cause__ or e).strip().splitlines()[0]
             files = recipe.data.path + (f" or {recipe.data.eval_path}" if recipe.data.eval_path else "")
             raise RecipeError(f"data: cannot read {files}: {reason}") from None
-    stream = RowStream(train_rows, t.seed)
     eval_data = None
     if eval_rows is not None:
         cap = t.eval_batches * t.batch_size  # independent of the number of processes
         eval_data = [eval_rows[i] for i in range(min(cap, len(eval_rows)))] if hasattr(eval_rows, "__len__") \
             else list(itertools.islice(iter(eval_rows), cap))
+    return RowStream(train_rows, t.seed), eval_data
 
-    model, optimizer = accelerator.prepare(model, optimizer)
 
-    state = {"step": 0, "tokens": 0, "rows": 0, "num_rows": stream.num_rows}
-    if resume_from is not None:
-        try:
-            accelerator.load_state(str(resume_from))
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise RecipeError(
-                f"train.output_dir: {resume_from} does not match this recipe's model "
-                f"({str(e).strip().splitlines()[0][:200]}); use another train.output_dir"
-            ) from None
-        state.update(json.loads((resume_from / STATE_FILE).read_text()))
-        if state["num_rows"] != stream.num_rows:
-            accelerator.print(f"warning: the data changed since {resume_from.name}: the data order differs")
-            state["num_rows"] = stream.num_rows
-        accelerator.print(f"resuming from {resume_from} (step {state['step']})")
+# ------------------------------------------------------------------------------------------------ the step
 
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        _truncate_metrics(out / "metrics.jsonl", after_step=state["step"])  # drop lines of steps being redone
-    if t.trackers:
-        accelerator.init_trackers(out.name, config=_flat(recipe.to_dict()))
-    accelerator.print(
-        f"training {n_trainable:,} of {n_total:,} parameters ({t.trainable}"
-        f"{f' + LoRA r={t.lora.r}' if t.lora.r else ''}) on {accelerator.num_processes} process(es)"
-        f"{f' ({cp.dp_size} data-parallel x {cp.cp_size} context-parallel)' if cp.enabled else ''}"
-    )
-    if state["step"] >= t.max_steps:
-        accelerator.print(f"nothing to train: {resume_from.name} is at step {state['step']} >= train.max_steps")
 
-    world = accelerator.num_processes
-    rows_per_step = t.batch_size * t.grad_accum * cp.dp_size  # the ranks of a CP group share rows
-    last_checkpoint = resume_from
-    window = {"loss": 0.0, "targets": 0.0, "tokens": 0.0, "seconds": 0.0}  # since the last metrics line
-    history = []
-    bar = tqdm(total=t.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
-               desc="adapt", dynamic_ncols=True)
-    model.train()
-    while state["step"] < t.max_steps:
-        started = time.perf_counter()
-        step = state["step"] + 1
-        factor = lr_factor(step, recipe)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-        set_ttt_training_step(accelerator.unwrap_model(model), step)
+@dataclass
+class StepResult:
+    """What one step did, agreed by every process."""
 
-        rows = stream.take(state["rows"], rows_per_step)[cp.dp_rank :: cp.dp_size]
-        micro = [cp.shard(collate(rows[i : i + t.batch_size], accelerator.device), recipe.ttt.chunk_size)
-                 for i in range(0, len(rows), t.batch_size)]
-        counts = [sum(count_targets(b) for b, _ in micro), sum(int(b["attention_mask"].sum()) for b, _ in micro)]
-        counts = torch.tensor(counts, dtype=torch.float64, device=accelerator.device)
-        targets, tokens = accelerator.reduce(counts, reduction="sum").tolist()
-        scale = world / max(targets, 1.0)  # DDP/FSDP average gradients over processes: undo that
+    loss: float  # mean token loss of the global batch
+    grad_norm: float
+    targets: float  # tokens with a label, global
+    tokens: int  # real tokens, global
+    seconds: float
+    nonfinite: list[str]  # "loss", "grad_norm": not finite, so the update was dropped
+    stop: bool  # a stop signal reached some process: all stop after this step
 
-        step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        for i, (local, shard) in enumerate(micro):
-            last = i == len(micro) - 1  # gradients are all-reduced once, on the last micro-batch
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                summed = loss_sum(model, local, shard)
-                accelerator.backward(summed * scale)
-            step_loss += summed.detach().double()
-        clip = t.clip_grad_norm if t.clip_grad_norm is not None else float("inf")
-        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip))
+
+def train_step(run: Run, recipe: Recipe, step: int, signals: StopSignals) -> StepResult:
+    """Optimizer step `step` on the next rows: forward and backward over the micro-batches, clipping, and the
+    update unless the loss or the gradient norm is not finite. One reduction gives every process the loss,
+    whether anything was non-finite anywhere and whether a stop signal arrived anywhere (up to that point of
+    the step), so all act alike."""
+    t, accelerator, model, optimizer, cp = recipe.train, run.accelerator, run.model, run.optimizer, run.cp
+    started = time.perf_counter()
+    factor = lr_factor(step, recipe)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    set_ttt_training_step(accelerator.unwrap_model(model), step)
+
+    rows = run.stream.take(run.state["rows"], rows_per_step(recipe, cp))[cp.dp_rank :: cp.dp_size]
+    micro = [cp.shard(collate(rows[i : i + t.batch_size], accelerator.device), recipe.ttt.chunk_size)
+             for i in range(0, len(rows), t.batch_size)]
+    counts = [sum(count_targets(b) for b, _ in micro), sum(int(b["attention_mask"].sum()) for b, _ in micro)]
+    counts = torch.tensor(counts, dtype=torch.float64, device=accelerator.device)
+    targets, tokens = accelerator.reduce(counts, reduction="sum").tolist()
+    scale = accelerator.num_processes / max(targets, 1.0)  # DDP/FSDP average gradients over processes: undo that
+
+    step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for i, (local, shard) in enumerate(micro):
+        last = i == len(micro) - 1  # gradients are all-reduced once, on the last micro-batch
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            summed = loss_sum(model, local, shard)
+            accelerator.backward(summed * scale)
+        step_loss += summed.detach().double()
+    clip = t.clip_grad_norm if t.clip_grad_norm is not None else float("inf")
+    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip))
+
+    # fp16's gradient scaler skips steps with inf gradients itself (and lowers its scale): not a divergence
+    bad_grad = not math.isfinite(grad_norm) and accelerator.scaler is None
+    stop = signals.received is not None
+    flags = torch.stack([step_loss, step_loss.new_tensor(float(bad_grad)), step_loss.new_tensor(float(stop))])
+    summed_loss, bad_grads, stops = accelerator.reduce(flags, reduction="sum").tolist()
+    loss = summed_loss / max(targets, 1.0)
+    nonfinite = (["loss"] if not math.isfinite(loss) else []) + (["grad_norm"] if bad_grads else [])
+    if not nonfinite:
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, grad_norm, targets, int(tokens), time.perf_counter() - started, nonfinite, stops > 0)
 
-        step_loss = float(accelerator.reduce(step_loss, reduction="sum")) / max(targets, 1.0)
-        state.update(step=step, tokens=state["tokens"] + int(tokens), rows=state["rows"] + rows_per_step)
-        window["loss"] += step_loss * targets
-        window["targets"] += targets
-        window["tokens"] += tokens
-        window["seconds"] += time.perf_counter() - started
-        tokens_per_s = window["tokens"] / max(window["seconds"], 1e-9)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
 
-        if step % t.log_every == 0 or step == t.max_steps:
-            record = {
-                "step": step,
-                "loss": window["loss"] / max(window["targets"], 1.0),
-                "lr": t.lr * factor,
-                "ttt_param_lr": (t.ttt_lr if t.ttt_lr is not None else t.lr) * factor,
-                "tokens": state["tokens"],
-                "tokens_per_s": tokens_per_s,
-                "grad_norm": grad_norm,
-                "ttt_learning_rates": {
-                    str(k): v for k, v in ttt_learning_rates(accelerator.unwrap_model(model)).items()
-                },
-            }
-            _log(accelerator, out, record)
-            history.append(record)
-            window = dict.fromkeys(window, 0.0)
-        if eval_data and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
-            _log(accelerator, out, {"step": step, **evaluate_loss(accelerator, model, eval_data, recipe, cp)})
-        if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
-            last_checkpoint = save_checkpoint(accelerator, recipe, state)
-    bar.close()
+def rows_per_step(recipe: Recipe, cp: ContextParallel) -> int:
+    return recipe.train.batch_size * recipe.train.grad_accum * cp.dp_size  # the ranks of a CP group share rows
 
-    # Evaluate before exporting, so the export's model card shows the report; a model sharded across
-    # processes (FSDP, DeepSpeed) is evaluated from its export instead (re-export to add the table).
+
+def on_nonfinite(run: Run, recipe: Recipe, step: int, result: StepResult, window: Window, history: list):
+    """Step `step` had a non-finite loss or gradient norm and updated nothing: log it, then raise `Diverged`
+    unless `train.on_nonfinite: skip` allows one more skipped step in a row."""
+    t = recipe.train
+    run.state["nonfinite_in_a_row"] += 1
+    in_a_row = run.state["nonfinite_in_a_row"]
+    what = " and ".join(f"{NONFINITE_NAMES[k]} ({getattr(result, k)})" for k in result.nonfinite)
+    what += " is not finite" if len(result.nonfinite) == 1 else " are not finite"
+    stop = t.on_nonfinite == "stop" or in_a_row > t.max_nonfinite_skips
+    if stop:
+        log_progress(run, recipe, window, history)  # the steps before it, if not logged yet
+    run.metrics.write({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
+                       "skipped": not stop, "diverged": stop})
+    if stop:
+        if t.on_nonfinite == "skip":
+            what += f" ({in_a_row} steps in a row, train.max_nonfinite_skips={t.max_nonfinite_skips})"
+        raise Diverged(step, what, run.checkpoint)
+    run.accelerator.print(f"step {step}: {what}; its update is skipped ({in_a_row} in a row)")
+
+
+# ------------------------------------------------------------------------------------------------ logging
+
+
+class Window:
+    """Sums over the steps since the last progress line; skipped steps count for time and tokens only."""
+
+    def __init__(self):
+        self.updates, self.loss, self.targets, self.tokens, self.seconds, self.grad_norm = 0, 0.0, 0.0, 0.0, 0.0, None
+
+    def add(self, result: StepResult):
+        self.tokens += result.tokens
+        self.seconds += result.seconds
+        if not result.nonfinite:
+            self.updates += 1
+            self.loss += result.loss * result.targets
+            self.targets += result.targets
+            self.grad_norm = result.grad_norm
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def log_progress(run: Run, recipe: Recipe, window: Window, history: list) -> Window:
+    """Write the progress line of the window's steps (at the current step) unless none of them updated the
+    model; return a fresh window."""
+    if window.updates:
+        t, step = recipe.train, run.state["step"]
+        factor = lr_factor(step, recipe)
+        record = {
+            "step": step,
+            "loss": window.loss / max(window.targets, 1.0),
+            "lr": t.lr * factor,
+            "ttt_param_lr": (t.ttt_lr if t.ttt_lr is not None else t.lr) * factor,
+            "tokens": run.state["tokens"],
+            "tokens_per_s": window.tokens_per_s,
+            "grad_norm": window.grad_norm,
+            "ttt_learning_rates": {
+                str(k): v for k, v in ttt_learning_rates(run.accelerator.unwrap_model(run.model)).items()
+            },
+        }
+        run.metrics.write(record)
+        history.append(record)
+    return Window()
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def train(recipe: Recipe) -> dict:
+    """Run (or resume) the recipe's training and export; return a summary (steps, tokens, progress lines).
+
+    Raises `RecipeError` for bad input (before any work), `Diverged` when the run diverges (nothing non-finite
+    is saved) and `Preempted` after a stop signal (the step in flight is finished and checkpointed first).
+    """
+    t = recipe.train
+    run = set_up(recipe)
+    state, window, history = run.state, Window(), []
+    try:
+        with StopSignals(t.preempt_signals) as signals, tqdm(
+            total=t.max_steps, initial=state["step"], disable=not run.accelerator.is_main_process, desc="adapt",
+            dynamic_ncols=True,
+        ) as bar:
+            run.model.train()
+            while state["step"] < t.max_steps:
+                step = state["step"] + 1
+                result = train_step(run, recipe, step, signals)
+                if result.nonfinite:
+                    on_nonfinite(run, recipe, step, result, window, history)
+                else:
+                    state["nonfinite_in_a_row"] = 0
+                window.add(result)
+                state.update(step=step, tokens=state["tokens"] + result.tokens,
+                             rows=state["rows"] + rows_per_step(recipe, run.cp))
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{window.tokens_per_s:,.0f}")
+
+                if step % t.log_every == 0 or step == t.max_steps or result.stop:
+                    window = log_progress(run, recipe, window, history)
+                if run.eval_data and not result.stop and (
+                    (t.eval_every and step % t.eval_every == 0) or step == t.max_steps
+                ):
+                    run.metrics.write({"step": step, **evaluate_loss(run.accelerator, run.model, run.eval_data,
+                                                                     recipe, run.cp)})
+                if (t.save_every and step % t.save_every == 0) or step == t.max_steps or result.stop:
+                    run.checkpoint = save_checkpoint(run.accelerator, run.model, run.optimizer, recipe, state)
+                if result.stop:
+                    raise Preempted(step, signals.received or "a stop signal to another process", run.checkpoint)
+        return finish(run, recipe, history)
+    finally:
+        if t.trackers:
+            run.accelerator.end_training()
+
+
+def finish(run: Run, recipe: Recipe, history: list) -> dict:
+    """Evaluate, export, and summarise the run.
+
+    Evaluation comes first, so the export's model card shows the report; a model sharded across processes
+    (FSDP, DeepSpeed) is evaluated from its export instead (re-export to add the table)."""
+    accelerator = run.accelerator
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    report = None if sharded else evaluate_after_training(accelerator, model, recipe)
-    exported = export_after_training(accelerator, recipe, last_checkpoint)
+    report = None if sharded else evaluate_after_training(accelerator, run.model, recipe)
+    exported = export_after_training(accelerator, recipe, run.checkpoint)
     if exported is not None:
         accelerator.print(f"exported to {exported}")
     if sharded and exported is not None:
-        report = evaluate_after_training(accelerator, model, recipe, exported)
+        report = evaluate_after_training(accelerator, run.model, recipe, exported)
     elif sharded and recipe.eval is not None:
         accelerator.print("eval skipped: a sharded model is evaluated from its export; set export.dir")
-    if t.trackers:
-        accelerator.end_training()
-    return {"step": state["step"], "tokens": state["tokens"], "checkpoint": str(last_checkpoint),
+    return {"step": run.state["step"], "tokens": run.state["tokens"], "checkpoint": str(run.checkpoint),
             "export": None if exported is None else str(exported), "eval": None if report is None else str(report),
             "metrics": history}
 
 
-def _truncate_metrics(path: Path, after_step: int):
-    """Keep the metrics lines of steps <= `after_step` (all of them are redone otherwise)."""
-    if not path.is_file():
-        path.write_text("")
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def _log(accelerator, out: Path, record: dict):
-    """One JSON line in metrics.jsonl (main process) and the same numbers to the trackers."""
-    if accelerator.is_main_process:
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-    if accelerator.trackers:
-        accelerator.log(_flat({k: v for k, v in record.items() if k != "step"}, sep="/"), step=record["step"])
-
-
-def _flat(d: dict, prefix: str = "", sep: str = ".") -> dict:
-    """Nested dict -> flat {a.b: value}; lists become strings (trackers take scalars only)."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{sep}{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(_flat(v, key, sep))
-        else:
-            out[key] = str(v) if isinstance(v, (list, tuple)) or v is None else v
-    return out
-
-
-__all__ = [
-    "train",
-    "check_run",
-    "build_model",
-    "load_tokenizer",
-    "latest_checkpoint",
-    "list_checkpoints",
-    "evaluate_after_training",
-    "export_after_training",
-]
+__all__ = ["train", "check_run", "train_step", "evaluate_after_training", "export_after_training"]
