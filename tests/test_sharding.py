@@ -231,7 +231,9 @@ def test_tiny_recipe_with_fsdp_on_two_processes_equals_one_process(tmp_path, mon
         model = AutoModelForCausalLM.from_pretrained(tmp_path / name, trust_remote_code=True)
         with torch.no_grad():
             logits.append(model(input_ids=ids).logits)
-    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
+    # fp32 with another reduction order, after 4 AdamW steps of every weight: equal to ~1e-6 of the logits' scale
+    assert logits[0].abs().max() > 1
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
 
     # Resume from checkpoint-2: on 2 processes (bit-exact), on 1 process without FSDP (same global batch).
     for name in ("two_again", "one_from_two"):
@@ -240,20 +242,41 @@ def test_tiny_recipe_with_fsdp_on_two_processes_equals_one_process(tmp_path, mon
         shutil.copy(tmp_path / "two" / "metrics.jsonl", tmp_path / name / "metrics.jsonl")
     run = _launch(*two, f"train.output_dir={tmp_path / 'two_again'}", "eval=null", "export.dir=null")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert _metrics(tmp_path / "two_again") == _metrics(tmp_path / "two")
+    timeless = [[{k: v for k, v in m.items() if k != "tokens_per_s"} for m in _metrics(tmp_path / r)]
+                for r in ("two", "two_again")]
+    assert timeless[0] == timeless[1]  # bit for bit
     from ttt_adapt.checkpoints import SHARDED
 
-    for f in (tmp_path / "two" / "checkpoint-4" / SHARDED).iterdir():
-        assert f.read_bytes() == (tmp_path / "two_again" / "checkpoint-4" / SHARDED / f.name).read_bytes(), f.name
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    states = []
+    for r in ("two", "two_again"):  # weights and optimizer state of the final checkpoints, bit for bit
+        dcp_to_torch_save(tmp_path / r / "checkpoint-4" / SHARDED, tmp_path / f"{r}.pt")
+        states.append(torch.load(tmp_path / f"{r}.pt"))
+    flat = [{k: v for k, v in _flatten(s)} for s in states]
+    assert flat[0].keys() == flat[1].keys() and any(".exp_avg" in k for k in flat[0])
+    for k, v in flat[0].items():
+        assert torch.equal(v, flat[1][k]) if isinstance(v, torch.Tensor) else v == flat[1][k], k
     assert adapt([*one, f"train.output_dir={tmp_path / 'one_from_two'}", "eval=null", "export.dir=null"]) == 0
     _assert_same_losses(_metrics(tmp_path / "two"), _metrics(tmp_path / "one_from_two"), steps={3, 4})
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _flatten(v, f"{prefix}.{i}")
+    else:
+        yield prefix, tree
 
 
 def test_fsdp_requests_that_cannot_be_honoured_are_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     adapt = script_main("adapt")
-    args = ["recipes/tiny_qwen3.yaml", "train.max_steps=1", "train.warmup_steps=0", f"train.output_dir={tmp_path / 'run'}", "eval=null",
-            "export.dir=null"]
+    args = ["recipes/tiny_qwen3.yaml", "train.max_steps=1", "train.warmup_steps=0",
+            f"train.output_dir={tmp_path / 'run'}", "eval=null", "export.dir=null"]
     assert adapt([*args, "parallel.fsdp=true"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("adapt.py: error: FSDP (parallel.fsdp) shards the weights over several processes") \

@@ -3,13 +3,13 @@
 A checkpoint is `<train.output_dir>/checkpoint-N` (N: the optimizer step) holding what `accelerator.save_state`
 writes (model weights as `model.safetensors`, optimizer, RNG states), the recipe and `trainer_state.json`. It
 is written under a hidden name and renamed into place once complete, so a folder named `checkpoint-N` with a
-state file is always whole.
-
-A sharded (FSDP) model is saved sharded instead: `sharded/` holds model and optimizer state as a torch distributed
-checkpoint (each process writes its shards, nothing is gathered), next to each process's RNG states. It loads
-into any number of processes, sharded or not (the shards are redistributed by name), and
-`load_checkpoint_model` reads it on one process for the export, so no setting says which kind a checkpoint is. Weights and optimizer state are checked finite before saving, so every complete
+state file is always whole. Weights and optimizer state are checked finite before saving, so every complete
 checkpoint is a good one: retention (`train.keep_last`) can never trade a good checkpoint for a diverged one.
+
+A sharded (FSDP) model is saved sharded instead: `sharded/` holds model and optimizer state as a torch
+distributed checkpoint (each process writes its shards, nothing is gathered), next to each process's RNG
+states. It loads into any number of processes, sharded or not (the shards are redistributed by name), and
+`load_checkpoint_model` reads it on one process for the export, so no setting says which kind a checkpoint is.
 """
 
 from __future__ import annotations

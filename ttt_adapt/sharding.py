@@ -74,7 +74,8 @@ def check_fsdp_run(request: FSDPRequest, mixed_precision: str) -> None:
             "the FSDP request"
         )
     if mixed_precision == "fp16":
-        raise RecipeError("train.mixed_precision: fp16 is not supported with FSDP (no sharded gradient scaler): use bf16")
+        raise RecipeError("train.mixed_precision: fp16 is not supported with FSDP (no sharded gradient scaler): "
+                          "use bf16")
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
