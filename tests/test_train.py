@@ -462,17 +462,16 @@ def poison_step(monkeypatch, bad_step: int):
     import ttt_adapt.train as train_module
 
     calls = {"step": 0}
-    original_train_step = train_module.train_step
+    real_train_step, real_loss_sum = train_module.train_step, train_module.loss_sum
 
     def train_step(run, recipe, step, signals):
         calls["step"] = step
-        return original_train_step(run, recipe, step, signals)
+        return real_train_step(run, recipe, step, signals)
 
     def loss_sum(model, local, shard):
-        out = train_module.__dict__["_real_loss_sum"](model, local, shard)
+        out = real_loss_sum(model, local, shard)
         return out * float("nan") if calls["step"] == bad_step else out
 
-    monkeypatch.setitem(train_module.__dict__, "_real_loss_sum", train_module.loss_sum)
     monkeypatch.setattr(train_module, "train_step", train_step)
     monkeypatch.setattr(train_module, "loss_sum", loss_sum)
 

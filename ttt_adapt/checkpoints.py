@@ -174,7 +174,8 @@ def load_checkpoint_model(checkpoint: Path, recipe: Recipe):
     try:
         model = build_model(recipe)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot rebuild the model from {recipe.model.name_or_path!r}: {_first_line(e)}") from None
+        name = recipe.model.name_or_path
+        raise CheckpointError(f"cannot rebuild the model from {name!r}: {_first_line(e)}") from None
     if sharded.is_dir():
         weights = sharded
         missing, unexpected = _load_sharded_weights(model, sharded)

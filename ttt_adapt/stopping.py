@@ -8,7 +8,6 @@ exit status `scripts/adapt.py` returns, so a job script can tell "rerun me" from
 
 from __future__ import annotations
 
-import math
 import signal
 import threading
 from pathlib import Path
@@ -48,11 +47,6 @@ class Preempted(TrainingStopped):
                          "rerun the same command to resume")
 
 
-def nonfinite(values: dict) -> list[str]:
-    """The keys of `values` whose number is NaN or infinite."""
-    return [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
-
-
 def tensors_finite(tensors) -> bool:
     """True if every floating-point tensor in `tensors` is finite (one fused check per tensor, no copies)."""
     return all(bool(torch.isfinite(t).all()) for t in tensors if torch.is_floating_point(t) and t.numel())
@@ -90,4 +84,4 @@ class StopSignals:
 
 
 __all__ = ["TrainingStopped", "Diverged", "Preempted", "StopSignals", "EXIT_DIVERGED", "EXIT_PREEMPTED",
-           "nonfinite", "tensors_finite"]
+           "tensors_finite"]
