@@ -6,6 +6,7 @@
     python scripts/benchmark.py gpu [--toy]
     python scripts/benchmark.py generate [--prompt 1024 --new-tokens 128 --batches 1,8 --chunk 64]
     python scripts/benchmark.py cp [--length 4096 --ranks 2 --chunk 512 --repeats 3]
+    python scripts/benchmark.py fsdp [--length 512 --ranks 2 --chunk 512 --repeats 3]
 
 `layer`: forward+backward of one MLP on a (1, L, d) fp32 input, CPU: the plain Qwen3 MLP, our TTT MLP, the
 published algorithm (every per-chunk d x H update materialised, then a cumulative sum) and a plain Python loop
@@ -26,6 +27,11 @@ before); time (interleaved, median) and peak memory (fresh process, as above), w
 of a row of N x L tokens split over N gloo ranks, against L tokens on 1 rank (and N x L on 1 rank, what context
 parallelism avoids). Every rank is a fresh process; per-rank peak memory as above (the largest rank), step time
 the median of repeats (the CPU cores are shared out among the ranks).
+
+`fsdp`: full fine-tuning of that TTT model (45M parameters: weights, gradients and AdamW states dominate memory)
+on N gloo ranks, one row of L tokens per rank per step (fwd+bwd+fused AdamW), as plain data parallelism (DDP)
+and sharded (`ttt_adapt.sharding.shard_model`: FSDP2 per decoder layer). Every rank is a fresh process; the
+peak resident set (VmHWM) of the largest rank, whole and above the process after imports, and the step time.
 """
 
 import argparse
@@ -595,6 +601,79 @@ def bench_gpu(args):
     return result
 
 
+def fsdp_rank(args):
+    """One rank of the `fsdp` benchmark (a fresh process): peak memory of full fine-tuning, DDP or FSDP."""
+    import torch.distributed as dist
+
+    from ttt_adapt.parallel import loss_sum
+    from ttt_adapt.sharding import fsdp_mesh, local_parameter_bytes, shard_model
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.ranks))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
+    dist.init_process_group("gloo", rank=args.rank, world_size=args.ranks)
+    baseline = _rss_kib("VmRSS")
+    model = make_lm(True, args.chunk).train()
+    params = sum(p.numel() for p in model.parameters())
+    if args.mode == "fsdp":
+        shard_model(model, fsdp_mesh("cpu"))
+        wrapped = model
+    else:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    g = torch.Generator().manual_seed(args.rank)
+    times = []
+    for _ in range(args.repeats + 1):  # the first step allocates the optimizer state
+        ids = torch.randint(0, 4096, (1, args.length), generator=g)
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum(wrapped, {"input_ids": ids, "position_ids": torch.arange(args.length)[None], "labels": ids},
+                 None).backward()
+        optimizer.step()
+        times.append(time.perf_counter() - t0)
+    peak = _rss_kib("VmHWM")
+    print(json.dumps({"rank": args.rank, "params": params, "local_param_mib": local_parameter_bytes(model) / 2**20,
+                      "peak_mib": peak / 1024, "peak_above_imports_mib": (peak - baseline) / 1024,
+                      "seconds": statistics.median(times[1:])}))
+    dist.destroy_process_group()
+
+
+def run_fsdp(mode, args):
+    """Launch `args.ranks` fresh processes of `fsdp_rank`; the largest rank's numbers."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+    procs = [subprocess.Popen([sys.executable, __file__, "_fsdp_rank", "--mode", mode, "--ranks", str(args.ranks),
+                               "--rank", str(r), "--port", str(port), "--length", str(args.length), "--chunk",
+                               str(args.chunk), "--repeats", str(args.repeats)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for r in range(args.ranks)]
+    results = []
+    for p in procs:
+        out, err = p.communicate()
+        if p.returncode:
+            raise RuntimeError(f"fsdp rank failed: {err.strip().splitlines()[-1] if err.strip() else p.returncode}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    worst = max(results, key=lambda r: r["peak_mib"])
+    return dict(worst, seconds=max(r["seconds"] for r in results))
+
+
+def bench_fsdp(args):
+    rows = [dict(run_fsdp(mode, args), setup=mode) for mode in ("ddp", "fsdp")]
+    for r in rows:
+        r["peak_vs_ddp"] = r["peak_mib"] / rows[0]["peak_mib"]
+        r["above_imports_vs_ddp"] = r["peak_above_imports_mib"] / rows[0]["peak_above_imports_mib"]
+    print(f"fsdp: full fine-tuning, TTT Qwen3 hidden 512 x 12 layers ({rows[0]['params'] / 1e6:.0f}M parameters), "
+          f"{args.ranks} gloo ranks x 1 row of {args.length} tokens, fwd+bwd+fused AdamW, fp32 CPU")
+    print(f"{'setup':>5} {'params MiB/rank':>15} {'peak MiB/rank':>13} {'x DDP':>6} {'above imports':>13} "
+          f"{'x DDP':>6} {'step s':>7}")
+    for r in rows:
+        print(f"{r['setup']:>5} {r['local_param_mib']:15.0f} {r['peak_mib']:13.0f} {r['peak_vs_ddp']:6.2f} "
+              f"{r['peak_above_imports_mib']:13.0f} {r['above_imports_vs_ddp']:6.2f} {r['seconds']:7.2f}")
+    return {"benchmark": "fsdp", "machine": machine(), "settings": vars(args) | {"func": None}, "rows": rows}
+
+
 def machine():
     return {
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -647,7 +726,22 @@ def main(argv=None):
         p.add_argument("--out", default="exports/benchmark_cp.json")
         p.add_argument("--rank", type=int, default=0)
         p.add_argument("--port", type=int, default=0)
+    for name in ("fsdp", "_fsdp_rank"):
+        p = sub.add_parser(name)
+        p.add_argument("--length", type=int, default=512, help="tokens per rank and step")
+        p.add_argument("--ranks", type=int, default=2)
+        p.add_argument("--chunk", type=int, default=512)
+        p.add_argument("--repeats", type=int, default=3)
+        p.add_argument("--out", default="exports/benchmark_fsdp.json")
+        p.add_argument("--mode", choices=("ddp", "fsdp"), default="fsdp")
+        p.add_argument("--rank", type=int, default=0)
+        p.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command in ("fsdp", "_fsdp_rank"):
+        if min(args.length, args.chunk, args.repeats) < 1 or args.ranks < 2:
+            parser.exit(2, "benchmark: sizes must be positive and --ranks at least 2\n")
+        if args.command == "_fsdp_rank":
+            return fsdp_rank(args)
     if args.command in ("cp", "_cp_rank"):
         if min(args.length, args.ranks, args.chunk, args.repeats) < 1 or args.length % args.chunk:
             parser.exit(2, "benchmark: sizes must be positive and --length a multiple of --chunk\n")
@@ -667,6 +761,8 @@ def main(argv=None):
         result = bench_cp(args)
     elif args.command == "gpu":
         result = bench_gpu(args)
+    elif args.command == "fsdp":
+        result = bench_fsdp(args)
     else:
         result = bench_generate(args)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

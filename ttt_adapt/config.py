@@ -203,9 +203,11 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """Context parallelism: each sequence is split across `cp_size` ranks (1: off)."""
+    """Context parallelism: each sequence is split across `cp_size` ranks (1: off). `fsdp`: shard the weights,
+    gradients and optimizer state over all processes (FSDP2; also asked for by `accelerate launch --use_fsdp`)."""
 
     cp_size: int = 1
+    fsdp: bool = False
 
     def validate(self):
         _check_int("parallel.cp_size", self.cp_size, 1)

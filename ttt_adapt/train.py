@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from ttt_adapt.attention import use_packed_attention
-from ttt_adapt.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from ttt_adapt.checkpoints import latest_checkpoint, load_checkpoint, load_checkpoint_model, save_checkpoint
+from ttt_adapt.compat import enable_activation_checkpointing
 from ttt_adapt.config import Recipe, RecipeError
 from ttt_adapt.data import IGNORE_INDEX, build_datasets
 from ttt_adapt.export import export_model
@@ -52,6 +53,15 @@ from ttt_adapt.model_setup import (
 )
 from ttt_adapt.modeling.modeling_ttt import set_ttt_training_step, ttt_learning_rates
 from ttt_adapt.parallel import ContextParallel, loss_sum, prepare_model
+from ttt_adapt.sharding import (
+    check_fsdp_run,
+    clip_grad_norm,
+    fsdp_mesh,
+    fsdp_request,
+    gradient_sync,
+    is_sharded,
+    shard_model,
+)
 from ttt_adapt.stopping import Diverged, Preempted, StopSignals
 
 ADAM_BETAS = (0.9, 0.95)  # the usual choice for LM pretraining; torch's default 0.999 adapts too slowly
@@ -281,16 +291,24 @@ def evaluate_loss(accelerator, model, eval_data: list[dict], recipe: Recipe, cp:
 # ------------------------------------------------------------------------------------------------ export
 
 
-def evaluate_after_training(accelerator, model, recipe: Recipe, exported: Path | None = None) -> Path | None:
+def evaluate_after_training(accelerator, model, recipe: Recipe, exported: Path | None = None,
+                            checkpoint: Path | None = None) -> Path | None:
     """Run the recipe's `eval` section (`ttt_adapt.evaluate.evaluate_recipe`: base, converted base, adapted) on
-    the main process, into `<train.output_dir>/eval/`. The adapted model is the one in memory, or the export
-    folder `exported` when given (needed when the model is sharded across processes). None without `eval`."""
+    the main process, into `<train.output_dir>/eval/`. The adapted model is the one in memory; for a model
+    sharded across processes, the one in the final `checkpoint` (loaded whole on the main process), or the export
+    folder `exported` when given (DeepSpeed). None without `eval`."""
     if recipe.eval is None:
         return None
     from ttt_adapt.evaluate import evaluate_recipe
 
     if accelerator.is_main_process:
-        evaluate_recipe(recipe, exported if exported is not None else accelerator.unwrap_model(model))
+        if exported is not None:
+            adapted = exported
+        elif is_sharded(model):
+            adapted = load_checkpoint_model(checkpoint, recipe)
+        else:
+            adapted = accelerator.unwrap_model(model)
+        evaluate_recipe(recipe, adapted)
     accelerator.wait_for_everyone()
     return Path(recipe.train.output_dir) / "eval"
 
@@ -340,6 +358,9 @@ def set_up(recipe: Recipe) -> Run:
     )
     check_run(recipe)
     check_world(recipe, accelerator.num_processes)
+    fsdp = fsdp_request(recipe)
+    if fsdp is not None:
+        check_fsdp_run(fsdp, mixed_precision)
     if mixed_precision != t.mixed_precision:
         accelerator.print(f"train.mixed_precision={t.mixed_precision} needs a GPU: training in fp32 on CPU")
     out = Path(t.output_dir)
@@ -357,14 +378,19 @@ def set_up(recipe: Recipe) -> Run:
         use_packed_attention(model)  # packed rows without the dense L x L mask transformers builds for these
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
+    if fsdp is not None:  # sharded before the optimizer exists: it must hold the sharded parameters
+        if fsdp.activation_checkpointing and not t.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        shard_model(model, fsdp_mesh(accelerator.device.type), mixed_precision, fsdp.reshard_after_forward)
     fused = accelerator.device.type in ("cpu", "cuda")  # torch's one-kernel AdamW where it has one
     optimizer = torch.optim.AdamW(param_groups(model, recipe), betas=ADAM_BETAS, eps=1e-8, fused=fused)
     stream, eval_data = load_data(accelerator, recipe, tokenizer)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp is None:  # a sharded model is not handed to Accelerate, which would wrap it again (DDP on CPU)
+        model, optimizer = accelerator.prepare(model, optimizer)
 
     state = {"step": 0, "tokens": 0, "rows": 0, "num_rows": stream.num_rows, "nonfinite_in_a_row": 0}
     if checkpoint is not None:
-        state.update(load_checkpoint(accelerator, checkpoint))
+        state.update(load_checkpoint(accelerator, checkpoint, model, optimizer))
         if state["num_rows"] != stream.num_rows:
             accelerator.print(f"warning: the data changed since {checkpoint.name}: the data order differs")
             state["num_rows"] = stream.num_rows
@@ -381,6 +407,7 @@ def set_up(recipe: Recipe) -> Run:
         f"training {n_trainable:,} of {n_total:,} parameters ({t.trainable}"
         f"{f' + LoRA r={t.lora.r}' if t.lora.r else ''}) on {accelerator.num_processes} process(es)"
         f"{f' ({cp.dp_size} data-parallel x {cp.cp_size} context-parallel)' if cp.enabled else ''}"
+        f"{f', weights sharded over all {accelerator.num_processes} (FSDP2, {fsdp.source})' if fsdp else ''}"
     )
     if state["step"] >= t.max_steps:
         accelerator.print(f"nothing to train: {checkpoint.name} is at step {state['step']} >= train.max_steps")
@@ -447,12 +474,19 @@ def train_step(run: Run, recipe: Recipe, step: int, signals: StopSignals) -> Ste
     step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for i, (local, shard) in enumerate(micro):
         last = i == len(micro) - 1  # gradients are all-reduced once, on the last micro-batch
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+        if is_sharded(model):
+            sync = gradient_sync(model, last)
+        else:
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+        with sync:
             summed = loss_sum(model, local, shard)
             accelerator.backward(summed * scale)
         step_loss += summed.detach().double()
     clip = t.clip_grad_norm if t.clip_grad_norm is not None else float("inf")
-    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip))
+    if is_sharded(model):  # the global norm over every shard
+        grad_norm = clip_grad_norm(model, clip)
+    else:
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip))
 
     # fp16's gradient scaler skips steps with inf gradients itself (and lowers its scale): not a divergence
     bad_grad = not math.isfinite(grad_norm) and accelerator.scaler is None
@@ -588,11 +622,11 @@ def train(recipe: Recipe) -> dict:
 def finish(run: Run, recipe: Recipe, history: list) -> dict:
     """Evaluate, export, and summarise the run.
 
-    Evaluation comes first, so the export's model card shows the report; a model sharded across processes
-    (FSDP, DeepSpeed) is evaluated from its export instead (re-export to add the table)."""
+    Evaluation comes first, so the export's model card shows the report. A model sharded by FSDP is evaluated
+    as saved in the final checkpoint; one sharded by DeepSpeed from its export (re-export to add the table)."""
     accelerator = run.accelerator
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    report = None if sharded else evaluate_after_training(accelerator, run.model, recipe)
+    sharded = accelerator.distributed_type == DistributedType.DEEPSPEED
+    report = None if sharded else evaluate_after_training(accelerator, run.model, recipe, checkpoint=run.checkpoint)
     exported = export_after_training(accelerator, recipe, run.checkpoint)
     if exported is not None:
         accelerator.print(f"exported to {exported}")

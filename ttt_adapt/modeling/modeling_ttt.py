@@ -293,7 +293,12 @@ class TTTLlamaForCausalLM(TTTPreTrainedMixin, LlamaForCausalLM):
 def ttt_learning_rates(model) -> dict:
     """{layer_idx: current learned TTT learning rate} (warmup factor excluded)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {m.layer_idx: float(m.ttt.lr.detach().float().mean()) for m in _ttt_mlps(base)}
+    rates = {}
+    for m in _ttt_mlps(base):
+        lr = m.ttt.lr.detach()
+        lr = lr.full_tensor() if hasattr(lr, "full_tensor") else lr  # sharded (FSDP): every process calls this
+        rates[m.layer_idx] = float(lr.float().mean())
+    return rates
 
 
 def set_ttt_training_step(model, step: int) -> None:

@@ -1,0 +1,157 @@
+"""Fully sharded data parallelism (FSDP2) for training: the request, the wrapping, the sharded step's helpers.
+
+Asked for by the recipe (`parallel.fsdp: true`) or by Accelerate's FSDP settings (`accelerate launch --use_fsdp
+--fsdp_version 2`, or an `accelerate config` file with FSDP), read from the environment `accelerate launch`
+sets. Either way the model is sharded by torch's `fully_shard` here, on every device type: Accelerate 1.15
+turns an FSDP request on CPU into plain data parallelism without a word, so the wrapping is not left to it.
+Every decoder layer (TTT layers included) is one FSDP unit, the rest (embeddings, final norm, head) the root
+unit; the weights are sharded over all processes (with context parallelism too: the (dp, cp) mesh of
+`ttt_adapt.parallel` decides which rows and tokens a rank reads, the FSDP mesh which weights it holds).
+Gradients are reduced in fp32; with bf16 mixed precision the weights are gathered in bf16 and the fast-weight
+scan still accumulates in fp32 (`ttt_layer._FastWeightScan`).
+
+A request that cannot be honoured raises `RecipeError` (one line): FSDP1, parameter offloading, fp16, a single
+process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+from ttt_adapt.config import Recipe, RecipeError
+
+ACCELERATE_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch --use_fsdp` and FSDP config files
+
+
+def _env_flag(name: str, default: str = "false") -> bool:
+    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes")
+
+
+class FSDPRequest:
+    """What was asked for: `source` (who asked), `reshard_after_forward`, `activation_checkpointing`."""
+
+    def __init__(self, source: str, reshard_after_forward: bool = True, activation_checkpointing: bool = False):
+        self.source = source
+        self.reshard_after_forward = reshard_after_forward
+        self.activation_checkpointing = activation_checkpointing
+
+
+def fsdp_request(recipe: Recipe) -> FSDPRequest | None:
+    """The FSDP request of the recipe or of Accelerate's launch settings, None if neither asks; RecipeError for
+    settings that cannot be honoured."""
+    from_accelerate = _env_flag(ACCELERATE_ENV)
+    if not (recipe.parallel.fsdp or from_accelerate):
+        return None
+    if not from_accelerate:
+        return FSDPRequest("parallel.fsdp")
+    version = os.environ.get("FSDP_VERSION", "1").strip()  # Accelerate's default is FSDP1
+    if version != "2":
+        raise RecipeError(
+            f"Accelerate's FSDP settings ask for fsdp_version {version}: ttt-adapt shards with FSDP2 only; "
+            "set fsdp_version: 2 (accelerate launch --use_fsdp --fsdp_version 2) or use parallel.fsdp=true"
+        )
+    if _env_flag("FSDP_OFFLOAD_PARAMS"):
+        raise RecipeError("Accelerate's FSDP settings ask for fsdp_offload_params, which ttt-adapt does not support; "
+                          "set it to false")
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower()
+    if reshard not in ("true", "false", "1", "0"):
+        raise RecipeError(f"Accelerate's FSDP setting fsdp_reshard_after_forward={reshard!r} is not an FSDP2 value "
+                          "(true or false)")
+    return FSDPRequest("accelerate (--use_fsdp)", reshard in ("true", "1"), _env_flag("FSDP_ACTIVATION_CHECKPOINTING"))
+
+
+def check_fsdp_run(request: FSDPRequest, mixed_precision: str) -> None:
+    """Refuse (RecipeError, one line) an FSDP run that would not shard or could not be exact."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world < 2:
+        raise RecipeError(
+            f"FSDP ({request.source}) shards the weights over several processes, and this run has 1: launch several "
+            "(accelerate launch --multi_gpu --num_processes N ...; --multi_gpu on CPU-only machines too), or drop "
+            "the FSDP request"
+        )
+    if mixed_precision == "fp16":
+        raise RecipeError("train.mixed_precision: fp16 is not supported with FSDP (no sharded gradient scaler): "
+                          "use bf16")
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder layers of a (possibly peft-wrapped) Qwen3/Llama-style causal LM, TTT layers included."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise ValueError(f"FSDP wraps decoder layers: {type(base).__name__} has no model.layers")
+    return list(layers)
+
+
+def shard_model(model, mesh, mixed_precision: str = "no", reshard_after_forward: bool = True):
+    """Shard `model` in place over the 1-D device `mesh`: one FSDP unit per decoder layer, the rest in the root.
+
+    Build the optimizer afterwards (the parameters become DTensors). With `mixed_precision="bf16"` the weights
+    are gathered for compute in bf16 while the sharded master weights, gradients' reduction and optimizer stay
+    fp32.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if mixed_precision == "bf16" else MixedPrecisionPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def fsdp_mesh(device_type: str):
+    """All processes in one 1-D mesh: FSDP shards the weights over every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("fsdp",))
+
+
+def is_sharded(model) -> bool:
+    """True for a model wrapped by `fully_shard` (FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def gradient_sync(model, enabled: bool):
+    """Context: reduce-scatter the gradients in this backward (`enabled`) or only accumulate them locally."""
+    if not is_sharded(model) or enabled:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def no_sync():
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+    return no_sync()
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Clip the sharded gradients to the global norm `max_norm`; return the global norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (the tensor itself otherwise)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def local_parameter_bytes(model) -> int:
+    """Bytes of parameters this process holds (its shards under FSDP)."""
+    return sum(local(p).numel() * p.element_size() for p in model.parameters())
+
+
+__all__ = [
+    "FSDPRequest", "fsdp_request", "check_fsdp_run", "decoder_layers", "shard_model", "fsdp_mesh", "is_sharded",
+    "gradient_sync", "clip_grad_norm", "local", "local_parameter_bytes",
+]
