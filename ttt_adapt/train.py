@@ -40,11 +40,12 @@ from ttt_adapt import convert
 from ttt_adapt.compat import enable_activation_checkpointing
 from ttt_adapt.config import Recipe, RecipeError
 from ttt_adapt.data import IGNORE_INDEX, build_datasets
+from ttt_adapt.modeling import BASE_MODEL_TYPES, TTT_MODEL_TYPES
 from ttt_adapt.modeling.modeling_ttt import set_ttt_training_step, ttt_learning_rates
 from ttt_adapt.parallel import ContextParallel, loss_sum, prepare_model
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
-CONVERTED_MODEL_TYPES = ("ttt_qwen3", "ttt_llama")
+SUPPORTED_MODEL_TYPES = BASE_MODEL_TYPES  # the families `convert` takes (ttt_adapt.modeling_ttt.FAMILIES)
+CONVERTED_MODEL_TYPES = TTT_MODEL_TYPES
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 ADAM_BETAS = (0.9, 0.95)  # the usual choice for LM pretraining; torch's default 0.999 adapts too slowly
@@ -68,8 +69,11 @@ def check_run(recipe: Recipe):
         raise RecipeError(f"model.name_or_path: cannot load a model config from {name!r}: {reason}") from None
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES + CONVERTED_MODEL_TYPES:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        what = f"a multimodal {model_type!r} model" if text is not config else f"a {model_type!r} model"
         raise RecipeError(
-            f"model.name_or_path: {name!r} is a {model_type!r} model; In-Place TTT converts Qwen3 and Llama models"
+            f"model.name_or_path: {name!r} is {what}; In-Place TTT converts text-only causal LMs with a gated MLP "
+            f"of model_type {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     num_layers = config.num_hidden_layers
     if model_type in CONVERTED_MODEL_TYPES:
