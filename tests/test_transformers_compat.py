@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import CACHE_KW, OLD_CACHE_KW, randomize_ttt, tiny_base
+from conftest import CACHE_KW, FAMILY_ARCHS, OLD_CACHE_KW, randomize_ttt, tiny_base
 from transformers import DynamicCache
 
 from ttt_adapt import TTTConfig, convert
@@ -33,7 +33,7 @@ def cached_logits(model, ids, name, splits=(6, 7, 11, 12)):
     return torch.cat(parts, 1)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize("arch", list(FAMILY_ARCHS))
 @pytest.mark.parametrize("name", [CACHE_KW, OLD_CACHE_KW])
 def test_cache_under_either_name_equals_full_forward(arch, name):
     model = ttt_model(arch)
