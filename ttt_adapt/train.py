@@ -112,8 +112,9 @@ def check_run(recipe: Recipe):
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RecipeError(f"model.name_or_path: cannot load a tokenizer from {name!r}: {reason}") from None
-    # transformers builds an empty one-token tokenizer for a folder without tokenizer files
-    if len(tokenizer) < 2:
+    # transformers builds a tokenizer of special tokens only (one for Qwen, five for Gemma) for a folder without
+    # tokenizer files
+    if len(tokenizer) < 2 or len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         raise RecipeError(f"model.name_or_path: {name!r} holds no tokenizer (save one next to the weights)")
     if len(tokenizer) > config.vocab_size:
         raise RecipeError(
