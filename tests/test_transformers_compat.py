@@ -148,3 +148,22 @@ def test_declared_floor_is_the_oldest_tested_release():
     assert floor == TESTED_TRANSFORMERS[0]
     ci = (REPO / ".ci" / "run").read_text()
     assert f"transformers=={TESTED_TRANSFORMERS[0]}" in ci  # CI really tests the floor
+
+
+def test_every_family_config_checks_its_ttt_settings_on_construction():
+    """transformers 5.0 configs are not dataclasses and never call `__post_init__`: the TTT checks and the
+    auto_map must still happen there (each family's config, built directly as a user or from_pretrained would)."""
+    from ttt_adapt.modeling import MODEL_CLASSES
+
+    for model_cls, lm_cls in MODEL_CLASSES:
+        config_cls = lm_cls.config_class
+        config = config_cls(num_hidden_layers=8, ttt={"chunk_size": 4})
+        assert config.ttt["layers"] == [0, 6] and config.ttt_code["transformers_tested"] == list(TESTED_TRANSFORMERS)
+        assert config.auto_map == {
+            "AutoConfig": f"configuration_ttt.{config_cls.__name__}",
+            "AutoModel": f"modeling_ttt.{model_cls.__name__}",
+            "AutoModelForCausalLM": f"modeling_ttt.{lm_cls.__name__}",
+        }
+        assert config_cls.from_dict(config.to_dict()).ttt == config.ttt
+        with pytest.raises(ValueError, match="ttt layer 8 is out of range"):
+            config_cls(num_hidden_layers=8, ttt={"layers": [8]})

@@ -75,7 +75,8 @@ def _why_not(model) -> str:
         return "has no decoder-layer MLPs (modules named 'mlp')"
     for mlp in mlps:
         if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-            return f"has an MLP that is not gated ({type(mlp).__name__}; In-Place TTT needs gate_proj, up_proj, down_proj)"
+            return (f"has an MLP that is not gated ({type(mlp).__name__}; In-Place TTT needs gate_proj, up_proj, "
+                    "down_proj)")
     return "is not a supported family"
 
 
