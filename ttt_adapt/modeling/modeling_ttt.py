@@ -1,7 +1,7 @@
 """In-Place TTT versions of transformers' decoder families: thin subclasses, nothing copied.
 
-`FAMILIES` at the end lists every family and the stock classes its TTT classes subclass; each TTT class is
-"TTT" + the stock name (`TTTQwen3ForCausalLM`, `TTTGemma3TextModel`, ...).
+The `ttt_family(...)` lines at the end list every family and the stock classes its TTT classes subclass; each
+TTT class is "TTT" + the stock name (`TTTQwen3ForCausalLM`, `TTTGemma3TextModel`, ...).
 
 The chosen decoder layers get a `TTTMLP`; the model builds a `TTTContext` (real tokens, document starts,
 input embeddings, generation state) once per forward and hands it to those layers. Generation state lives
