@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a Qwen3/Llama checkpoint to In-Place TTT, tune it on long sequences, export it.
+"""Convert a checkpoint (Qwen3, Qwen2, Llama, Mistral, Gemma 3 text) to In-Place TTT, tune it on long sequences, export it.
 
     python scripts/adapt.py RECIPE.yaml [dotted.key=value ...]
     accelerate launch scripts/adapt.py RECIPE.yaml [dotted.key=value ...]

@@ -22,20 +22,45 @@ CACHE_KW = _cache_kw()
 OLD_CACHE_KW = "past_key_values" if CACHE_KW == "cache" else "cache"
 
 
-def tiny_base(arch="qwen3", seed=0, layers=4, tie=False, **overrides):
-    """A tiny random Qwen3 / Llama causal LM built locally (nothing downloaded)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+# Every family `convert` takes, with what its tiny test config sets beyond the common sizes: each family's own
+# details are switched on, so that the contract tests run through them (sliding windows with their cache layers,
+# Gemma 3's scaled embeddings, extra norms, query_pre_attn_scalar and final logit softcapping).
+FAMILY_ARCHS = {
+    "qwen3": {},
+    "llama": {},
+    "qwen2": dict(use_sliding_window=True, sliding_window=5, max_window_layers=2),  # layers 2, 3 slide
+    "mistral": dict(sliding_window=6),  # every layer slides
+    "gemma3": dict(
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        sliding_window=5, query_pre_attn_scalar=16, final_logit_softcapping=3.0,
+    ),
+}
 
+
+def tiny_base(arch="qwen3", seed=0, layers=4, tie=False, **overrides):
+    """A tiny random causal LM of a family in FAMILY_ARCHS, built locally (nothing downloaded)."""
+    import transformers
+
+    config_cls, lm_cls = {
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+        "mistral": ("MistralConfig", "MistralForCausalLM"),
+        "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    }[arch]
     torch.manual_seed(seed)
     common = dict(
         vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, tie_word_embeddings=tie, max_position_embeddings=512,
         pad_token_id=0, eos_token_id=1, bos_token_id=2,
     )
+    extra = dict(FAMILY_ARCHS[arch])
+    if "layer_types" in extra:
+        extra["layer_types"] = (extra["layer_types"] * layers)[:layers]
+    common.update(extra)
     common.update(overrides)
-    if arch == "qwen3":
-        return Qwen3ForCausalLM(Qwen3Config(**common)).eval()
-    return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    config = getattr(transformers, config_cls)(**common)
+    return getattr(transformers, lm_cls)(config).eval()
 
 
 def randomize_ttt(model, seed=1, scale=0.3):

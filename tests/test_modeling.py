@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import CACHE_KW, randomize_ttt, tiny_base
+from conftest import CACHE_KW, FAMILY_ARCHS, randomize_ttt, tiny_base
 from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from ttt_adapt import TTTConfig, convert
@@ -14,15 +14,20 @@ def ttt_model(arch="qwen3", chunk_size=4, layers=(0, 2), seed=0, **kw):
     return randomize_ttt(model).eval()
 
 
+ARCHS = list(FAMILY_ARCHS)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def gen_positions(mask):
     pos = mask.long().cumsum(-1) - 1
     return pos.masked_fill(mask == 0, 1)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("ttt_kw", [{}, {"lr_mode": "token", "target": "input_embed"}])
 def test_converted_equals_base_at_step_zero(arch, ttt_kw):
-    base = tiny_base(arch, tie=(arch == "llama"))
+    tie = arch in ("llama", "gemma3")
+    base = tiny_base(arch, tie=tie)
     ids = torch.randint(3, 97, (2, 37))
     with torch.no_grad():
         ref = base(ids).logits
@@ -31,8 +36,49 @@ def test_converted_equals_base_at_step_zero(arch, ttt_kw):
     # the base weights are shared, not copied
     assert model.model.embed_tokens.weight is base.model.embed_tokens.weight
     assert model.model.layers[0].mlp.down_proj.weight is base.model.layers[0].mlp.down_proj.weight
-    if arch == "llama":
+    if tie:
         assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ttt_model_holds_what_the_stock_model_holds(arch):
+    """The TTT causal LM is built without the stock __init__ (TTTCausalLMMixin): it must still hold every stock
+    submodule (of the stock type or a subclass; TTT MLPs aside) and every public attribute, so a family whose
+    causal LM builds more than `model` + `lm_head` fails here."""
+    base = tiny_base(arch)
+    model = convert(base, TTTConfig(layers=[0, 2], chunk_size=4))
+    stock, ttt = dict(base.named_modules()), dict(model.named_modules())
+    ttt_mlps = {f"model.layers.{i}.mlp" for i in (0, 2)}
+    assert set(stock) <= set(ttt) and all(".mlp.ttt" in n for n in set(ttt) - set(stock))
+    for name, module in stock.items():
+        assert name in ttt_mlps or isinstance(ttt[name], type(module)), (name, type(ttt[name]), type(module))
+    public = lambda m: {k for k in vars(m) if not k.startswith("_")}  # noqa: E731
+    assert public(model) == public(base) and public(model.model) == public(base.model)
+    assert model.config.model_type == "ttt_" + base.config.model_type
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_input_embed_target_is_what_the_decoder_receives(arch):
+    """Gemma 3 scales its embeddings inside `embed_tokens`: the `input_embed` target is the decoder's input,
+    scale included, for every family."""
+    model = ttt_model(arch, target="input_embed")
+    ids = torch.randint(3, 97, (2, 9))
+    seen = {}
+
+    def decoder_input(module, args, kwargs):
+        seen["decoder_input"] = args[0] if args else kwargs["hidden_states"]
+
+    def target_source(module, args):
+        seen["target_source"] = module.ttt_context.inputs_embeds
+
+    model.model.layers[0].register_forward_pre_hook(decoder_input, with_kwargs=True)
+    model.model.layers[2].mlp.register_forward_pre_hook(target_source)
+    with torch.no_grad():
+        model(ids)
+    assert torch.equal(seen["target_source"], seen["decoder_input"])
+    if arch == "gemma3":  # the scale really is in it
+        raw = model.model.embed_tokens.weight[ids]
+        torch.testing.assert_close(seen["target_source"], raw * model.config.hidden_size**0.5)
 
 
 def test_ttt_changes_only_later_chunks():
@@ -50,7 +96,8 @@ def test_ttt_changes_only_later_chunks():
 
 @pytest.mark.parametrize(
     "arch,kw",
-    [("qwen3", {"lr_mode": "token"}), ("llama", {}), ("qwen3", {"target": "input_embed", "clip_update_norm": 0.5})],
+    [("qwen3", {"lr_mode": "token"}), ("llama", {}), ("qwen3", {"target": "input_embed", "clip_update_norm": 0.5}),
+     ("qwen2", {"lr_mode": "token"}), ("mistral", {}), ("gemma3", {}), ("gemma3", {"target": "input_embed"})],
 )
 def test_incremental_decoding_equals_full_forward(arch, kw):
     model = ttt_model(arch, chunk_size=4, **kw)
@@ -70,8 +117,9 @@ def test_incremental_decoding_equals_full_forward(arch, kw):
     torch.testing.assert_close(inc[real], full[real], rtol=1e-4, atol=1e-5)
 
 
-def test_multi_token_continuation_with_cache_equals_full_forward():
-    model = ttt_model(chunk_size=4)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_multi_token_continuation_with_cache_equals_full_forward(arch):
+    model = ttt_model(arch, chunk_size=4)
     ids = torch.randint(3, 97, (2, 23))
     with torch.no_grad():
         full = model(ids).logits
@@ -83,8 +131,9 @@ def test_multi_token_continuation_with_cache_equals_full_forward():
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-5)
 
 
-def test_left_padded_batch_equals_rows_alone():
-    model = ttt_model(chunk_size=4)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padded_batch_equals_rows_alone(arch):
+    model = ttt_model(arch, chunk_size=4)
     rows = [torch.randint(3, 97, (n,)) for n in (14, 9, 5)]
     L = max(len(r) for r in rows)
     ids = torch.zeros(3, L, dtype=torch.long)
@@ -99,8 +148,9 @@ def test_left_padded_batch_equals_rows_alone():
             torch.testing.assert_close(batch[i, L - len(r) :], alone, rtol=1e-4, atol=1e-5)
 
 
-def test_packed_documents_equal_each_alone():
-    model = ttt_model(chunk_size=4)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_documents_equal_each_alone(arch):
+    model = ttt_model(arch, chunk_size=4)
     docs = [torch.randint(3, 97, (n,)) for n in (9, 3, 12)]
     ids = torch.cat(docs).unsqueeze(0)
     pos = torch.cat([torch.arange(len(d)) for d in docs]).unsqueeze(0)
@@ -113,8 +163,9 @@ def test_packed_documents_equal_each_alone():
             start += len(d)
 
 
-def test_generate_left_padded_batch_matches_rows_alone():
-    model = ttt_model(chunk_size=4)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_left_padded_batch_matches_rows_alone(arch):
+    model = ttt_model(arch, chunk_size=4)
     rows = [torch.randint(3, 97, (n,)) for n in (7, 3)]
     ids = torch.zeros(2, 7, dtype=torch.long)
     mask = torch.zeros(2, 7, dtype=torch.long)
@@ -152,10 +203,11 @@ def test_beam_search_sampling_and_return_sequences_run():
     assert torch.equal(one, greedy)
 
 
-def test_beam_search_reorders_fast_weights():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_beam_search_reorders_fast_weights(arch):
     """Beam search must give the same best sequence as scoring candidates by full forwards would allow:
     checked by comparing beam scores with the full-forward log-probability of the returned beams."""
-    model = ttt_model(chunk_size=3)
+    model = ttt_model(arch, chunk_size=3)
     ids = torch.randint(3, 97, (1, 4))
     out = model.generate(
         ids, num_beams=3, num_return_sequences=3, do_sample=False, max_new_tokens=8, pad_token_id=0,
@@ -218,10 +270,25 @@ def test_bad_config_rejected(cfg, match):
         convert(tiny_base(), cfg)
 
 
-def test_not_gated_and_already_converted_rejected():
+def test_not_gated_multimodal_bidirectional_and_already_converted_rejected():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    supported = ("In-Place TTT takes Qwen3ForCausalLM (qwen3), Qwen2ForCausalLM (qwen2), LlamaForCausalLM (llama), "
+                 "MistralForCausalLM (mistral), Gemma3ForCausalLM (gemma3_text)")
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match="not gated"):
+    with pytest.raises(ValueError, match="not gated") as err:
         convert(gpt2, TTTConfig(layers=[0]))
+    assert str(err.value).endswith(supported) and "\n" not in str(err.value)
+    text = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    multimodal = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    with pytest.raises(ValueError, match=r"^Gemma3ForConditionalGeneration is a multimodal model \(gemma3\)") as err:
+        convert(multimodal, TTTConfig(layers=[0]))
+    assert str(err.value).endswith(supported) and "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="bidirectional attention"):
+        convert(tiny_base("gemma3", use_bidirectional_attention=True), TTTConfig(layers=[0]))
     model = ttt_model()
     with pytest.raises(ValueError, match="already an In-Place TTT model"):
         convert(model, TTTConfig(layers=[0]))

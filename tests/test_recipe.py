@@ -185,7 +185,13 @@ def test_hub_ids_are_not_checked_on_disk(tmp_path, corpus):
     assert load_recipe(path, ["model.name_or_path=Qwen/Qwen3-4B-Base"]).model.name_or_path == "Qwen/Qwen3-4B-Base"
 
 
-PUBLISHED = {"qwen3_4b.yaml": 36, "qwen3_8b.yaml": 36, "llama3_1_8b.yaml": 32}
+# recipe -> decoder layers of its model (Qwen2.5-7B 28, Mistral-7B-v0.3 32, gemma-3-1b-pt 26)
+PUBLISHED = {"qwen3_4b.yaml": 36, "qwen3_8b.yaml": 36, "llama3_1_8b.yaml": 32, "qwen2_5_7b.yaml": 28,
+             "mistral_7b.yaml": 32, "gemma3_1b.yaml": 26}
+
+
+def test_every_shipped_recipe_is_checked():
+    assert {p.name for p in (REPO / "recipes").glob("*.yaml")} == {*PUBLISHED, "tiny_qwen3.yaml"}
 
 
 @pytest.mark.parametrize("name, num_layers", PUBLISHED.items())
@@ -193,7 +199,7 @@ def test_published_recipes(tmp_path, corpus, name, num_layers):
     """The published settings, with the data path (the one thing a user must fill in) pointed at a file."""
     recipe = load_recipe(REPO / "recipes" / name, [f"data.path={corpus}", f"train.output_dir={tmp_path / 'run'}"])
     layers = recipe.ttt.resolved_layers(num_layers)
-    assert layers == list(range(0, num_layers, 6)) and len(layers) == 6
+    assert layers == list(range(0, num_layers, 6))  # every 6th layer from 0
     assert recipe.ttt.chunk_size in (1024, 4096)
     t = recipe.train
     assert (t.trainable, t.lr, t.weight_decay, t.clip_grad_norm) == ("full", 5e-6, 0.1, 1.0)
@@ -201,6 +207,35 @@ def test_published_recipes(tmp_path, corpus, name, num_layers):
     assert recipe.data.seq_len == 32768
     # the shipped data path is a placeholder that fails with one clear line until the user fills it in
     assert "data.path: no such file or folder" in error_of(REPO / "recipes" / name)
+
+
+def test_run_check_names_the_supported_families(tmp_path, corpus):
+    """A multimodal checkpoint (e.g. Gemma 3 4b) is refused before any work with one line naming what is supported;
+    a text-only Gemma 3 passes (once its folder holds a tokenizer)."""
+    import shutil
+
+    from transformers import Gemma3Config, Gemma3TextConfig
+
+    from ttt_adapt.train import check_run
+
+    recipe = write(tmp_path, minimal(tmp_path))
+    text = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8)
+    Gemma3Config(text_config=text, vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=2, image_size=28, patch_size=14)).save_pretrained(tmp_path / "model")
+    with pytest.raises(RecipeError) as err:
+        check_run(load_recipe(recipe))
+    assert str(err.value) == (
+        f"model.name_or_path: {str(tmp_path / 'model')!r} is a multimodal 'gemma3' model; In-Place TTT converts "
+        "text-only causal LMs with a gated MLP of model_type qwen3, qwen2, llama, mistral, gemma3_text"
+    )
+    (tmp_path / "model" / "config.json").unlink()
+    Gemma3TextConfig(**dict(text, vocab_size=1024)).save_pretrained(tmp_path / "model")
+    with pytest.raises(RecipeError, match="holds no tokenizer"):  # transformers makes one of 5 special tokens
+        check_run(load_recipe(recipe, ["ttt.layers=[0]"]))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REPO / "ttt_adapt" / "assets" / "tiny_qwen3_base" / name, tmp_path / "model" / name)
+    assert check_run(load_recipe(recipe, ["ttt.layers=[0]"])).model_type == "gemma3_text"
 
 
 def test_tiny_recipe_is_valid():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import CACHE_KW, OLD_CACHE_KW, randomize_ttt, tiny_base
+from conftest import CACHE_KW, FAMILY_ARCHS, OLD_CACHE_KW, randomize_ttt, tiny_base
 from transformers import DynamicCache
 
 from ttt_adapt import TTTConfig, convert
@@ -33,7 +33,7 @@ def cached_logits(model, ids, name, splits=(6, 7, 11, 12)):
     return torch.cat(parts, 1)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize("arch", list(FAMILY_ARCHS))
 @pytest.mark.parametrize("name", [CACHE_KW, OLD_CACHE_KW])
 def test_cache_under_either_name_equals_full_forward(arch, name):
     model = ttt_model(arch)
@@ -150,14 +150,20 @@ def test_declared_floor_is_the_oldest_tested_release():
     assert f"transformers=={TESTED_TRANSFORMERS[0]}" in ci  # CI really tests the floor
 
 
-def test_config_is_validated_and_completed_whatever_the_config_machinery():
-    """transformers 5.0's configs are plain classes (no __post_init__); later ones are dataclasses: both paths
-    must resolve the TTT layers, validate them and write the full auto_map."""
-    from ttt_adapt.modeling.configuration_ttt import TTTQwen3Config
+def test_every_family_config_checks_its_ttt_settings_on_construction():
+    """transformers 5.0 configs are not dataclasses and never call `__post_init__`: the TTT checks and the
+    auto_map must still happen there (each family's config, built directly as a user or from_pretrained would)."""
+    from ttt_adapt.modeling import MODEL_CLASSES
 
-    config = TTTQwen3Config(num_hidden_layers=13, ttt={"chunk_size": 8})
-    assert config.ttt["layers"] == [0, 6, 12] and config.ttt["chunk_size"] == 8
-    assert set(config.auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
-    assert config.ttt_code == {"transformers_tested": list(TESTED_TRANSFORMERS)}
-    with pytest.raises(ValueError, match="ttt layer 5 is out of range"):
-        TTTQwen3Config(num_hidden_layers=3, ttt={"layers": [5]})
+    for model_cls, lm_cls in MODEL_CLASSES:
+        config_cls = lm_cls.config_class
+        config = config_cls(num_hidden_layers=8, ttt={"chunk_size": 4})
+        assert config.ttt["layers"] == [0, 6] and config.ttt_code["transformers_tested"] == list(TESTED_TRANSFORMERS)
+        assert config.auto_map == {
+            "AutoConfig": f"configuration_ttt.{config_cls.__name__}",
+            "AutoModel": f"modeling_ttt.{model_cls.__name__}",
+            "AutoModelForCausalLM": f"modeling_ttt.{lm_cls.__name__}",
+        }
+        assert config_cls.from_dict(config.to_dict()).ttt == config.ttt
+        with pytest.raises(ValueError, match="ttt layer 8 is out of range"):
+            config_cls(num_hidden_layers=8, ttt={"layers": [8]})

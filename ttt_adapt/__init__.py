@@ -1,4 +1,4 @@
-"""ttt-adapt: turn Qwen3 / Llama checkpoints into In-Place Test-Time Training models.
+"""ttt-adapt: turn Qwen3 / Qwen2 / Llama / Mistral / Gemma 3 checkpoints into In-Place Test-Time Training models.
 
     from ttt_adapt import TTTConfig, convert
     model = convert(AutoModelForCausalLM.from_pretrained(base), TTTConfig(layers=[0, 6, 12], chunk_size=1024))

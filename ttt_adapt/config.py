@@ -61,7 +61,7 @@ class ModelConfig:
     """The base checkpoint.
 
     Args:
-        name_or_path: a Hugging Face hub id (`Qwen/Qwen3-4B-Base`) or a local folder (Qwen3 or Llama).
+        name_or_path: a Hugging Face hub id (`Qwen/Qwen3-4B-Base`) or a local folder (a family `convert` takes).
         dtype: dtype the weights are loaded and trained in; keep float32 master weights and set
             `train.mixed_precision` for bf16 compute.
         attn_implementation: transformers attention backend (`sdpa`, `eager`, `flash_attention_2`, ...);

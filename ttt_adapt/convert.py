@@ -1,41 +1,43 @@
-"""Pretrained Qwen3 / Llama causal LM -> In-Place TTT model, sharing the base weights (no copies)."""
+"""Pretrained causal LM (Qwen3, Qwen2, Llama, Mistral, Gemma 3 text) -> In-Place TTT model, sharing the base weights."""
 
 import torch
-from transformers import LlamaForCausalLM, Qwen3ForCausalLM
 
-from .modeling.configuration_ttt import TTTConfig, TTTLlamaConfig, TTTQwen3Config
-from .modeling.modeling_ttt import TTTLlamaForCausalLM, TTTQwen3ForCausalLM
+from .modeling import MODEL_CLASSES
+from .modeling.configuration_ttt import TTTConfig
 from .modeling.ttt_layer import TTTParams
 
-# base class -> (TTT config class, TTT model class)
-SUPPORTED = {
-    Qwen3ForCausalLM: (TTTQwen3Config, TTTQwen3ForCausalLM),
-    LlamaForCausalLM: (TTTLlamaConfig, TTTLlamaForCausalLM),
-}
+# stock causal LM class -> its TTT version (which subclasses it, last base); see modeling_ttt.ttt_family
+SUPPORTED = {lm.__bases__[-1]: lm for _, lm in MODEL_CLASSES}
+
+
+def supported_names() -> str:
+    """The causal LM classes `convert` takes, with their model_types, for error messages."""
+    return ", ".join(f"{stock.__name__} ({lm.config_class.model_type.removeprefix('ttt_')})"
+                     for stock, lm in SUPPORTED.items())
 
 
 def convert(model, ttt_config: TTTConfig | None = None):
-    """Turn a pretrained `Qwen3ForCausalLM` / `LlamaForCausalLM` into its In-Place TTT version.
+    """Turn a pretrained causal LM of a supported family (`SUPPORTED`: Qwen3, Qwen2, Llama, Mistral, Gemma 3 text)
+    into its In-Place TTT version.
 
     The returned model holds the very same base parameter tensors (tied embeddings stay tied) plus new TTT
     parameters on the base's device and dtype, initialised so that its outputs equal the base's exactly.
     Raises ValueError naming the problem for a model it cannot take or a bad `ttt_config`.
     """
     ttt_config = ttt_config if ttt_config is not None else TTTConfig()
-    if getattr(model.config, "model_type", "").startswith("ttt_") or any(
-        isinstance(model, cls) for _, cls in SUPPORTED.values()
-    ):
+    if getattr(model.config, "model_type", "").startswith("ttt_") or isinstance(model, tuple(SUPPORTED.values())):
         raise ValueError(f"{type(model).__name__} is already an In-Place TTT model")
-    _check_gated(model)
     if type(model) not in SUPPORTED:
-        names = ", ".join(cls.__name__ for cls in SUPPORTED)
-        raise ValueError(f"{type(model).__name__} is not supported; In-Place TTT takes {names}")
+        raise ValueError(f"{type(model).__name__} {_why_not(model)}; In-Place TTT takes {supported_names()}")
+    if getattr(model.config, "use_bidirectional_attention", False):
+        raise ValueError(f"{type(model).__name__} has bidirectional attention; In-Place TTT needs a causal model")
     if not isinstance(ttt_config, TTTConfig):
         raise ValueError(f"ttt_config must be a TTTConfig, got {type(ttt_config).__name__}")
     num_layers = model.config.num_hidden_layers
     ttt_config.validate(num_layers)
 
-    config_cls, model_cls = SUPPORTED[type(model)]
+    model_cls = SUPPORTED[type(model)]
+    config_cls = model_cls.config_class
     base_dict = model.config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         base_dict.pop(key, None)
@@ -62,16 +64,20 @@ def convert(model, ttt_config: TTTConfig | None = None):
     return ttt_model
 
 
-def _check_gated(model):
+def _why_not(model) -> str:
+    """Why `convert` does not take `model`, in a few words."""
+    config = model.config
+    if hasattr(config, "get_text_config") and config.get_text_config() is not config:
+        return (f"is a multimodal model ({getattr(config, 'model_type', '?')}): pass its text-only causal LM, "
+                "e.g. Gemma3ForCausalLM for Gemma 3 text checkpoints (model_type gemma3_text)")
     mlps = [m for name, m in model.named_modules() if name.endswith(".mlp") or name == "mlp"]
     if not mlps:
-        raise ValueError(f"{type(model).__name__} has no decoder-layer MLPs (modules named 'mlp')")
+        return "has no decoder-layer MLPs (modules named 'mlp')"
     for mlp in mlps:
         if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-            raise ValueError(
-                f"the MLP of {type(model).__name__} ({type(mlp).__name__}) is not gated: "
-                "In-Place TTT needs gate_proj, up_proj and down_proj"
-            )
+            return (f"has an MLP that is not gated ({type(mlp).__name__}; In-Place TTT needs gate_proj, up_proj, "
+                    "down_proj)")
+    return "is not a supported family"
 
 
 def _share_buffers(ttt_model, base):

@@ -471,7 +471,7 @@ def run_evaluation(settings: EvalSettings | dict, base, adapted, out_dir, *, tok
 
     Args:
         settings: `EvalSettings` (or a mapping of its fields); `corpus` must be set.
-        base: the base model's folder / hub id, or a loaded `Qwen3ForCausalLM` / `LlamaForCausalLM`.
+        base: the base model's folder / hub id, or a loaded causal LM of a family `convert` takes.
         adapted: the TTT model's folder (an export), or a loaded TTT model (peft-wrapped is fine). It is left
             in the train/eval mode it came in.
         out_dir: where the files go (created).

@@ -15,9 +15,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ttt_adapt.compat import enable_activation_checkpointing
 from ttt_adapt.config import Recipe, RecipeError
 from ttt_adapt.convert import convert
+from ttt_adapt.modeling import BASE_MODEL_TYPES, TTT_MODEL_TYPES
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
-CONVERTED_MODEL_TYPES = ("ttt_qwen3", "ttt_llama")
+SUPPORTED_MODEL_TYPES = BASE_MODEL_TYPES  # the families `convert` takes (ttt_adapt.modeling_ttt.FAMILIES)
+CONVERTED_MODEL_TYPES = TTT_MODEL_TYPES
 
 
 def is_ttt_param(name: str) -> bool:

@@ -113,7 +113,7 @@ def prepare_model(model) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not hasattr(base, "ttt_modules"):
         raise ValueError(
-            f"context parallelism needs an In-Place TTT model (ttt_qwen3 / ttt_llama), got {type(base).__name__}"
+            f"context parallelism needs an In-Place TTT model (made by ttt_adapt.convert), got {type(base).__name__}"
         )
     config = base.config
     for i, kind in enumerate(getattr(config, "layer_types", None) or ["full_attention"]):
@@ -364,6 +364,8 @@ def cp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
                                 sliding_window=sliding_window, **kwargs)
     if dropout:
         raise ValueError("context parallelism cannot apply attention dropout exactly: set attention_dropout to 0")
+    if kwargs.get("softcap") is not None:  # no family passes one today (SDPA has no softcapping either)
+        raise ValueError("context parallelism cannot apply attention logit softcapping")
     blocks = cp_shard.attention_blocks(sliding_window)
     kv = _gathered(torch.stack([key, value]), cp_shard.group)  # (cp, 2, B, kv_heads, L/cp, D)
     # only the shards holding keys some local query can see, up to this rank's own

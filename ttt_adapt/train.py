@@ -81,8 +81,11 @@ def check_run(recipe: Recipe):
         raise RecipeError(f"model.name_or_path: cannot load a model config from {name!r}: {reason}") from None
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES + CONVERTED_MODEL_TYPES:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        what = f"a multimodal {model_type!r} model" if text is not config else f"a {model_type!r} model"
         raise RecipeError(
-            f"model.name_or_path: {name!r} is a {model_type!r} model; In-Place TTT converts Qwen3 and Llama models"
+            f"model.name_or_path: {name!r} is {what}; In-Place TTT converts text-only causal LMs with a gated MLP "
+            f"of model_type {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     num_layers = config.num_hidden_layers
     if model_type in CONVERTED_MODEL_TYPES:
@@ -121,8 +124,9 @@ def check_run(recipe: Recipe):
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RecipeError(f"model.name_or_path: cannot load a tokenizer from {name!r}: {reason}") from None
-    # transformers builds an empty one-token tokenizer for a folder without tokenizer files
-    if len(tokenizer) < 2:
+    # transformers builds a tokenizer of special tokens only (one for Qwen, five for Gemma) for a folder without
+    # tokenizer files
+    if len(tokenizer) < 2 or len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         raise RecipeError(f"model.name_or_path: {name!r} holds no tokenizer (save one next to the weights)")
     if len(tokenizer) > config.vocab_size:
         raise RecipeError(

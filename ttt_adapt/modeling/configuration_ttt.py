@@ -1,7 +1,7 @@
 """Configuration of In-Place TTT models.
 
-`TTTConfig` holds the TTT knobs; `TTTQwen3Config` / `TTTLlamaConfig` are the stock transformers configs
-plus one `ttt` dict holding a `TTTConfig`. This file ships inside every export: torch/transformers only.
+`TTTConfig` holds the TTT knobs; each family's config (`TTTQwen3Config`, `TTTGemma3TextConfig`, ...) is its stock
+transformers config plus one `ttt` dict holding a `TTTConfig`. This file ships inside every export: torch/transformers only.
 It is the first file of an export that transformers imports, so it refuses a transformers release older than
 the oldest one this code is tested with.
 """
@@ -9,7 +9,7 @@ the oldest one this code is tested with.
 from dataclasses import asdict, dataclass, fields
 
 import transformers
-from transformers import LlamaConfig, Qwen3Config
+from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 # The transformers releases this code is tested with (oldest, newest); pyproject.toml declares the same floor.
 TESTED_TRANSFORMERS = ("5.0.0", "5.24.0")
@@ -121,27 +121,29 @@ class TTTConfig:
 class TTTConfigMixin:
     """Adds the `ttt` dict to a stock decoder config and checks it."""
 
+    ttt_classes = ("", "")  # (model, causal LM) class names in modeling_ttt: the export's auto_map
+
     def __init__(self, ttt=None, ttt_code=None, base_model_name_or_path=None, **kwargs):
-        # Only transformers releases whose configs are plain classes (5.0) run this; where configs are
-        # dataclasses, each config class gets a generated __init__ that calls __post_init__ instead.
-        self.ttt, self.base_model_name_or_path = ttt, base_model_name_or_path
+        # Only where configs are not dataclasses (transformers 5.0): there nothing calls __post_init__. Newer
+        # releases generate an __init__ on each config class, which runs instead of this one.
         super().__init__(**kwargs)
-        self._finish_ttt()
+        self.ttt, self.base_model_name_or_path = ttt, base_model_name_or_path
+        self._check_ttt()
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self._finish_ttt()
+        self._check_ttt()
 
-    def _finish_ttt(self):
+    def _check_ttt(self):
         ttt = TTTConfig.from_dict(self.ttt or {})
         ttt.layers = ttt.validate(self.num_hidden_layers).resolved_layers(self.num_hidden_layers)
         self.ttt = ttt.to_dict()
         # So that exports load with trust_remote_code through AutoConfig, AutoModel and AutoModelForCausalLM.
-        prefix = type(self).__name__[: -len("Config")]
+        model, causal_lm = self.ttt_classes
         defaults = {
             "AutoConfig": f"configuration_ttt.{type(self).__name__}",
-            "AutoModel": f"modeling_ttt.{prefix}Model",
-            "AutoModelForCausalLM": f"modeling_ttt.{prefix}ForCausalLM",
+            "AutoModel": f"modeling_ttt.{model}",
+            "AutoModelForCausalLM": f"modeling_ttt.{causal_lm}",
         }
         self.auto_map = {**defaults, **(getattr(self, "auto_map", None) or {})}
         # What the code that reads this config was tested with (an export's code and config travel together).
@@ -152,22 +154,31 @@ class TTTConfigMixin:
         return TTTConfig.from_dict(self.ttt)
 
 
-class TTTQwen3Config(TTTConfigMixin, Qwen3Config):
-    r"""A `Qwen3Config` with In-Place TTT settings in `ttt` (see `TTTConfig`)."""
+def ttt_config_class(stock, model: str, causal_lm: str) -> type:
+    """`TTT<stock name>`: the `stock` config plus `ttt`, with model_type `ttt_<stock model_type>` (a unique one, so
+    that a stock class never silently loads a TTT export); `model` / `causal_lm` name its modeling_ttt classes."""
+    name = f"TTT{stock.__name__}"
+    fields_ = {"ttt": dict | None, "ttt_code": dict | None, "base_model_name_or_path": str | None}
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"A `{stock.__name__}` with In-Place TTT settings in `ttt` (see `TTTConfig`).",
+        "__annotations__": fields_,
+        **dict.fromkeys(fields_),
+        "model_type": f"ttt_{stock.model_type}",
+        "ttt_classes": (model, causal_lm),
+    }
+    return type(name, (TTTConfigMixin, stock), namespace)
 
-    model_type = "ttt_qwen3"
-    ttt: dict | None = None
-    ttt_code: dict | None = None
-    base_model_name_or_path: str | None = None
 
+# One config per family (modeling_ttt.py pairs each with the stock model classes its TTT classes subclass).
+TTTQwen3Config = ttt_config_class(Qwen3Config, "TTTQwen3Model", "TTTQwen3ForCausalLM")
+TTTQwen2Config = ttt_config_class(Qwen2Config, "TTTQwen2Model", "TTTQwen2ForCausalLM")
+TTTLlamaConfig = ttt_config_class(LlamaConfig, "TTTLlamaModel", "TTTLlamaForCausalLM")
+TTTMistralConfig = ttt_config_class(MistralConfig, "TTTMistralModel", "TTTMistralForCausalLM")
+TTTGemma3TextConfig = ttt_config_class(Gemma3TextConfig, "TTTGemma3TextModel", "TTTGemma3ForCausalLM")
 
-class TTTLlamaConfig(TTTConfigMixin, LlamaConfig):
-    r"""A `LlamaConfig` with In-Place TTT settings in `ttt` (see `TTTConfig`)."""
-
-    model_type = "ttt_llama"
-    ttt: dict | None = None
-    ttt_code: dict | None = None
-    base_model_name_or_path: str | None = None
-
-
-__all__ = ["TTTConfig", "TTTQwen3Config", "TTTLlamaConfig", "TESTED_TRANSFORMERS", "check_transformers"]
+__all__ = [
+    "TTTConfig", "TTTQwen3Config", "TTTQwen2Config", "TTTLlamaConfig", "TTTMistralConfig", "TTTGemma3TextConfig",
+    "TESTED_TRANSFORMERS", "check_transformers",
+]

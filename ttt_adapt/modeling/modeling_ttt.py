@@ -1,4 +1,7 @@
-"""In-Place TTT versions of transformers' Qwen3 and Llama: thin subclasses, nothing copied.
+"""In-Place TTT versions of transformers' decoder families: thin subclasses, nothing copied.
+
+The `ttt_family(...)` lines at the end list every family and the stock classes its TTT classes subclass; each
+TTT class is "TTT" + the stock name (`TTTQwen3ForCausalLM`, `TTTGemma3TextModel`, ...).
 
 The chosen decoder layers get a `TTTMLP`; the model builds a `TTTContext` (real tokens, document starts,
 input embeddings, generation state) once per forward and hands it to those layers. Generation state lives
@@ -16,21 +19,22 @@ import inspect
 import torch
 import transformers
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
-from transformers.models.llama.modeling_llama import (
-    LlamaDecoderLayer,
-    LlamaForCausalLM,
-    LlamaModel,
-    LlamaPreTrainedModel,
-)
-from transformers.models.qwen3.modeling_qwen3 import (
-    Qwen3DecoderLayer,
-    Qwen3ForCausalLM,
-    Qwen3Model,
-    Qwen3PreTrainedModel,
-)
+from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM, Gemma3TextModel
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralForCausalLM, MistralModel
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3Model
 
-from .configuration_ttt import TESTED_TRANSFORMERS, TTTLlamaConfig, TTTQwen3Config
+from .configuration_ttt import (
+    TESTED_TRANSFORMERS,
+    TTTGemma3TextConfig,
+    TTTLlamaConfig,
+    TTTMistralConfig,
+    TTTQwen2Config,
+    TTTQwen3Config,
+)
 from .ttt_layer import TTTContext, TTTLayerState, TTTMLP, TTTParams
 
 # ----------------------------------------------------------------------------------------------- cache
@@ -150,14 +154,6 @@ class TTTDecoderLayerMixin:
             self.mlp.ttt_context = None
 
 
-class TTTQwen3DecoderLayer(TTTDecoderLayerMixin, Qwen3DecoderLayer):
-    pass
-
-
-class TTTLlamaDecoderLayer(TTTDecoderLayerMixin, LlamaDecoderLayer):
-    pass
-
-
 # ----------------------------------------------------------------------------------------------- models
 
 
@@ -186,10 +182,13 @@ class TTTModelMixin(TTTPreTrainedMixin):
     """
 
     _cache_argument = "past_key_values"  # each model class sets the name its stock forward takes
+    ttt_decoder_layer = None  # the family's TTT decoder layer class
 
-    def _replace_ttt_layers(self, layer_cls):
-        for i in self.config.ttt["layers"]:
-            self.layers[i] = layer_cls(self.config, i)
+    def __init__(self, config):
+        super().__init__(config)
+        for i in config.ttt["layers"]:
+            self.layers[i] = self.ttt_decoder_layer(config, i)
+        self.post_init()
 
     def forward(
         self,
@@ -236,55 +235,20 @@ class TTTModelMixin(TTTPreTrainedMixin):
         return out
 
 
-class TTTQwen3Model(TTTModelMixin, Qwen3Model):
-    """`Qwen3Model` with In-Place TTT MLPs in `config.ttt["layers"]`."""
+class TTTCausalLMMixin(TTTPreTrainedMixin):
+    """A stock causal LM whose decoder is the family's TTT model (`ttt_model`).
 
-    config_class = TTTQwen3Config
-    _no_split_modules = ["Qwen3DecoderLayer", "TTTQwen3DecoderLayer"]
-    _cache_argument = cache_argument(Qwen3Model)
+    The stock __init__ is skipped (it would build a stock decoder first); every family's does just this:
+    pretrained-model init, `model`, `vocab_size`, `lm_head`, `post_init`. The stock forward (loss, Gemma 3's final
+    logit softcapping) runs as it is.
+    """
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._replace_ttt_layers(TTTQwen3DecoderLayer)
-        self.post_init()
-
-
-class TTTLlamaModel(TTTModelMixin, LlamaModel):
-    """`LlamaModel` with In-Place TTT MLPs in `config.ttt["layers"]`."""
-
-    config_class = TTTLlamaConfig
-    _no_split_modules = ["LlamaDecoderLayer", "TTTLlamaDecoderLayer"]
-    _cache_argument = cache_argument(LlamaModel)
+    ttt_model = None  # the family's TTT model class
+    stock_pretrained = None  # the stock causal LM's pretrained-model base (e.g. Qwen3PreTrainedModel)
 
     def __init__(self, config):
-        super().__init__(config)
-        self._replace_ttt_layers(TTTLlamaDecoderLayer)
-        self.post_init()
-
-
-class TTTQwen3ForCausalLM(TTTPreTrainedMixin, Qwen3ForCausalLM):
-    """`Qwen3ForCausalLM` whose decoder is a `TTTQwen3Model`."""
-
-    config_class = TTTQwen3Config
-    _no_split_modules = ["Qwen3DecoderLayer", "TTTQwen3DecoderLayer"]
-
-    def __init__(self, config):
-        Qwen3PreTrainedModel.__init__(self, config)  # skip Qwen3ForCausalLM.__init__: no stock Qwen3Model
-        self.model = TTTQwen3Model(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-
-class TTTLlamaForCausalLM(TTTPreTrainedMixin, LlamaForCausalLM):
-    """`LlamaForCausalLM` whose decoder is a `TTTLlamaModel`."""
-
-    config_class = TTTLlamaConfig
-    _no_split_modules = ["LlamaDecoderLayer", "TTTLlamaDecoderLayer"]
-
-    def __init__(self, config):
-        LlamaPreTrainedModel.__init__(self, config)  # skip LlamaForCausalLM.__init__: no stock LlamaModel
-        self.model = TTTLlamaModel(config)
+        self.stock_pretrained.__init__(self, config)
+        self.model = self.ttt_model(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
@@ -312,17 +276,60 @@ def _ttt_mlps(model):
     return [m for m in model.modules() if isinstance(m, TTTMLP)]
 
 
-for _cls in (TTTQwen3Config, TTTLlamaConfig):
-    _cls.register_for_auto_class()
-for _model, _lm in ((TTTQwen3Model, TTTQwen3ForCausalLM), (TTTLlamaModel, TTTLlamaForCausalLM)):
-    _model.register_for_auto_class("AutoModel")
-    _lm.register_for_auto_class("AutoModelForCausalLM")
+# ----------------------------------------------------------------------------------------------- families
+
+FAMILIES = []  # (TTT model, TTT causal LM) of every family, in the order of the `ttt_family` calls below
+
+
+def ttt_family(config_class, stock_layer, stock_model, stock_causal_lm):
+    """The TTT decoder layer, model and causal LM of one family, registered for the auto classes and in `FAMILIES`.
+
+    What a family needs: a gated MLP named `mlp` (`gate_proj`, `up_proj`, `down_proj`, `act_fn`) that the decoder
+    layer calls once, and a causal LM whose __init__ is the usual `model` + `lm_head` (see `TTTCausalLMMixin`).
+    Everything else (norms around the MLP, scaled embeddings, sliding windows, logit softcapping) stays in the
+    stock classes.
+    """
+    layer = type(f"TTT{stock_layer.__name__}", (TTTDecoderLayerMixin, stock_layer), {"__module__": __name__})
+    common = {"__module__": __name__, "config_class": config_class,
+              "_no_split_modules": [stock_layer.__name__, layer.__name__]}
+    model = type(f"TTT{stock_model.__name__}", (TTTModelMixin, stock_model), {
+        **common,
+        "__doc__": f"`{stock_model.__name__}` with In-Place TTT MLPs in `config.ttt['layers']`.",
+        "ttt_decoder_layer": layer,
+        "_cache_argument": cache_argument(stock_model),
+    })
+    causal_lm = type(f"TTT{stock_causal_lm.__name__}", (TTTCausalLMMixin, stock_causal_lm), {
+        **common,
+        "__doc__": f"`{stock_causal_lm.__name__}` whose decoder is a `{model.__name__}`.",
+        "ttt_model": model,
+        "stock_pretrained": next(b for b in stock_causal_lm.__bases__ if issubclass(b, PreTrainedModel)),
+    })
+    for cls in (layer, model, causal_lm):
+        cls.__qualname__ = cls.__name__
+    if (model.__name__, causal_lm.__name__) != config_class.ttt_classes:  # the names the export's auto_map uses
+        raise TypeError(f"{config_class.__name__}.ttt_classes {config_class.ttt_classes} does not name {model.__name__}")
+    config_class.register_for_auto_class()
+    model.register_for_auto_class("AutoModel")
+    causal_lm.register_for_auto_class("AutoModelForCausalLM")
+    FAMILIES.append((model, causal_lm))
+    return model, causal_lm
+
+
+# Every family In-Place TTT takes. Adding one: its config in configuration_ttt.py and one line here (plus its tiny
+# config in tests/conftest.py, which runs the whole contract on it).
+TTTQwen3Model, TTTQwen3ForCausalLM = ttt_family(TTTQwen3Config, Qwen3DecoderLayer, Qwen3Model, Qwen3ForCausalLM)
+TTTQwen2Model, TTTQwen2ForCausalLM = ttt_family(TTTQwen2Config, Qwen2DecoderLayer, Qwen2Model, Qwen2ForCausalLM)
+TTTLlamaModel, TTTLlamaForCausalLM = ttt_family(TTTLlamaConfig, LlamaDecoderLayer, LlamaModel, LlamaForCausalLM)
+TTTMistralModel, TTTMistralForCausalLM = ttt_family(
+    TTTMistralConfig, MistralDecoderLayer, MistralModel, MistralForCausalLM
+)
+TTTGemma3TextModel, TTTGemma3ForCausalLM = ttt_family(
+    TTTGemma3TextConfig, Gemma3DecoderLayer, Gemma3TextModel, Gemma3ForCausalLM
+)
 
 __all__ = [
-    "TTTQwen3Model",
-    "TTTQwen3ForCausalLM",
-    "TTTLlamaModel",
-    "TTTLlamaForCausalLM",
+    *(cls.__name__ for pair in FAMILIES for cls in pair),
+    "FAMILIES",
     "ttt_learning_rates",
     "set_ttt_training_step",
 ]

@@ -326,7 +326,7 @@ class TTTLayerState:
 
 
 class TTTMLP(nn.Module):
-    """A gated MLP (Qwen3/Llama) whose down_proj is a fast weight; called as `mlp(x)` like the module it replaces.
+    """A gated MLP whose down_proj is a fast weight; called as `mlp(x)` like the module it replaces.
 
     It reuses the original MLP's projections (no copies) and adds `ttt` (`TTTParams`). Context a plain call cannot
     carry (padding, packed documents, the generation cache, input embeddings) comes in `ttt_context`, set by the
