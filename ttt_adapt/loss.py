@@ -136,12 +136,14 @@ def causal_lm_loss_sum(model, labels, block_size=None, **inputs) -> torch.Tensor
 
     handle = head.register_forward_pre_hook(hook)
     try:
-        model(**inputs)
+        out = model(**inputs)
     finally:
         handle.remove()
     if len(found) != 1:
         raise RuntimeError(f"the output embedding ran {len(found)} times in one forward; expected once")
-    return found[0]
+    # + the (empty) logits' sum, exactly 0: backward then starts from the model's own output, so the hooks
+    # wrappers put on it (FSDP2's pre-backward) run as they would for the plain loss.
+    return found[0] + out.logits.sum().to(found[0].dtype)
 
 
 def unwrap_causal_lm(model):
