@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import randomize_ttt, tiny_base
+from ttt_adapt import TTTConfig, convert
 from ttt_adapt.loss import causal_lm_loss_sum, linear_cross_entropy
 
 IGNORE = -100
@@ -40,6 +41,31 @@ def test_blocked_loss_and_every_gradient_equal_the_plain_computation(block, bias
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for g, r in zip(_grads(out, (hidden, weight, b)), _grads(ref, (hidden, weight, b))):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [3, 1000])
+def test_softcapped_logits_loss_and_every_gradient_equal_the_plain_computation(block):
+    """Gemma's final_logit_softcapping: logits = cap * tanh(logits / cap) before the cross-entropy."""
+    hidden, weight, b, labels = _inputs()
+    hidden, weight = (hidden * 4).detach().requires_grad_(), (weight * 4).detach().requires_grad_()  # tanh saturates
+    cap = 3.0
+    logits = torch.tanh(F.linear(hidden, weight, b) / cap) * cap
+    ref = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    out = linear_cross_entropy(hidden, weight, labels, b, block_size=block, backend="torch", softcap=cap)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(_grads(out, (hidden, weight, b)), _grads(ref, (hidden, weight, b))):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+def test_gemma3_model_loss_applies_its_final_logit_softcapping():
+    model = randomize_ttt(convert(tiny_base("gemma3", final_logit_softcapping=0.5), TTTConfig(layers=[1], chunk_size=4)))
+    model = model.double()
+    ids = torch.randint(3, 97, (1, 13))
+    labels = torch.cat([ids[:, 1:], torch.full((1, 1), IGNORE)], 1)
+    logits = model(ids).logits
+    ref = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    out = causal_lm_loss_sum(model, labels, input_ids=ids)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
 def test_all_ignored_gives_zero_loss_and_zero_gradients():

@@ -30,8 +30,10 @@ def block_tokens(vocab_size: int) -> int:
 
 
 def linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=IGNORE_INDEX, block_size=None,
-                         backend="auto") -> torch.Tensor:
+                         backend="auto", softcap=None) -> torch.Tensor:
     """Sum over tokens of cross_entropy(hidden @ weight.T + bias, labels), tokens labelled `ignore_index` skipped.
+
+    `softcap`: the logits are `softcap * tanh(logits / softcap)` first (Gemma's `final_logit_softcapping`).
 
     Equals `F.cross_entropy(F.linear(hidden, weight, bias).float(), labels, reduction="sum")` without holding the
     logits. `hidden` (..., d), `labels` (...) with the same leading shape, `weight` (V, d). `block_size`: tokens
@@ -48,21 +50,21 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=IGNORE_
     device = hidden.device.type
     autocast = torch.is_autocast_enabled(device)
     compute = torch.get_autocast_dtype(device) if autocast else torch.promote_types(hidden.dtype, weight.dtype)
-    if backend == "auto" and hidden.is_cuda and _liger() is not None:
+    if backend == "auto" and hidden.is_cuda and _liger() is not None and softcap is None:
         return _liger()(ignore_index=ignore_index, reduction="sum")(
             weight.to(compute), hidden.to(compute), labels, None if bias is None else bias.to(compute)
         ).float()
     # gradients only where autograd would want them (none under no_grad, e.g. the eval loss)
     needs = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
-        return _LinearCrossEntropy.apply(hidden, weight, bias, labels, block, ignore_index, compute, needs)
+        return _LinearCrossEntropy.apply(hidden, weight, bias, labels, block, ignore_index, compute, needs, softcap)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed loss, with the gradients of the inputs that need one computed per block in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, block, ignore_index, compute, needs):
+    def forward(ctx, hidden, weight, bias, labels, block, ignore_index, compute, needs, softcap=None):
         acc = torch.promote_types(compute, torch.float32)
         rows = torch.nonzero(labels != ignore_index).flatten()  # only labelled tokens cost anything
         h, y = hidden.index_select(0, rows), labels.index_select(0, rows)
@@ -78,6 +80,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, h.shape[0], block):
             hb, yb = h[s : s + block].to(compute), y[s : s + block]
             logits = F.linear(hb, w, b).to(acc)
+            if softcap is not None:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, yb[:, None]).squeeze(1)).sum()
             if not (need_h or need_w or need_b):
@@ -85,6 +90,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # d loss / d logits = softmax - one_hot(label), in place of the logits
             probs = logits.sub_(lse[:, None]).exp_()
             probs[torch.arange(len(yb), device=yb.device), yb] -= 1
+            if softcap is not None:  # d(softcap * tanh(z / softcap)) / dz = 1 - tanh^2
+                probs *= 1 - capped.square()
             d = probs.to(compute)
             if need_h:
                 grad_h[s : s + block] = (d @ w).to(hidden.dtype)
@@ -109,7 +116,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             out_w = (grad_w * grad_total).to(weight_dtype)
         if grad_b is not None:
             out_b = (grad_b * grad_total).to(bias_dtype)
-        return out_h, out_w, out_b, None, None, None, None, None
+        return out_h, out_w, out_b, None, None, None, None, None, None
 
 
 def causal_lm_loss_sum(model, labels, block_size=None, **inputs) -> torch.Tensor:
@@ -127,11 +134,14 @@ def causal_lm_loss_sum(model, labels, block_size=None, **inputs) -> torch.Tensor
         logits = model(**inputs).logits
         logits = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
         return F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    # the head's output transform the model applies after lm_head (Gemma 2/3: final logit softcapping)
+    softcap = getattr(unwrap_causal_lm(model).config, "final_logit_softcapping", None)
     found = []
 
     def hook(module, args):
         (hidden,) = args
-        found.append(linear_cross_entropy(hidden, module.weight, labels, module.bias, block_size=block_size))
+        found.append(linear_cross_entropy(hidden, module.weight, labels, module.bias, block_size=block_size,
+                                          softcap=softcap))
         return (hidden[..., :0, :],)
 
     handle = head.register_forward_pre_hook(hook)

@@ -70,7 +70,8 @@ def meta_model(recipe, config):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, recipe.model.dtype))
     if not config.model_type.startswith("ttt_"):
-        config_cls, model_cls = SUPPORTED[type(model)]
+        model_cls = SUPPORTED[type(model)]
+        config_cls = model_cls.config_class
         base = model.config.to_dict()
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             base.pop(key, None)
