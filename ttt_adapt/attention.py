@@ -95,13 +95,21 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
                         dropout=dropout), None
 
 
-def packed_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+def packed_mask(*args, **kwargs):
     """Mask builder of `ttt_packed`: nothing for a call without padding mask or cached keys (the attention
-    function builds its blocks' masks from `position_ids`), transformers' SDPA mask otherwise."""
-    if attention_mask is None and q_length == kv_length and not _nonzero(q_offset) and not _nonzero(kv_offset):
+    function builds its blocks' masks from `position_ids`), transformers' SDPA mask otherwise.
+
+    transformers calls mask builders by keyword: `q_length`/`q_offset` from 5.x releases that have them,
+    `cache_position` before (5.0); the arguments go on to `sdpa_mask` exactly as received.
+    """
+    q_length, q_offset = kwargs.get("q_length"), kwargs.get("q_offset", 0)
+    if q_length is None and kwargs.get("cache_position") is not None:
+        q_length, q_offset = kwargs["cache_position"].shape[0], kwargs["cache_position"][0]
+    kv_length, kv_offset = kwargs.get("kv_length"), kwargs.get("kv_offset", 0)
+    if (not args and kwargs.get("attention_mask") is None and q_length is not None and q_length == kv_length
+            and not _nonzero(q_offset) and not _nonzero(kv_offset)):
         return None
-    return sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
-                     attention_mask=attention_mask, **kwargs)
+    return sdpa_mask(*args, **kwargs)
 
 
 def _nonzero(offset) -> bool:
