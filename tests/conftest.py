@@ -107,3 +107,30 @@ def script_main(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
+
+
+class LargestTensor:
+    """Context manager recording the largest tensor (of `dtype`, if given) any torch op makes inside it."""
+
+    def __init__(self, dtype=None):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor) and (dtype is None or t.dtype == dtype):
+                        tracker.largest = max(tracker.largest, t.numel())
+                return out
+
+        self.largest, self._mode = 0, _Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+

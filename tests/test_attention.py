@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import ttt_adapt.attention as attention
-from conftest import randomize_ttt, tiny_base
+from conftest import LargestTensor, randomize_ttt, tiny_base
 
 SLIDING = dict(use_sliding_window=True, sliding_window=5, max_window_layers=2)
 DOCS = [[9, 17, 14], [20, 20], [40]]
@@ -49,29 +48,17 @@ def test_packed_rows_in_blocks_equal_dense_mask_sdpa_and_each_document_alone(arc
                 start += n
 
 
-class _LargestBool(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.dtype == torch.bool:
-                self.largest = max(self.largest, t.numel())
-        return out
-
 
 def test_no_mask_grows_with_length_squared(monkeypatch):
     monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
     ids, pos = _packed([[100, 60, 96]])
     L = ids.shape[1]
     model = _model(**SLIDING)
-    with torch.no_grad(), _LargestBool() as dense:
+    with torch.no_grad(), LargestTensor(torch.bool) as dense:
         model(ids, position_ids=pos, use_cache=False)
     assert dense.largest >= L * L  # the check sees transformers' (1, 1, L, L) mask
     attention.use_packed_attention(model)
-    with torch.no_grad(), _LargestBool() as blocked:
+    with torch.no_grad(), LargestTensor(torch.bool) as blocked:
         model(ids, position_ids=pos, use_cache=False)
     assert blocked.largest <= 16 * L, blocked.largest
 

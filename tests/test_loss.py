@@ -3,9 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import randomize_ttt, tiny_base
+from conftest import LargestTensor, randomize_ttt, tiny_base
 from ttt_adapt import TTTConfig, convert
 from ttt_adapt.loss import causal_lm_loss_sum, linear_cross_entropy
 
@@ -99,18 +98,6 @@ def test_bad_labels_and_shapes_are_refused():
         linear_cross_entropy(hidden, weight, labels)
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
 
 def test_no_tensor_grows_with_tokens_times_vocabulary():
     g = torch.Generator().manual_seed(0)
@@ -118,10 +105,10 @@ def test_no_tensor_grows_with_tokens_times_vocabulary():
     hidden = torch.randn(N, d, generator=g, requires_grad=True)
     weight = torch.randn(V, d, generator=g, requires_grad=True)
     labels = torch.randint(0, V, (N,), generator=g)
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         linear_cross_entropy(hidden, weight, labels, block_size=32).backward()
     assert mode.largest <= 32 * V, mode.largest  # one block of logits, never N x V
-    with _LargestTensor() as plain:
+    with LargestTensor() as plain:
         _plain(hidden, weight, labels).backward()
     assert plain.largest >= N * V  # the check can see full logits
 

@@ -245,6 +245,11 @@ def test_tiny_recipe_with_cp_size_2_logs_the_losses_of_one_process(tmp_path):
     assert "(1 data-parallel x 2 context-parallel)" in two.stdout
     a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert [m["step"] for m in a] == [m["step"] for m in b] and len([m for m in a if "eval_loss" in m]) == 2
+    assert_same_metrics(a, b)
+
+
+def assert_same_metrics(a: list[dict], b: list[dict]):
+    """Two runs' metrics lines agree: losses and gradient norms within 1e-5 relative, token counts exactly."""
     for x, y in zip(a, b):
         for key in ("loss", "eval_loss", "grad_norm"):
             if key in x:
@@ -252,3 +257,4 @@ def test_tiny_recipe_with_cp_size_2_logs_the_losses_of_one_process(tmp_path):
         for key in ("tokens", "eval_tokens"):
             if key in x:
                 assert y[key] == x[key], (key, x, y)
+

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import script_main
-from test_parallel import CASES, _model, _reference, check_dp_cp_mesh, packed_batch, run_on_ranks
+from test_parallel import (CASES, _model, _reference, assert_same_metrics, check_dp_cp_mesh, packed_batch,
+                           run_on_ranks)
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 4  # a 2 x 2 (dp x cp) mesh; FSDP shards over all four ranks
@@ -189,13 +190,7 @@ def _assert_same_losses(a, b, steps=None):
     pick = (lambda m: m) if steps is None else (lambda m: [x for x in m if x["step"] in steps])
     a, b = pick(a), pick(b)
     assert [m["step"] for m in a] == [m["step"] for m in b] and a
-    for x, y in zip(a, b):
-        for key in ("loss", "eval_loss", "grad_norm"):
-            if key in x:
-                assert y[key] == pytest.approx(x[key], rel=1e-5), (key, x, y)
-        for key in ("tokens", "eval_tokens"):
-            if key in x:
-                assert y[key] == x[key], (key, x, y)
+    assert_same_metrics(a, b)
 
 
 @pytest.mark.timeout(1200)
