@@ -168,7 +168,7 @@ def read_export_config(folder: Path):
     if not path.is_file():
         raise ExportError(f"{folder} is not an export: it holds no config.json")
     raw = _read_json(path)
-    classes = {lm.config_class.model_type: lm for _, lm in modeling.MODEL_CLASSES}
+    classes = modeling.CAUSAL_LM_BY_TYPE
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type not in classes:
         raise ExportError(
@@ -189,9 +189,8 @@ def check_weight_names(folder: Path, config) -> None:
     for f in files:
         with safe_open(str(f), framework="pt") as weights:
             stored.update(weights.keys())
-    classes = {lm.config_class.model_type: lm for _, lm in modeling.MODEL_CLASSES}
     with torch.device("meta"):
-        model = classes[config.model_type](config)
+        model = modeling.CAUSAL_LM_BY_TYPE[config.model_type](config)
     expected = set(model.state_dict())
     tied = set(model._tied_weights_keys or {}) if config.tie_word_embeddings else set()
     missing, unexpected = expected - stored - tied, stored - expected

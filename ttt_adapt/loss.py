@@ -129,13 +129,14 @@ def causal_lm_loss_sum(model, labels, block_size=None, **inputs) -> torch.Tensor
     the layer an empty slice, so no logits are made. An output embedding that is not a plain `nn.Linear` (e.g.
     LoRA on `lm_head`) gets the plain full-logits loss.
     """
-    head = unwrap_causal_lm(model).get_output_embeddings()
+    causal_lm = unwrap_causal_lm(model)
+    head = causal_lm.get_output_embeddings()
     if type(head) is not nn.Linear:
         logits = model(**inputs).logits
         logits = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
         return F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     # the head's output transform the model applies after lm_head (Gemma 2/3: final logit softcapping)
-    softcap = getattr(unwrap_causal_lm(model).config, "final_logit_softcapping", None)
+    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
     found = []
 
     def hook(module, args):

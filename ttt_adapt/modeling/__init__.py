@@ -7,6 +7,8 @@ from .modeling_ttt import FAMILIES, set_ttt_training_step, ttt_learning_rates
 MODEL_CLASSES = tuple(FAMILIES)
 # The stock model_types `convert` takes, and the TTT ones it makes (the `ttt_` prefix keeps them apart).
 BASE_MODEL_TYPES = tuple(lm.config_class.model_type.removeprefix("ttt_") for _, lm in MODEL_CLASSES)
-TTT_MODEL_TYPES = tuple(lm.config_class.model_type for _, lm in MODEL_CLASSES)
+# The causal LM class of each `ttt_*` model_type.
+CAUSAL_LM_BY_TYPE = {lm.config_class.model_type: lm for _, lm in MODEL_CLASSES}
+TTT_MODEL_TYPES = tuple(CAUSAL_LM_BY_TYPE)
 # The files of this package that ship inside every export (what `save_pretrained` copies for the auto_map).
 SHIPPED_FILES = ("configuration_ttt.py", "modeling_ttt.py", "ttt_layer.py")
