@@ -30,7 +30,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ttt_adapt.attention import blocked_sdpa, document_layout, packed_attention, packed_mask, query_blocks
 from ttt_adapt.loss import IGNORE_INDEX, causal_lm_loss_sum
-from ttt_adapt.modeling.ttt_layer import CARRY, INIT, ZERO, Segments, chunk_conv, fast_weight_scan
+from ttt_adapt.modeling.ttt_layer import CARRY, INIT, ZERO, Segments, chunk_conv, fast_weight_math, fast_weight_scan
 
 ATTN_IMPLEMENTATION = "ttt_cp"  # `ttt_packed` without a `cp_shard`; all-gather attention with one
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -325,23 +325,7 @@ def _ttt_forward(shard: CPShard, mlp, x, h, t):
     src = torch.cat([tf, left.reshape(-1, tf.shape[-1]), right.reshape(-1, tf.shape[-1])])
     conv = chunk_conv(src.index_select(0, plan.ext_index), ttt.conv.weight, plan.ext_units, seg.num_units)
     a = ttt.scale_targets(conv.index_select(0, plan.local_in_ext), xf, hf, seg, mlp.clip_update_norm)
-
-    acc = torch.promote_types(hf.dtype, torch.float32)
-    # Phase 1: the open chunk's partial update goes to the next rank, which finishes (and clips) that chunk.
-    open_part = _partial_updates(a, hf, plan.tail, acc)
-    previous = _gathered(open_part, group)[(r - 1) % cp]
-    straddles = plan.straddles.to(device=x.device, dtype=acc)[:, None, None]
-    chunk = previous + _partial_updates(a, hf, plan.head, acc)
-    if mlp.clip_update_norm is not None:
-        norm = torch.linalg.matrix_norm(chunk)
-        chunk = chunk * torch.clamp(mlp.clip_update_norm / (norm + 1e-6), max=1.0)[:, None, None]
-    straddle_update = chunk * straddles
-    # Phase 2: exclusive scan of what each rank adds to the state it passes on.
-    continues = plan.continues.to(device=x.device, dtype=acc)[:, None, None]
-    passed_on = continues * straddle_update + _partial_updates(a, hf, plan.carried, acc)
-    weights = plan.scan_weights.to(device=x.device, dtype=acc)[:, :, None, None]
-    before = (weights * _gathered(passed_on, group)).sum(0)  # A_r: the state before this rank's first chunk
-    init_state = torch.cat([before, before + straddle_update])
+    init_state = _initial_states(shard, plan, a, hf, mlp.clip_update_norm)
 
     fused = type(mlp.down_proj) is torch.nn.Linear
     out, _ = fast_weight_scan(hf, a, seg, init_state, mlp.down_proj.weight if fused else None)
@@ -350,6 +334,29 @@ def _ttt_forward(shard: CPShard, mlp, x, h, t):
         return y if mlp.down_proj.bias is None else y + mlp.down_proj.bias
     y = mlp.down_proj(h)
     return y + out.view(*x.shape[:-1], -1).to(y.dtype)
+
+
+@fast_weight_math
+def _initial_states(shard: CPShard, plan: _TTTPlan, a, hf, clip_update_norm) -> torch.Tensor:
+    """(2B, d, H) the states this rank's INIT units start from (`plan.seg.init_index`): per row the state before
+    its first chunk, then that plus the straddling chunk's update; fp32 or wider under autocast too."""
+    group, r, cp, device = shard.group, shard.rank, shard.size, a.device
+    acc = torch.promote_types(hf.dtype, torch.float32)
+    # Phase 1: the open chunk's partial update goes to the next rank, which finishes (and clips) that chunk.
+    open_part = _partial_updates(a, hf, plan.tail, acc)
+    previous = _gathered(open_part, group)[(r - 1) % cp]
+    straddles = plan.straddles.to(device=device, dtype=acc)[:, None, None]
+    chunk = previous + _partial_updates(a, hf, plan.head, acc)
+    if clip_update_norm is not None:
+        norm = torch.linalg.matrix_norm(chunk)
+        chunk = chunk * torch.clamp(clip_update_norm / (norm + 1e-6), max=1.0)[:, None, None]
+    straddle_update = chunk * straddles
+    # Phase 2: exclusive scan of what each rank adds to the state it passes on.
+    continues = plan.continues.to(device=device, dtype=acc)[:, None, None]
+    passed_on = continues * straddle_update + _partial_updates(a, hf, plan.carried, acc)
+    weights = plan.scan_weights.to(device=device, dtype=acc)[:, :, None, None]
+    before = (weights * _gathered(passed_on, group)).sum(0)  # A_r: the state before this rank's first chunk
+    return torch.cat([before, before + straddle_update])
 
 
 # ------------------------------------------------------------------------------------------------ attention

@@ -9,9 +9,11 @@ With x the MLP input, h = act(gate(x)) * up(x) and t the target source (x, or th
 Tokens are handled in a flat layout: each row's real tokens (pads dropped) one after the other, cut into
 "units" = chunks of one document. `Segments` describes the units; `fast_weight_scan` runs the causal
 prefix sum over them with a custom autograd function that keeps one d x H state, never one per chunk.
+Precision: `fast_weight_math` is the one boundary between autocast and the fast weights (see there).
 This file ships inside every export: torch only.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,34 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
+
+def fast_weight_math(fn):
+    """The one boundary between autocast (CPU or CUDA) and the fast-weight math: `fn` runs with autocast off.
+
+    Autocast would make `a^T h` a bf16 product and the state a bf16 sum (and in-place ops are not autocast at all,
+    so a bf16 state then meets fp32 inputs). Inside `fn` every state, update and norm is computed in
+    `torch.promote_types(dtype, float32)`; activations (h, the targets) come in as autocast made them and results go
+    back in the dtype the caller's autocast would have produced. Used by the scan (forward and backward), the
+    decode-time read, the chunk flush (through the scan), the clipping norm and the cross-rank scan of context
+    parallelism (`ttt_adapt.parallel`).
+    """
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if tensor is None or not torch.is_autocast_enabled(tensor.device.type):
+            return fn(*args, **kwargs)
+        with torch.autocast(tensor.device.type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def autocast_dtype(t):
+    """The dtype autocast computes products in on `t`'s device, or None where autocast is off."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
 
 # How the fast-weight state looks when a unit starts.
 ZERO, INIT, CARRY = 0, 1, 2  # new document / an initial state (cache, earlier ranks) / carried from the previous unit
@@ -102,17 +132,21 @@ class _FastWeightScan(torch.autograd.Function):
     Only the inputs are saved, so memory does not grow with the number of chunks. With `weight` (W_down)
     given, the base product is part of the function: `F.linear(h, W)` exactly as the base computes it in
     forward, and in backward one product per unit gives dh = g (W + S_u) while the per-unit g^T h products
-    serve both dW and the state's gradient. States and updates are fp32 (or wider).
+    serve both dW and the state's gradient. States and updates are fp32 (or wider), autocast or not
+    (`fast_weight_math`); under autocast the base product is the one autocast makes of the stock down_proj
+    (`amp`: its dtype), so a converted model still equals its base at step 0.
     """
 
     @staticmethod
-    def forward(ctx, h, a, weight, init_state, seg):
+    @fast_weight_math
+    def forward(ctx, h, a, weight, init_state, seg, amp=None):
         ctx.set_materialize_grads(False)
         acc = torch.promote_types(h.dtype, torch.float32)
         if weight is None:
             out = torch.zeros(seg.num_tokens, a.shape[1], dtype=acc, device=h.device)
         else:
-            out = F.linear(h, weight)
+            compute = amp or h.dtype
+            out = F.linear(h.to(compute), weight.to(compute))
         rows_kept = seg.num_rows if any(seg.final) else 0
         final = torch.zeros(rows_kept, a.shape[1], h.shape[1], dtype=acc, device=h.device)
         S = None
@@ -133,6 +167,7 @@ class _FastWeightScan(torch.autograd.Function):
         return out, final
 
     @staticmethod
+    @fast_weight_math
     def backward(ctx, go, gfinal):
         h, a, weight, init_state = ctx.saved_tensors
         seg = ctx.seg
@@ -178,7 +213,7 @@ class _FastWeightScan(torch.autograd.Function):
                 dinit[seg.init_index[u]] += G
             G_before_next = G
         dW = None if dW is None else dW.to(weight.dtype)
-        return dh.to(h.dtype), da.to(a.dtype), dW, dinit, None
+        return dh.to(h.dtype), da.to(a.dtype), dW, dinit, None, None
 
 
 def _start_state(kind, S, init_state, index, acc):
@@ -205,10 +240,11 @@ def fast_weight_scan(h, a, seg: Segments, init_state=None, weight=None):
         init_state: optional (K, d, H) initial states, read by INIT units (`seg.init_index`; by default one per row).
         weight: optional (d, H) W_down; then the base product is included and the result has h's dtype.
     Returns:
-        out: (N, d) `h W^T + o` with `weight`, else the fast-weight part `o` alone (fp32 or wider);
-        final: (R, d, H) state after each row's last unit (empty unless `seg` keeps final states).
+        out: (N, d) `h W^T + o` with `weight` (in the dtype autocast, or else h, computes the base product in),
+            else the fast-weight part `o` alone (fp32 or wider);
+        final: (R, d, H) state after each row's last unit (empty unless `seg` keeps final states), fp32 or wider.
     """
-    return _FastWeightScan.apply(h, a, weight, init_state, seg)
+    return _FastWeightScan.apply(h, a, weight, init_state, seg, autocast_dtype(h))
 
 
 def chunk_conv(t, weight, unit_of_token, num_units):
@@ -228,7 +264,8 @@ def chunk_conv(t, weight, unit_of_token, num_units):
 
 
 def clip_scales(a, h, seg: Segments, max_norm: float):
-    """Per-token factor that scales each written unit's update a^T h to Frobenius norm <= max_norm (fp32)."""
+    """Per-token factor that scales each written unit's update a^T h to Frobenius norm <= max_norm (fp32 or wider:
+    multiplying `a` by it promotes `a` too, so the clipped update is not rounded back to bf16)."""
     acc = torch.promote_types(a.dtype, torch.float32)
     scales = []
     for s, e, w in zip(seg.starts, seg.ends, seg.write):
@@ -241,6 +278,7 @@ def clip_scales(a, h, seg: Segments, max_norm: float):
     return torch.repeat_interleave(torch.stack(scales), lengths).unsqueeze(-1)
 
 
+@fast_weight_math
 def _update_norm(a, h):
     acc = torch.promote_types(a.dtype, torch.float32)
     return torch.linalg.matrix_norm(a.to(acc).T @ h.to(acc))
@@ -289,7 +327,7 @@ class TTTParams(nn.Module):
             lr = lr * 2 * torch.sigmoid(self.lr_gate(x))
         a = v * lr.to(v.dtype)
         if clip_update_norm is not None:
-            a = a * clip_scales(a, h, seg, clip_update_norm).to(a.dtype)
+            a = a * clip_scales(a, h, seg, clip_update_norm)
         return a
 
 
@@ -412,8 +450,7 @@ class TTTMLP(nn.Module):
                 state.n[r] = e - s
 
     def _decode_step(self, x, h, t, state, ctx):
-        acc = state.S.dtype
-        o = torch.bmm(h.to(acc), state.S.transpose(1, 2))  # (B, 1, d)
+        o = _read_state(h, state.S)  # (B, 1, d)
         with torch.no_grad():
             valid = ctx.valid_last_token(x.shape[0])
             rows = torch.nonzero(valid).flatten()
@@ -444,6 +481,12 @@ class TTTMLP(nn.Module):
         _, final = fast_weight_scan(hb, a, seg, state.S[dev_rows])
         state.S[dev_rows] = final
         state.n[rows] = 0
+
+
+@fast_weight_math
+def _read_state(h, S):
+    """(B, 1, d) fast-weight part of one decoded token per row: h (W + S)^T minus the base part, in S's dtype."""
+    return torch.bmm(h.to(S.dtype), S.transpose(1, 2))
 
 
 class FlatLayout:
@@ -542,4 +585,7 @@ class TTTContext:
         return self.valid[:, -1].cpu()
 
 
-__all__ = ["TTTMLP", "TTTParams", "TTTContext", "TTTLayerState", "Segments", "fast_weight_scan", "chunk_conv"]
+__all__ = [
+    "TTTMLP", "TTTParams", "TTTContext", "TTTLayerState", "Segments", "fast_weight_scan", "chunk_conv",
+    "fast_weight_math",
+]

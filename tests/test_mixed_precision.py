@@ -1,0 +1,151 @@
+"""The fast weights under bf16 autocast (CPU autocast is the same dispatch machinery as CUDA's): the scan computes in
+fp32 whatever autocast does around it, and the model contract holds under autocast with bf16 tolerances."""
+
+import pytest
+import torch
+from conftest import CACHE_KW, FAMILY_ARCHS, randomize_ttt, tiny_base
+from test_modeling import gen_positions, ttt_model
+from transformers import DynamicCache
+
+from ttt_adapt import TTTConfig, convert
+from ttt_adapt.modeling.ttt_layer import Segments, fast_weight_scan
+
+ARCHS = list(FAMILY_ARCHS)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Logits under autocast are bf16 (the head runs in bf16) and here of magnitude < 0.5, where bf16 values are 2^-9 to
+# 2^-8 apart (0.002 to 0.004). Two computations of the same logits that only group the same bf16 products
+# differently (one call vs. token by token, a row alone vs. in a padded batch) land a few of those steps apart: the
+# fp32 fast-weight state itself adds nothing visible. 0.02 is five steps at the top of that range; a state rounded
+# to bf16 or tokens read with the wrong chunk's state move logits by 0.05 and more here.
+LOGITS_ATOL = 0.02
+
+
+def autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def _scan_inputs(seed=0, N=23, d=6, H=10, chunk=4):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g).bfloat16().requires_grad_()
+    a = torch.randn(N, d, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(d, H, generator=g).requires_grad_()  # an fp32 master weight, as autocast training has
+    seg = Segments.build(torch.tensor([N]), torch.tensor([True]), None, torch.zeros(1, dtype=torch.long), chunk,
+                         True, "cpu")
+    return h, a, w, seg
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_scan_under_autocast_is_the_scan_without_it(fused):
+    """On the same bf16 activations the scan gives the same bits inside autocast as outside: no product of the
+    states or updates is autocast to bf16 (forward or backward), and the base product is the one autocast makes."""
+    results = []
+    for amp in (False, True):
+        h, a, w, seg = _scan_inputs()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out, final = fast_weight_scan(h, a, seg, weight=w if fused else None)
+            base = torch.nn.functional.linear(h, w) if fused and amp else None  # autocast's stock down_proj
+            (out.float().square().sum() + final.square().sum()).backward()  # backward inside autocast too
+        assert final.dtype == torch.float32
+        if fused:
+            assert out.dtype == torch.bfloat16  # what the stock down_proj returns under autocast
+            if amp:
+                assert base.dtype == torch.bfloat16 and torch.equal(out[:4], base[:4])  # the first chunk reads no state
+        else:
+            assert out.dtype == torch.float32
+        results.append([out, final, h.grad, a.grad] + ([w.grad] if fused else []))
+    for outside, inside in zip(*results):
+        assert inside.dtype == outside.dtype and torch.equal(inside, outside)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("ttt_kw", [{}, {"lr_mode": "token", "target": "input_embed", "clip_update_norm": 0.5}])
+def test_forward_backward_on_five_chunks_close_to_fp32(arch, ttt_kw):
+    model = ttt_model(arch, chunk_size=4, **ttt_kw).train()
+    ids = torch.randint(3, 97, (2, 20))  # 5 chunks a row
+    loss32 = model(ids, labels=ids).loss
+    loss32.backward()
+    grads32 = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with autocast():
+        loss16 = model(ids, labels=ids).loss
+    loss16.backward()
+    assert abs(loss16.item() / loss32.item() - 1) < 0.02  # the acceptance bound
+    for n, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32 and bool(torch.isfinite(p.grad).all()), n
+        if ".ttt." in n and grads32[n].norm() > 0:  # the TTT gradients point where fp32's do (bf16 activations)
+            cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), grads32[n].flatten(), dim=0)
+            assert cos > 0.98, (n, float(cos))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("ttt_kw", [{}, {"lr_mode": "token", "target": "input_embed"}])
+def test_converted_equals_base_at_step_zero_under_autocast(arch, ttt_kw):
+    """Exact: every op is the stock one or, in the scan, computed as autocast computes the stock down_proj."""
+    base = tiny_base(arch)
+    ids = torch.randint(3, 97, (2, 37))
+    with torch.no_grad(), autocast():
+        ref = base(ids).logits
+        model = convert(base, TTTConfig(layers=[0, 3], chunk_size=8, **ttt_kw))
+        assert torch.equal(model(ids).logits, ref)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_decoding_equals_full_forward_under_autocast(arch):
+    model = ttt_model(arch, chunk_size=4, clip_update_norm=0.5)
+    ids = torch.randint(3, 97, (2, 19))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    pos = gen_positions(mask)
+    with torch.no_grad(), autocast():
+        full = model(ids, attention_mask=mask, position_ids=pos).logits
+        cache = DynamicCache(config=model.config)
+        kw = {CACHE_KW: cache, "use_cache": True}
+        steps = [model(ids[:, :5], attention_mask=mask[:, :5], position_ids=pos[:, :5], **kw).logits]
+        for j in range(5, 19):  # across three chunk boundaries: the flush runs under autocast
+            steps.append(model(ids[:, j : j + 1], attention_mask=mask[:, : j + 1], position_ids=pos[:, j : j + 1],
+                               **kw).logits)
+    assert cache.layers[0].ttt_state.S.dtype == torch.float32
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[real].float(), full[real].float(), rtol=0, atol=LOGITS_ATOL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padded_batch_and_packed_documents_under_autocast(arch):
+    model = ttt_model(arch, chunk_size=4)
+    rows = [torch.randint(3, 97, (n,)) for n in (14, 9, 5)]
+    L = max(len(r) for r in rows)
+    ids = torch.zeros(3, L, dtype=torch.long)
+    mask = torch.zeros(3, L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r) :], mask[i, L - len(r) :] = r, 1
+    pos = torch.cat([torch.arange(len(r)) for r in rows]).unsqueeze(0)
+    with torch.no_grad(), autocast():
+        batch = model(ids, attention_mask=mask, position_ids=gen_positions(mask)).logits.float()
+        packed = model(torch.cat(rows).unsqueeze(0), position_ids=pos, use_cache=False).logits[0].float()
+        start = 0
+        for i, r in enumerate(rows):
+            alone = model(r.unsqueeze(0)).logits[0].float()
+            torch.testing.assert_close(batch[i, L - len(r) :], alone, rtol=0, atol=LOGITS_ATOL)
+            torch.testing.assert_close(packed[start : start + len(r)], alone, rtol=0, atol=LOGITS_ATOL)
+            start += len(r)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_and_beam_search_under_autocast(arch):
+    """Cached generation works under autocast; beam scores are the full forward's log-probabilities of the beams
+    (log-softmax of bf16 logits: the same LOGITS_ATOL per token, 8 tokens summed -> 8x)."""
+    model = ttt_model(arch, chunk_size=3)
+    ids = torch.randint(3, 97, (2, 4))
+    with autocast():
+        sampled = model.generate(ids, do_sample=True, num_return_sequences=2, top_k=5, max_new_tokens=9,
+                                 pad_token_id=0, eos_token_id=None)
+        out = model.generate(
+            ids[:1], num_beams=3, num_return_sequences=3, do_sample=False, max_new_tokens=8, pad_token_id=0,
+            eos_token_id=None, output_scores=True, return_dict_in_generate=True, length_penalty=0.0,
+        )
+        with torch.no_grad():
+            logp = torch.log_softmax(model(out.sequences).logits.float(), -1)
+    assert sampled.shape == (4, 13)
+    seq_scores = logp[:, 3:-1].gather(-1, out.sequences[:, 4:, None]).squeeze(-1).sum(-1)
+    torch.testing.assert_close(seq_scores, out.sequences_scores.float(), rtol=0, atol=8 * LOGITS_ATOL)
