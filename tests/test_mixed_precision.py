@@ -1,10 +1,14 @@
 """The fast weights under bf16 autocast (CPU autocast is the same dispatch machinery as CUDA's): the scan computes in
 fp32 whatever autocast does around it, and the model contract holds under autocast with bf16 tolerances."""
 
+import json
+import os
+
 import pytest
 import torch
-from conftest import CACHE_KW, FAMILY_ARCHS, randomize_ttt, tiny_base
+from conftest import CACHE_KW, FAMILY_ARCHS, script_main, tiny_base
 from test_modeling import gen_positions, ttt_model
+from test_sharding import REPO, _launch
 from transformers import DynamicCache
 
 from ttt_adapt import TTTConfig, convert
@@ -149,3 +153,106 @@ def test_generate_and_beam_search_under_autocast(arch):
     assert sampled.shape == (4, 13)
     seq_scores = logp[:, 3:-1].gather(-1, out.sequences[:, 4:, None]).squeeze(-1).sum(-1)
     torch.testing.assert_close(seq_scores, out.sequences_scores.float(), rtol=0, atol=8 * LOGITS_ATOL)
+
+
+# ---------------------------------------------------------------------------------------------- the training loop
+# The tiny recipe, 3 steps of 4 rows of 256 tokens (2 chunks a row), TTT parameters trained: `train.mixed_precision:
+# bf16` runs under CPU autocast (Accelerate's, or FSDP2's bf16 policy where we shard), never silently in fp32.
+
+LOOP = ["recipes/tiny_qwen3.yaml", "train.max_steps=3", "train.warmup_steps=1", "train.log_every=1",
+        "train.eval_every=3", "train.eval_batches=1", "data.seq_len=256", "eval=null", "export.dir=null"]
+
+
+def _loop_metrics(run):
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [m["loss"] for m in lines if "loss" in m] + [m["eval_loss"] for m in lines if "eval_loss" in m]
+
+
+def _close(a, b, rel):
+    return len(a) == len(b) == 4 and all(y == pytest.approx(x, rel=rel) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def loop_runs(tmp_path_factory):
+    """One process, fp32 and bf16 (4 rows a step as 2 micro-batches of 2), and whether the bf16 run's fast-weight
+    scans ran under autocast with bf16 activations."""
+    from accelerate.state import AcceleratorState
+
+    from ttt_adapt.modeling import ttt_layer
+
+    root = tmp_path_factory.mktemp("loop")
+    adapt = script_main("adapt")
+    common = [*LOOP, "train.batch_size=2", "train.grad_accum=2", f"data.cache_dir={root / 'cache'}"]
+    seen, scan = set(), ttt_layer.fast_weight_scan
+
+    def record(h, *args, **kwargs):
+        seen.add((torch.is_autocast_enabled("cpu"), h.dtype))
+        return scan(h, *args, **kwargs)
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    ttt_layer.fast_weight_scan = record
+    try:
+        assert adapt([*common, f"train.output_dir={root / 'fp32'}"]) == 0
+        fp32_seen = set(seen)
+        seen.clear()
+        AcceleratorState._reset_state(reset_partial_state=True)  # one process, two mixed-precision settings
+        assert adapt([*common, "train.mixed_precision=bf16", f"train.output_dir={root / 'bf16'}"]) == 0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # the next in-process run sets its own
+        ttt_layer.fast_weight_scan = scan
+        os.chdir(cwd)
+    return {"root": root, "fp32": _loop_metrics(root / "fp32"), "bf16": _loop_metrics(root / "bf16"),
+            "seen": {"fp32": fp32_seen, "bf16": set(seen)}}
+
+
+@pytest.mark.timeout(600)
+def test_one_process_trains_under_bf16_autocast(loop_runs):
+    assert loop_runs["seen"]["fp32"] == {(False, torch.float32)}
+    assert loop_runs["seen"]["bf16"] == {(True, torch.bfloat16)}  # training and the eval loss, under autocast
+    fp32, bf16 = loop_runs["fp32"], loop_runs["bf16"]
+    assert bf16 != fp32 and _close(fp32, bf16, rel=0.02)  # bf16 applied, and within the acceptance bound
+
+
+def _launch_bf16(loop_runs, name, *args):
+    run = _launch(*LOOP, "train.mixed_precision=bf16", f"data.cache_dir={loop_runs['root'] / 'cache'}",
+                  f"train.output_dir={loop_runs['root'] / name}", *args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "bf16 autocast runs" in run.stdout
+    return run, _loop_metrics(loop_runs["root"] / name)
+
+
+@pytest.mark.timeout(600)
+def test_ddp_on_two_processes_under_bf16_autocast_matches_one_process(loop_runs):
+    """The same rows, each computed alone in bf16 as in one process; only the gradients' all-reduce sums in another
+    order (fp32), which can flip a bf16 rounding later on: 1e-3 relative is far below bf16's 4e-3 step."""
+    run, two = _launch_bf16(loop_runs, "ddp", "train.batch_size=2")
+    assert "on 2 process(es)" in run.stdout
+    assert two != loop_runs["fp32"] and _close(loop_runs["bf16"], two, rel=1e-3)
+
+
+@pytest.mark.timeout(600)
+def test_fsdp_on_two_processes_with_its_bf16_policy(loop_runs):
+    """FSDP2 gathers the weights in bf16 (no autocast: the whole layer computes in bf16, norms included), so it is
+    compared with fp32 by the acceptance bound, and must differ from it (the policy is applied)."""
+    run, two = _launch_bf16(loop_runs, "fsdp", "train.batch_size=2", "parallel.fsdp=true")
+    assert "weights sharded over all 2 (FSDP2, parallel.fsdp)" in run.stdout
+    assert two != loop_runs["fp32"] and _close(loop_runs["fp32"], two, rel=0.02)
+
+
+@pytest.mark.timeout(600)
+def test_context_parallel_on_two_ranks_under_bf16_autocast_matches_one_process(loop_runs):
+    """Each row split over 2 ranks, the fast weights carried across them in fp32: the one-process bf16 losses up to
+    bf16 attention computed in other blocks (all-gathered keys, blocked SDPA): within 2e-3 relative."""
+    run, two = _launch_bf16(loop_runs, "cp", "train.batch_size=2", "train.grad_accum=2", "parallel.cp_size=2")
+    assert "(1 data-parallel x 2 context-parallel)" in run.stdout
+    assert two != loop_runs["fp32"] and _close(loop_runs["bf16"], two, rel=2e-3)
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="fp16 runs on an accelerator")
+def test_fp16_on_cpu_is_refused_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert script_main("adapt")([*LOOP, "train.mixed_precision=fp16", f"train.output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("adapt.py: error: train.mixed_precision: fp16 needs a GPU (CPU autocast has no fp16 gradient "
+                   "scaler); use bf16 or no")

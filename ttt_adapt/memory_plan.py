@@ -94,8 +94,8 @@ def plan_memory(recipe, config, processes: int = 1, fsdp: bool = False, device: 
     """Estimate one device's peak during a training step of `recipe` on the base `config` (a transformers config).
 
     `processes`: processes in the run (data-parallel x context-parallel); `fsdp`: parameters, gradients and
-    optimizer states sharded over all of them (FULL_SHARD). `device`: "cuda" (mixed precision as the recipe says)
-    or "cpu" (fp32, as training falls back to there).
+    optimizer states sharded over all of them (FULL_SHARD). `device`: "cuda" or "cpu" (mixed precision as the
+    recipe says on either).
     """
     t, cp = recipe.train, recipe.parallel.cp_size
     model = meta_model(recipe, config)
@@ -103,7 +103,7 @@ def plan_memory(recipe, config, processes: int = 1, fsdp: bool = False, device: 
     P = sum(p.numel() for p in params)
     T = sum(p.numel() for p in params if p.requires_grad)
     wb = BYTES[recipe.model.dtype]
-    mixed = device == "cuda" and t.mixed_precision != "no"
+    mixed = t.mixed_precision != "no"
     ab = 2 if mixed else wb  # activation (matmul output) bytes
     rb = max(wb, 4) if mixed else wb  # the residual stream stays in the weights' dtype (fp32 under autocast)
     shard = processes if fsdp and processes > 1 else 1

@@ -356,7 +356,10 @@ def set_up(recipe: Recipe) -> Run:
     being resumed (the latest one in `train.output_dir`, if any)."""
     t = recipe.train
     cpu = not torch.accelerator.is_available()  # also makes multi-process CPU runs use gloo
-    mixed_precision = "no" if cpu else t.mixed_precision  # CPU autocast is slow and gains nothing: fp32 on CPU
+    if cpu and t.mixed_precision == "fp16":  # Accelerate would train in fp32 without a word
+        raise RecipeError("train.mixed_precision: fp16 needs a GPU (CPU autocast has no fp16 gradient scaler); "
+                          "use bf16 or no")
+    mixed_precision = t.mixed_precision  # bf16: autocast (Accelerate), or FSDP's bf16 policy when we shard
     accelerator = Accelerator(
         cpu=cpu, mixed_precision=mixed_precision, log_with=t.trackers or None, project_dir=t.output_dir
     )
@@ -365,8 +368,9 @@ def set_up(recipe: Recipe) -> Run:
     fsdp = fsdp_request(recipe)
     if fsdp is not None:
         check_fsdp_run(fsdp, mixed_precision)
-    if mixed_precision != t.mixed_precision:
-        accelerator.print(f"train.mixed_precision={t.mixed_precision} needs a GPU: training in fp32 on CPU")
+    if cpu and mixed_precision == "bf16":
+        accelerator.print("train.mixed_precision=bf16 on CPU: bf16 autocast runs, but slower than fp32 on most CPUs "
+                          "(useful to test the GPU's code path)")
     out = Path(t.output_dir)
     checkpoint = latest_checkpoint(out)
 
