@@ -243,6 +243,29 @@ def test_gradient_checkpointing_gives_same_gradients():
         torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("target", ["hidden_states", "input_embed"])
+def test_reentrant_gradient_checkpointing_gives_same_gradients(arch, target):
+    """What Trainer and peft users pass: transformers' own switch with `use_reentrant=True`. Reentrant checkpointing
+    carries gradients back through a layer's positional tensor arguments only, so the `input_embed` target reaches
+    the TTT layer as one (not only through the TTT context)."""
+    model = ttt_model(arch, chunk_size=4, target=target, lr_mode="token").train()
+    ids = torch.randint(3, 97, (2, 13))
+    pos = torch.cat([torch.arange(6), torch.arange(7)]).unsqueeze(0).expand(2, -1)
+
+    def grads():
+        model.zero_grad()
+        model(ids, position_ids=pos, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    got = grads()
+    assert got.keys() == ref.keys() and any(".ttt.conv" in n for n in got)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_auto_classes_resolve_ttt_model_types(tmp_path):
     model = ttt_model()
     model.save_pretrained(tmp_path)

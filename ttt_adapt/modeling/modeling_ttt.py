@@ -136,16 +136,30 @@ def _cache_error(what):
 
 
 class TTTDecoderLayerMixin:
-    """Swaps in a `TTTMLP` when this layer is a TTT layer, and hands it the forward's `TTTContext`."""
+    """Swaps in a `TTTMLP` when this layer is a TTT layer, and hands it the forward's `TTTContext`.
+
+    With `target="input_embed"` the input embeddings enter the layer as a second positional tensor argument:
+    transformers' gradient checkpointing recomputes a layer from its positional arguments, and reentrant
+    checkpointing (`use_reentrant=True`) only carries gradients back through those.
+    """
 
     def __init__(self, config, layer_idx):
         super().__init__(config, layer_idx)
         if layer_idx in config.ttt["layers"]:
             self.mlp = TTTMLP(self.mlp, config.ttt_config, layer_idx)
 
-    def forward(self, hidden_states, *args, ttt_context=None, **kwargs):
+    def __call__(self, hidden_states, *args, ttt_context=None, **kwargs):
+        if isinstance(self.mlp, TTTMLP) and self.mlp.target == "input_embed" and ttt_context is not None:
+            args = (ttt_context.inputs_embeds, *args)
+            kwargs["ttt_embeds_in_args"] = True
+        return super().__call__(hidden_states, *args, ttt_context=ttt_context, **kwargs)
+
+    def forward(self, hidden_states, *args, ttt_context=None, ttt_embeds_in_args=False, **kwargs):
         if not isinstance(self.mlp, TTTMLP):
             return super().forward(hidden_states, *args, **kwargs)
+        if ttt_embeds_in_args:  # the embeddings this (possibly recomputed) call received
+            ttt_context = ttt_context.with_inputs_embeds(args[0])
+            args = args[1:]
         # Set right before use (and again when gradient checkpointing replays this layer in backward).
         self.mlp.ttt_context = ttt_context
         try:

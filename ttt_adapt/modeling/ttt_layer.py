@@ -13,6 +13,7 @@ Precision: `fast_weight_math` is the one boundary between autocast and the fast 
 This file ships inside every export: torch only.
 """
 
+import copy
 import functools
 from dataclasses import dataclass
 
@@ -569,6 +570,13 @@ class TTTContext:
                 ds &= valid
             doc_start = ds if bool(ds.any()) else None
         return cls(valid, doc_start, inputs_embeds, layer_states)
+
+    def with_inputs_embeds(self, inputs_embeds) -> "TTTContext":
+        """This context with other input embeddings (the same tensor as a checkpointed layer's argument); the layouts
+        built so far are shared."""
+        ctx = copy.copy(self)
+        ctx.inputs_embeds = inputs_embeds
+        return ctx
 
     def layer_state(self, layer_idx):
         return None if self.layer_states is None else self.layer_states.get(layer_idx)
