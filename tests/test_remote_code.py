@@ -108,3 +108,44 @@ def test_every_family_exports_and_reloads_without_ttt_adapt(tmp_path):
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=tmp_path,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.count("reloaded ok") == len(FAMILY_ARCHS), proc.stderr[-3000:]
+
+
+FINE_TUNE = BLOCK_TTT_ADAPT + textwrap.dedent(
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    folder, out = sys.argv[1], sys.argv[2]
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    autocast = set()
+    for m in model.modules():
+        if type(m).__name__ == "TTTMLP":
+            m.register_forward_hook(lambda mod, args, out: autocast.add(torch.is_autocast_enabled("cpu")))
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 97, (8, 20), generator=g)]  # 5 chunks
+    args = TrainingArguments(output_dir=out, bf16=True, use_cpu=True, max_steps=3, per_device_train_batch_size=2,
+                             learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[],
+                             gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))), losses
+    assert autocast == {True}, autocast
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert any(".ttt.conv" in n for n in changed) and all(torch.isfinite(p).all() for p in model.parameters())
+    print("fine-tuned ok", losses)
+    """
+)
+
+
+def test_export_fine_tunes_with_trainer_bf16_without_ttt_adapt(tmp_path):
+    """transformers' Trainer with bf16=True (CPU autocast) and reentrant gradient checkpointing, as a downstream
+    user runs it on an export whose rows span 5 chunks (target input_embed): finite losses, weights trained."""
+    model = convert(tiny_base("llama", tie=True), TTTConfig(layers=[0, 2], chunk_size=4, target="input_embed"))
+    randomize_ttt(model).save_pretrained(tmp_path / "export")
+    script = tmp_path / "fine_tune.py"
+    script.write_text(FINE_TUNE)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "export"), str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0 and "fine-tuned ok" in proc.stdout, proc.stderr[-3000:]
