@@ -37,7 +37,7 @@ def tiny_ttt(arch):
     torch.manual_seed(0)
     config = config_cls(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, max_position_embeddings=256, pad_token_id=0, eos_token_id=1,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=512, pad_token_id=0, eos_token_id=1,
         bos_token_id=2, tie_word_embeddings=False,
     )
     model = convert(lm_cls(config).eval(), TTTConfig(layers=[1, 3], chunk_size=8, lr_mode="token"))
@@ -97,11 +97,13 @@ def run_llm(folder, requests, **engine):
     from vllm import LLM
     from vllm.inputs import TokensPrompt
 
-    engine = {"max_num_seqs": 8, **engine}
-    llm = LLM(str(folder), dtype="float32", max_model_len=128, enforce_eager=True, seed=0, **engine)
+    engine = {"max_num_seqs": 8, "max_model_len": 128, **engine}
+    llm = LLM(str(folder), dtype="float32", enforce_eager=True, seed=0, **engine)
     try:
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in requests], [s for _, s in requests],
                             use_tqdm=False)
+        if not engine.get("disable_log_stats", True):
+            run_llm.preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
@@ -166,6 +168,18 @@ def test_qwen3_chunked_prefill_cutting_prompts_anywhere_equals_full_forwards(exp
     # 7 tokens per step: every prompt but the shortest is cut, at offsets that are not chunk (8) boundaries
     results = run_llm(folder, requests, skip_tokenizer_init=True, max_num_batched_tokens=7,
                       max_num_seqs=4, enable_chunked_prefill=True)
+    check_exact(model, requests, results)
+
+
+def test_preempted_and_recomputed_requests_equal_full_forwards(exports):
+    """Too few cache blocks for three long requests: vLLM preempts some when they grow into a new block and
+    recomputes them later in a slot whose state belongs to whoever used it last."""
+    folder, model = exports["qwen3"]
+    g = torch.Generator().manual_seed(5)
+    requests = [(torch.randint(4, VOCAB, (n,), generator=g).tolist(), greedy()) for n in (250, 247, 252)]
+    results = run_llm(folder, requests, skip_tokenizer_init=True, max_model_len=512, max_num_seqs=3,
+                      max_num_batched_tokens=512, num_gpu_blocks_override=8, disable_log_stats=False)
+    assert run_llm.preemptions > 0
     check_exact(model, requests, results)
 
 

@@ -24,10 +24,7 @@ def register() -> None:
     from .compat import patch_vllm
 
     for config in (TTTQwen3Config, TTTLlamaConfig):
-        try:
-            AutoConfig.register(config.model_type, config)
-        except ValueError:  # already registered (this process registered it before)
-            pass
+        AutoConfig.register(config.model_type, config, exist_ok=True)
     for name, target in ARCHITECTURES.items():
         if name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(name, target)
