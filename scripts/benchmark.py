@@ -7,6 +7,7 @@
     python scripts/benchmark.py generate [--prompt 1024 --new-tokens 128 --batches 1,8 --chunk 64]
     python scripts/benchmark.py cp [--length 4096 --ranks 2 --chunk 512 --repeats 3]
     python scripts/benchmark.py fsdp [--length 512 --ranks 2 --chunk 512 --repeats 3]
+    python scripts/benchmark.py serve [--requests 16 --prompt 512 --new-tokens 128 --chunk 64]   (needs vLLM)
 
 `layer`: forward+backward of one MLP on a (1, L, d) fp32 input, CPU: the plain Qwen3 MLP, our TTT MLP, the
 published algorithm (every per-chunk d x H update materialised, then a cumulative sum) and a plain Python loop
@@ -32,6 +33,11 @@ the median of repeats (the CPU cores are shared out among the ranks).
 on N gloo ranks, one row of L tokens per rank per step (fwd+bwd+fused AdamW), as plain data parallelism (DDP)
 and sharded (`ttt_adapt.sharding.shard_model`: FSDP2 per decoder layer). Every rank is a fresh process; the
 peak resident set (VmHWM) of the largest rank, whole and above the process after imports, and the step time.
+
+`serve`: the mid-size model's TTT export and its base export served by vLLM (the ttt-adapt plugin), one after
+the other in the same run, each in a fresh engine process: N concurrent requests (random prompts, greedy, a fixed
+number of new tokens), wall time of the whole batch after a warm-up; then transformers `generate()` of the TTT
+model on the same prompts (one batch of N, greedy, cache). Output tokens per second, and the ratios.
 """
 
 import argparse
@@ -346,6 +352,61 @@ def bench_generate(args):
         print(f"{r['batch']:>5} {r['base_prefill_tok_s']:18.0f} {r['ttt_prefill_tok_s']:8.0f} {r['prefill_time_ratio']:5.2f} "
               f"{r['base_decode_ms_per_step']:19.1f} {r['ttt_decode_ms_per_step']:7.1f} {r['decode_time_ratio']:5.2f}")
     return {"benchmark": "generate", "machine": machine(), "settings": vars(args) | {"func": None}, "rows": rows}
+
+
+def bench_serve(args):
+    import tempfile
+
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(4, 4096, (args.requests, args.prompt), generator=g)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in ("base", "ttt"):
+            folder = os.path.join(tmp, variant)
+            make_lm(variant == "ttt", args.chunk).save_pretrained(folder)
+            torch.save(prompts, os.path.join(tmp, "prompts.pt"))
+            cmd = [sys.executable, os.path.abspath(__file__), "_serve_engine", "--folder", folder,
+                   "--prompts", os.path.join(tmp, "prompts.pt"), "--new-tokens", str(args.new_tokens)]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            line = [x for x in run.stdout.splitlines() if x.startswith("{")]
+            if run.returncode or not line:
+                raise SystemExit(f"benchmark serve: the {variant} engine failed:\n{run.stderr[-3000:]}")
+            rows[f"vllm_{variant}"] = json.loads(line[-1])
+    model = make_lm(True, args.chunk).eval()
+    model.generate(prompts[:, :16], max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)  # warm-up
+    t0 = time.perf_counter()
+    out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new_tokens,
+                         do_sample=False, eos_token_id=None, pad_token_id=0)
+    seconds = time.perf_counter() - t0
+    rows["transformers_ttt"] = {"seconds": seconds, "output_tokens": int(out[:, args.prompt:].numel())}
+    for r in rows.values():
+        r["output_tok_s"] = r["output_tokens"] / r["seconds"]
+    ratios = {"ttt_over_base_vllm": rows["vllm_ttt"]["output_tok_s"] / rows["vllm_base"]["output_tok_s"],
+              "vllm_over_transformers_ttt": rows["vllm_ttt"]["output_tok_s"] / rows["transformers_ttt"]["output_tok_s"]}
+    print(f"serve: {args.requests} concurrent requests, prompt {args.prompt}, {args.new_tokens} new tokens, "
+          f"mid-size Qwen3 (TTT on layers 0, 6, chunk {args.chunk}), fp32 CPU")
+    for name, r in rows.items():
+        print(f"{name:>18}: {r['output_tok_s']:8.1f} output tok/s ({r['seconds']:.1f} s)")
+    print(f"TTT / base in vLLM: {ratios['ttt_over_base_vllm']:.2f}x; vLLM / transformers generate() (TTT): "
+          f"{ratios['vllm_over_transformers_ttt']:.2f}x")
+    return {"benchmark": "serve", "machine": machine(), "settings": vars(args) | {"func": None}, "rows": rows,
+            "ratios": ratios}
+
+
+def serve_engine(args):
+    """One vLLM engine of the `serve` benchmark (a fresh process): prints {"seconds", "output_tokens"}."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = torch.load(args.prompts).tolist()
+    llm = LLM(args.folder, skip_tokenizer_init=True, dtype="float32", max_model_len=len(prompts[0]) + args.new_tokens,
+              max_num_seqs=len(prompts), enable_prefix_caching=False, seed=0)
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    llm.generate([TokensPrompt(prompt_token_ids=p[:32]) for p in prompts[:2]], params, use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}))
 
 
 def cp_rank(args):
@@ -713,6 +774,16 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="exports/benchmark_generate.json")
+    p = sub.add_parser("serve", help="TTT export vs its base in vLLM, and vs transformers generate() (needs vLLM)")
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--out", default="exports/benchmark_serve.json")
+    p = sub.add_parser("_serve_engine")
+    p.add_argument("--folder")
+    p.add_argument("--prompts")
+    p.add_argument("--new-tokens", type=int)
     p = sub.add_parser("gpu", help="the prepared GPU check (one GPU, <= 8 minutes)")
     p.add_argument("--toy", action="store_true", help="CPU-test sizes")
     p.add_argument("--repeats", type=int, default=2)
@@ -747,6 +818,10 @@ def main(argv=None):
             parser.exit(2, "benchmark: sizes must be positive and --length a multiple of --chunk\n")
         if args.command == "_cp_rank":
             return cp_rank(args)
+    if args.command == "_serve_engine":
+        return serve_engine(args)
+    if args.command == "serve" and min(args.requests, args.prompt, args.new_tokens, args.chunk) < 1:
+        parser.exit(2, "benchmark: sizes must be positive\n")
     if args.command == "_memory_step":
         return measure_step_memory(args)
     if args.command in ("layer", "_memory"):
@@ -763,6 +838,8 @@ def main(argv=None):
         result = bench_gpu(args)
     elif args.command == "fsdp":
         result = bench_fsdp(args)
+    elif args.command == "serve":
+        result = bench_serve(args)
     else:
         result = bench_generate(args)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

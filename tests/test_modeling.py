@@ -131,6 +131,33 @@ def test_multi_token_continuation_with_cache_equals_full_forward(arch):
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-5)
 
 
+def test_continuation_without_fast_weight_state_refused():
+    """A call that continues sequences (positions past 0) without the cache that holds their fast weights -- a
+    caller dropping the cache, or vLLM's transformers backend (new tokens of every request flattened into one row,
+    their positions, no cache) -- would silently drop the updates of earlier chunks: it raises instead."""
+    model = ttt_model("qwen3", chunk_size=4)
+    ids = torch.randint(3, 97, (2, 9))
+    msg = "continues a sequence .* without its fast-weight state"
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :8], **{CACHE_KW: cache}, use_cache=True)
+        for kw in ({"use_cache": False}, {"use_cache": True}, {CACHE_KW: DynamicCache(config=model.config)}):
+            with pytest.raises(ValueError, match=msg):  # a decode step that dropped (or replaced) the cache
+                model(ids[:, 8:], position_ids=torch.tensor([[8], [8]]), **kw)
+        flat = torch.tensor([[0, 1, 2, 3, 12, 0, 1]])  # vLLM: a new prompt's prefill, another's decode, a third
+        with pytest.raises(ValueError, match=msg):
+            model(ids[:1, :7], position_ids=flat, use_cache=False)
+        with pytest.raises(ValueError, match=msg):  # a prompt's second prefill chunk
+            model(ids[:, 4:], position_ids=torch.arange(4, 9).expand(2, 5), use_cache=False)
+        # What stays allowed: the cached step, fresh sequences, packed rows, left pads carrying any position.
+        model(ids[:, 8:], position_ids=torch.tensor([[8], [8]]), **{CACHE_KW: cache}, use_cache=True)
+        model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]]).expand(2, 9), use_cache=False)
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0
+        model(ids, attention_mask=mask, position_ids=torch.arange(9).expand(2, 9), use_cache=False)
+        model(ids, attention_mask=mask, position_ids=gen_positions(mask))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_left_padded_batch_equals_rows_alone(arch):
     model = ttt_model(arch, chunk_size=4)

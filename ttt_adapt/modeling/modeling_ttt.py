@@ -123,6 +123,27 @@ def check_cache_in_step(cache, states, when, attention_mask=None):
                          f"cache holds {held}")
 
 
+def refuse_stateless_continuation(position_ids, valid, B, L):
+    """Refuse (one line) a forward that continues sequences without their fast weights.
+
+    With no TTT state, a row's tokens must start sequences: position 0 at the row's first real token and wherever
+    the positions restart (packed documents). A sequence starting past 0 continues earlier tokens whose fast-weight
+    updates this call does not hold -- what a caller that drops the cache does, or vLLM's transformers backend,
+    which calls the model once per step with the new tokens, their positions and no cache.
+    """
+    pos = position_ids.expand(B, L)
+    starts = torch.ones(B, L, dtype=torch.bool, device=pos.device)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    if valid is not None:  # pads' positions say nothing
+        starts &= valid.to(pos.device)
+    if bool((starts & (pos != 0)).any()):
+        raise ValueError(
+            "In-Place TTT: this forward continues a sequence (positions past 0) without its fast-weight state, which "
+            "lives in the generation cache: keep the cache (use_cache=True and pass it back, or use generate()); to "
+            "serve with vLLM install the ttt-adapt vLLM plugin (pip install 'ttt-adapt[vllm]')"
+        )
+
+
 def _cache_error(what):
     lo, hi = TESTED_TRANSFORMERS
     raise RuntimeError(
@@ -234,6 +255,8 @@ class TTTModelMixin(TTTPreTrainedMixin):
             check_cache_in_step(cache, states, "before the forward")
         ttt_context = TTTContext.from_inputs(attention_mask, position_ids, inputs_embeds, states)
         ttt_context.parallel = cp_shard
+        if cp_shard is None and position_ids is not None and not any(s.started for s in (states or {}).values()):
+            refuse_stateless_continuation(position_ids, ttt_context.valid, *inputs_embeds.shape[:2])
         out = super().forward(
             input_ids=None,
             attention_mask=attention_mask,

@@ -1,0 +1,265 @@
+"""Serving in vLLM (ttt_adapt.vllm_plugin) is exact: vLLM's tokens and log-probabilities equal greedy decoding by
+full forwards in transformers, with requests batched together, prompts cut by chunked prefill and several
+sequences per request; vLLM's transformers backend (plugin not loaded) refuses an export instead of serving it
+wrong; the OpenAI-compatible server answers. Runs where vLLM is installed (CI's vLLM environment)."""
+
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed: the serving tests run in CI's vLLM environment (.ci/run)")
+
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+
+from ttt_adapt import TTTConfig, convert  # noqa: E402
+
+PROMPT_LENGTHS = (5, 13, 22, 37)
+NEW_TOKENS = 16
+VOCAB = 128
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+os.environ.update(ENV)
+
+
+def tiny_ttt(arch):
+    """A tiny base converted with TTT on layers 1 and 3, chunk 8, per-token rates, non-zero conv (head_dim 32: the
+    smallest vLLM's CPU attention takes)."""
+    config_cls, lm_cls = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+    torch.manual_seed(0)
+    config = config_cls(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=512, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2, tie_word_embeddings=False,
+    )
+    model = convert(lm_cls(config).eval(), TTTConfig(layers=[1, 3], chunk_size=8, lr_mode="token"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ttt." in name and not name.endswith(".lr"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    assert all(m.ttt.conv.weight.abs().sum() > 0 for m in model.ttt_modules().values())
+    return model
+
+
+def word_tokenizer():
+    """A word-level tokenizer over the tiny vocabulary ("w4".."w127"), so the server can take text."""
+    vocab = {"[PAD]": 0, "[EOS]": 1, "[BOS]": 2, "[UNK]": 3, **{f"w{i}": i for i in range(4, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", bos_token="[BOS]",
+                                   unk_token="[UNK]")
+
+
+def prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(4, VOCAB, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+def full_forward_logprobs(model, prompt, continuation):
+    """log p(continuation[j] | prompt + continuation[:j]) by one full forward (no cache), fp32."""
+    ids = torch.tensor([prompt + continuation])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids, use_cache=False).logits[0].float(), -1)
+    return [float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(continuation)]
+
+
+def greedy_by_full_forwards(model, prompt, n=NEW_TOKENS):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm_exports")
+    out = {}
+    for arch in ("qwen3", "llama"):
+        model = tiny_ttt(arch)
+        model.save_pretrained(root / arch)
+        word_tokenizer().save_pretrained(root / arch)
+        out[arch] = (root / arch, model)
+    return out
+
+
+def run_llm(folder, requests, **engine):
+    """Generate with a fresh vLLM engine on the export; [(token ids, logprobs) per sequence] per request."""
+    from vllm import LLM
+    from vllm.inputs import TokensPrompt
+
+    engine = {"max_num_seqs": 8, "max_model_len": 128, **engine}
+    llm = LLM(str(folder), dtype="float32", enforce_eager=True, seed=0, **engine)
+    try:
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in requests], [s for _, s in requests],
+                            use_tqdm=False)
+        if not engine.get("disable_log_stats", True):
+            run_llm.preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    return [[(list(c.token_ids), [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)]) for c in o.outputs]
+            for o in outs]
+
+
+def greedy(n=1, **kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=0, ignore_eos=True, n=n, **kw)
+
+
+def check_exact(model, requests, results):
+    """Every sequence's log-probabilities equal the full forward's (1e-3); greedy sequences equal its argmax."""
+    worst = 0.0
+    for (prompt, params), seqs in zip(requests, results):
+        assert len(seqs) == params.n
+        for tokens, logprobs in seqs:
+            assert len(tokens) == NEW_TOKENS
+            if params.temperature == 0:
+                assert tokens == greedy_by_full_forwards(model, prompt)
+            ref = full_forward_logprobs(model, prompt, tokens)
+            worst = max(worst, max(abs(a - b) for a, b in zip(logprobs, ref)))
+    assert worst < 1e-3, worst
+    return worst
+
+
+def ttt_matters(model, requests, results):
+    """The same tokens scored with the fast weights switched off differ: the tests exercise the TTT state."""
+    with torch.no_grad():
+        saved = {i: m.ttt.conv.weight.clone() for i, m in model.ttt_modules().items()}
+        for m in model.ttt_modules().values():
+            m.ttt.conv.weight.zero_()
+        try:
+            (prompt, _), ((tokens, logprobs), *_) = requests[-1], results[-1]
+            base = full_forward_logprobs(model, prompt, tokens)
+        finally:
+            for i, m in model.ttt_modules().items():
+                m.ttt.conv.weight.copy_(saved[i])
+    return max(abs(a - b) for a, b in zip(logprobs, base))
+
+
+def test_qwen3_batched_requests_and_several_sequences_equal_full_forwards(exports):
+    from vllm import SamplingParams
+
+    folder, model = exports["qwen3"]
+    requests = [(p, greedy()) for p in prompts()]
+    # two sampled sequences of one request: each has its own fast weights
+    requests.append((prompts()[2], SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, seed=3, n=2, logprobs=0,
+                                                  ignore_eos=True)))
+    results = run_llm(folder, requests, skip_tokenizer_init=True)
+    check_exact(model, requests, results)
+    assert results[-1][0][0] != results[-1][1][0]  # the two samples differ
+    assert ttt_matters(model, requests[:4], results[:4]) > 1e-2
+
+
+def test_qwen3_chunked_prefill_cutting_prompts_anywhere_equals_full_forwards(exports):
+    folder, model = exports["qwen3"]
+    requests = [(p, greedy()) for p in prompts()]
+    # 7 tokens per step: every prompt but the shortest is cut, at offsets that are not chunk (8) boundaries
+    results = run_llm(folder, requests, skip_tokenizer_init=True, max_num_batched_tokens=7,
+                      max_num_seqs=4, enable_chunked_prefill=True)
+    check_exact(model, requests, results)
+
+
+def test_preempted_and_recomputed_requests_equal_full_forwards(exports):
+    """Too few cache blocks for three long requests: vLLM preempts some when they grow into a new block and
+    recomputes them later in a slot whose state belongs to whoever used it last."""
+    folder, model = exports["qwen3"]
+    g = torch.Generator().manual_seed(5)
+    requests = [(torch.randint(4, VOCAB, (n,), generator=g).tolist(), greedy()) for n in (250, 247, 252)]
+    results = run_llm(folder, requests, skip_tokenizer_init=True, max_model_len=512, max_num_seqs=3,
+                      max_num_batched_tokens=512, num_gpu_blocks_override=8, disable_log_stats=False)
+    assert run_llm.preemptions > 0
+    check_exact(model, requests, results)
+
+
+def test_llama_equals_full_forwards(exports):
+    folder, model = exports["llama"]
+    requests = [(p, greedy()) for p in prompts()]
+    results = run_llm(folder, requests, skip_tokenizer_init=True, max_num_batched_tokens=16,
+                      enable_chunked_prefill=True)
+    check_exact(model, requests, results)
+    assert ttt_matters(model, requests, results) > 1e-2
+
+
+def test_prefix_caching_refused_in_one_line(exports):
+    from vllm import LLM
+
+    with pytest.raises(Exception, match="do not support prefix caching"):
+        LLM(str(exports["qwen3"][0]), dtype="float32", max_model_len=128, enforce_eager=True,
+            skip_tokenizer_init=True, enable_prefix_caching=True)
+
+
+TRANSFORMERS_BACKEND = textwrap.dedent(
+    """
+    import sys
+    if __name__ == "__main__":
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+        llm = LLM(sys.argv[1], model_impl="transformers", trust_remote_code=True, skip_tokenizer_init=True,
+                  dtype="float32", max_model_len=128, enforce_eager=True)
+        out = llm.generate([TokensPrompt(prompt_token_ids=list(range(4, 17)))], SamplingParams(max_tokens=8))
+        print("SERVED", out[0].outputs[0].token_ids)
+    """
+)
+
+
+def test_transformers_backend_without_the_plugin_refuses_the_export(exports, tmp_path):
+    """vLLM's generic transformers backend calls the model once per step with the new tokens and no cache; the
+    export's own guard stops it with the one line instead of serving wrong tokens."""
+    script = tmp_path / "serve_transformers_backend.py"
+    script.write_text(TRANSFORMERS_BACKEND)
+    env = {**os.environ, **ENV, "VLLM_PLUGINS": "no-such-plugin"}  # ttt-adapt's plugin not loaded
+    run = subprocess.run([sys.executable, str(script), str(exports["qwen3"][0])], capture_output=True, text=True,
+                         env=env, timeout=600)
+    out = run.stdout + run.stderr
+    assert "SERVED" not in out
+    assert "continues a sequence (positions past 0) without its fast-weight state" in out, out[-3000:]
+    assert "ttt-adapt vLLM plugin" in out
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_server_answers_a_completion_exactly(exports, tmp_path):
+    folder, model = exports["qwen3"]
+    port = _free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(port),
+           "--dtype", "float32", "--max-model-len", "128", "--enforce-eager", "--served-model-name", "ttt"]
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ENV})
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.time() < deadline, "the server did not start"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        prompt = prompts()[3]
+        body = {"model": "ttt", "prompt": " ".join(f"w{t}" for t in prompt), "max_tokens": 8, "temperature": 0,
+                "ignore_eos": True}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        answer = json.load(urllib.request.urlopen(req, timeout=120))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+    expected = greedy_by_full_forwards(model, prompt, 8)
+    assert answer["choices"][0]["text"].split() == [f"w{t}" for t in expected]

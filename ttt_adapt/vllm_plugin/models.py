@@ -1,0 +1,91 @@
+"""vLLM's Qwen3 and Llama models with the TTT layers' MLP replaced by `TTTMLP`; everything else is vLLM's own.
+
+Each TTT decoder layer is the stock vLLM decoder layer whose `mlp` is wrapped (its projections reused, so vLLM's
+weight loading, including the gate/up merge, is unchanged) and whose forward hands the MLP the token positions.
+The causal LMs declare themselves hybrid (vLLM then allocates one state slot per request for the TTT layers).
+"""
+
+from vllm.model_executor.layers.mamba.mamba_utils import get_temporal_copy_spec
+from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3Model
+from vllm.model_executor.models.utils import extract_layer_index
+
+from .ttt_mlp import TTTMLP, state_shapes
+
+
+class TTTDecoderLayerMixin:
+    """Wraps the MLP of a TTT layer; the forward is the stock one with positions passed to that MLP."""
+
+    def _wrap_ttt_mlp(self, config, prefix):
+        layer_idx = extract_layer_index(prefix)
+        if layer_idx in config.ttt["layers"]:
+            self.mlp = TTTMLP(self.mlp, config, layer_idx, prefix=f"{prefix}.mlp")
+
+    def forward(self, positions, hidden_states, residual):
+        if not isinstance(self.mlp, TTTMLP):
+            return super().forward(positions, hidden_states, residual)
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states, positions), residual
+
+
+class TTTQwen3DecoderLayer(TTTDecoderLayerMixin, Qwen3DecoderLayer):
+    def __init__(self, config, cache_config=None, quant_config=None, prefix="", **kwargs):
+        super().__init__(config, cache_config, quant_config, prefix, **kwargs)
+        self._wrap_ttt_mlp(config, prefix)
+
+
+class TTTLlamaDecoderLayer(TTTDecoderLayerMixin, LlamaDecoderLayer):
+    def __init__(self, vllm_config, prefix="", config=None, **kwargs):
+        super().__init__(vllm_config, prefix, config, **kwargs)
+        self._wrap_ttt_mlp(config or vllm_config.model_config.hf_config, prefix)
+
+
+class TTTHybridMixin(HasInnerState, IsHybrid):
+    """The state each request gets per TTT layer (`ttt_mlp.state_shapes`), fp32."""
+
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, vllm_config):
+        config = vllm_config.model_config.hf_config
+        return state_shapes(config.hidden_size, config.intermediate_size, config.ttt["conv_kernel_size"])
+
+    @classmethod
+    def get_mamba_state_dtype_from_config(cls, vllm_config):
+        import torch
+
+        return (torch.float32,) * 4
+
+    @classmethod
+    def get_mamba_state_copy_func(cls):
+        return (get_temporal_copy_spec,) * 4
+
+
+class TTTQwen3Model(Qwen3Model):
+    decoder_layer_type = TTTQwen3DecoderLayer
+
+
+class TTTQwen3ForCausalLM(Qwen3ForCausalLM, TTTHybridMixin):
+    """vLLM's `Qwen3ForCausalLM` with In-Place TTT layers."""
+
+    def __init__(self, *, vllm_config, prefix=""):
+        import vllm.model_executor.models.qwen3 as qwen3
+
+        stock = qwen3.Qwen3Model
+        qwen3.Qwen3Model = TTTQwen3Model  # the stock __init__ builds `Qwen3Model` by name
+        try:
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        finally:
+            qwen3.Qwen3Model = stock
+
+
+class TTTLlamaForCausalLM(LlamaForCausalLM, TTTHybridMixin):
+    """vLLM's `LlamaForCausalLM` with In-Place TTT layers."""
+
+    def __init__(self, *, vllm_config, prefix=""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=TTTLlamaDecoderLayer)
