@@ -5,7 +5,8 @@ from transformers import AutoConfig
 
 from conftest import script_main
 from ttt_adapt.config import load_recipe
-from ttt_adapt.memory_plan import parse_size, plan_memory
+from ttt_adapt._util import parse_size
+from ttt_adapt.memory_plan import plan_memory
 
 TINY = "recipes/tiny_qwen3.yaml"
 
@@ -21,7 +22,7 @@ def _item(plan, name):
 
 @pytest.mark.parametrize("overrides", [(), ("train.trainable=full",), ("train.lora.r=4",)])
 def test_parameter_counts_are_those_of_the_model_training_builds(overrides):
-    from ttt_adapt.train import build_model
+    from ttt_adapt.model_setup import build_model
 
     model = build_model(load_recipe(TINY, list(overrides)))
     plan = _plan(*overrides, device="cpu")

@@ -216,7 +216,7 @@ def test_run_check_names_the_supported_families(tmp_path, corpus):
 
     from transformers import Gemma3Config, Gemma3TextConfig
 
-    from ttt_adapt.train import check_run
+    from ttt_adapt.preflight import check_run
 
     recipe = write(tmp_path, minimal(tmp_path))
     text = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -235,7 +235,7 @@ def test_run_check_names_the_supported_families(tmp_path, corpus):
         check_run(load_recipe(recipe, ["ttt.layers=[0]"]))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(REPO / "ttt_adapt" / "assets" / "tiny_qwen3_base" / name, tmp_path / "model" / name)
-    assert check_run(load_recipe(recipe, ["ttt.layers=[0]"])).model_type == "gemma3_text"
+    assert check_run(load_recipe(recipe, ["ttt.layers=[0]"])).config.model_type == "gemma3_text"
 
 
 def test_tiny_recipe_is_valid():

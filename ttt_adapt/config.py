@@ -24,10 +24,10 @@ from pathlib import Path
 
 import yaml
 
+from ttt_adapt._util import DTYPES, RecipeError, first_line, parse_size
 from ttt_adapt.data import DataConfig
 from ttt_adapt.modeling.configuration_ttt import TTTConfig
 
-DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 TRAINABLE = ("ttt", "full")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -35,11 +35,6 @@ ON_NONFINITE = ("stop", "skip")
 UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
-
-
-class RecipeError(ValueError):
-    """A bad recipe, override or run folder; the message is one line naming the key or path."""
 
 
 def _fail(key: str, message: str):
@@ -233,7 +228,9 @@ class ExportConfig:
 
     def validate(self):
         _check_choice("export.dtype", self.dtype, DTYPES)
-        if not SIZE.match(self.max_shard_size):
+        try:
+            parse_size(self.max_shard_size)
+        except ValueError:
             _fail("export.max_shard_size", f"must be a size such as 5GB or 500MB, got {self.max_shard_size!r}")
         if self.push_to_hub is not None:
             if self.dir is None:
@@ -379,7 +376,7 @@ def _validate_foreign(section: str, config):
     except RecipeError:
         raise
     except (ValueError, TypeError, OSError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = first_line(e, None)
         # "ttt chunk_size must be ..." / "DataConfig.seq_len must be ..." -> "ttt.chunk_size: must be ..."
         m = re.match(r"^(?:ttt |DataConfig\.)(\w+):? (.*)$", message)
         if m and m.group(1) in {f.name for f in dataclasses.fields(config)}:

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from ttt_adapt._util import first_line, unwrap
 from ttt_adapt.config import RecipeError, looks_like_local_path
 from ttt_adapt.convert import convert
 from ttt_adapt.corpus import recall_spans
@@ -201,14 +202,14 @@ def load_model(name_or_path, dtype: str = "float32", device=None):
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
     except (OSError, ValueError, KeyError) as e:
-        raise EvalError(f"cannot load a model from {name}: {_first_line(e)}") from None
+        raise EvalError(f"cannot load a model from {name}: {first_line(e, None)}") from None
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
 
 
 def _config(model_or_path):
     """The config of a loaded model (peft unwrapped) or of a model folder / hub id; one-line errors."""
     if not isinstance(model_or_path, (str, Path)):
-        return _unwrap(model_or_path).config
+        return unwrap(model_or_path).config
     from transformers import AutoConfig
 
     return _from_pretrained(AutoConfig, model_or_path, "a model config")
@@ -228,7 +229,7 @@ def _from_pretrained(auto_class, name_or_path, what: str):
     try:
         return auto_class.from_pretrained(name)
     except (OSError, ValueError, KeyError) as e:
-        raise EvalError(f"cannot load {what} from {name}: {_first_line(e)}") from None
+        raise EvalError(f"cannot load {what} from {name}: {first_line(e, None)}") from None
 
 
 def check_lengths(settings: EvalSettings, config, name: str) -> None:
@@ -277,7 +278,7 @@ def token_losses(model, rows: dict, batch_size: int) -> torch.Tensor:
 
     Runs the decoder (`model.model`) once and the LM head on `LOGIT_SLICE` positions at a time: a 150k vocabulary
     at 32k positions would not fit as one logits tensor."""
-    lm = _unwrap(model)  # peft injects LoRA in place: the unwrapped modules still apply it
+    lm = unwrap(model)  # peft injects LoRA in place: the unwrapped modules still apply it
     device = next(lm.parameters()).device
     out = []
     for i in range(0, len(rows["input_ids"]), batch_size):
@@ -706,12 +707,8 @@ def write_lm_eval_task(out_dir, samples: list[dict], max_new_tokens: int = 8, ta
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _unwrap(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _describe(model) -> str:
-    return str(model) if isinstance(model, (str, Path)) else f"{type(_unwrap(model)).__name__} (in memory)"
+    return str(model) if isinstance(model, (str, Path)) else f"{type(unwrap(model)).__name__} (in memory)"
 
 
 def _mean(values: list[float]) -> float | None:
@@ -720,11 +717,6 @@ def _mean(values: list[float]) -> float | None:
 
 def _fmt(v, sign: str = "") -> str:
     return "" if v is None else f"{v:{sign}.4f}"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 __all__ = [

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ttt_adapt._util import unwrap
 from ttt_adapt.loss import BLOCK_ELEMENTS
 
 GiB = 1024**3
@@ -171,20 +172,8 @@ def plan_memory(recipe, config, processes: int = 1, fsdp: bool = False, device: 
 
 
 def _decoder_layers(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     return list(base.get_decoder().layers)
 
 
-def parse_size(text: str) -> float:
-    """'80GB' / '80GiB' / '141 GB' -> bytes (GB = 10^9, GiB = 2^30)."""
-    import re
-
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*", text, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"expected a size like 80GB or 141GiB, got {text!r}")
-    units = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-             "tib": 2**40}
-    return float(m.group(1)) * units[m.group(2).lower()]
-
-
-__all__ = ["MemoryPlan", "plan_memory", "meta_model", "parse_size"]
+__all__ = ["MemoryPlan", "plan_memory", "meta_model"]

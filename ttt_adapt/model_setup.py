@@ -1,7 +1,7 @@
 """The model and tokenizer a recipe trains: base loaded, converted to TTT, trainable parameters chosen.
 
-Training (`ttt_adapt.train`) builds the model here and so does loading a checkpoint for export
-(`ttt_adapt.checkpoints`), so a checkpoint's weights always meet the module layout they were saved from.
+Training (`ttt_adapt.training.loop`) builds the model here and so does loading a checkpoint for export
+(`ttt_adapt.training.checkpoints`), so a checkpoint's weights always meet the module layout they were saved from.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import torch
 from accelerate.utils import set_seed
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ttt_adapt._util import RecipeError, first_line
 from ttt_adapt.compat import enable_activation_checkpointing
-from ttt_adapt.config import Recipe, RecipeError
+from ttt_adapt.config import Recipe
 from ttt_adapt.convert import convert
 from ttt_adapt.modeling import BASE_MODEL_TYPES, TTT_MODEL_TYPES
 
@@ -67,8 +68,8 @@ def build_model(recipe: Recipe):
                 warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
                 model = get_peft_model(model, lora)
         except ValueError as e:  # e.g. a target module name the model does not have
-            reason = str(e).strip().splitlines()[0]
-            raise RecipeError(f"train.lora.target_modules: peft refused {t.lora.target_modules}: {reason}") from None
+            raise RecipeError(f"train.lora.target_modules: peft refused {t.lora.target_modules}: {first_line(e, None)}") \
+                from None
     else:
         for name, p in model.named_parameters():
             p.requires_grad_(t.trainable == "full" or is_ttt_param(name))

@@ -6,7 +6,7 @@ sets. Either way the model is sharded by torch's `fully_shard` here, on every de
 turns an FSDP request on CPU into plain data parallelism without a word, so the wrapping is not left to it.
 Every decoder layer (TTT layers included) is one FSDP unit, the rest (embeddings, final norm, head) the root
 unit; the weights are sharded over all processes (with context parallelism too: the (dp, cp) mesh of
-`ttt_adapt.parallel` decides which rows and tokens a rank reads, the FSDP mesh which weights it holds).
+`ttt_adapt.distributed.context_parallel` decides which rows and tokens a rank reads, the FSDP mesh which weights it holds).
 Gradients are reduced in fp32; with bf16 mixed precision the weights are gathered in bf16 and the fast-weight
 scan still accumulates in fp32 (`ttt_layer._FastWeightScan`).
 
@@ -22,7 +22,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from ttt_adapt.config import Recipe, RecipeError
+from ttt_adapt._util import RecipeError, unwrap
+from ttt_adapt.config import Recipe
 
 ACCELERATE_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch --use_fsdp` and FSDP config files
 
@@ -80,7 +81,7 @@ def check_fsdp_run(request: FSDPRequest, mixed_precision: str) -> None:
 
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The decoder layers of a (possibly peft-wrapped) Qwen3/Llama-style causal LM, TTT layers included."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     layers = getattr(getattr(base, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
         raise ValueError(f"FSDP wraps decoder layers: {type(base).__name__} has no model.layers")
