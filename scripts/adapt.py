@@ -98,8 +98,9 @@ def _plan_options(argv):
 def _plan(recipe, device_memory, processes, fsdp, device) -> str:
     from ttt_adapt.config import RecipeError
     from ttt_adapt.memory_plan import plan_memory
-    from ttt_adapt.preflight import base_config
+    from ttt_adapt.preflight import base_config, check_files
 
+    check_files(recipe)  # the recipe is checked as for training
     config = base_config(recipe)
     if processes % recipe.parallel.cp_size:
         raise RecipeError(f"--processes {processes} is not a multiple of parallel.cp_size {recipe.parallel.cp_size}")

@@ -22,7 +22,6 @@ from error messages: `huggingface_hub` finds it (`HF_TOKEN` or `hf auth login`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -279,24 +278,16 @@ def check_out(out: Path, checkpoint: Path, overwrite: bool) -> Path:
 
 
 def read_recipe(checkpoint: Path):
-    """The checkpoint's recipe (validated, without its `export` section) and the `export.license` it names."""
+    """The checkpoint's recipe (validated; its files are not looked at: the training data may be gone by now)
+    and the `export.license` it names."""
     path = checkpoint / "recipe.yaml"
     if not path.is_file():
-        raise ExportError(f"{checkpoint} holds no recipe.yaml: not a checkpoint written by ttt_adapt's training")
+        raise ExportError(f"{checkpoint} holds no recipe.yaml: not a checkpoint written by ttt_adapt.training")
     try:
-        raw = yaml.safe_load(path.read_text())
-        # The export settings describe the training run's own export (its folder may exist by now): not ours.
-        export = raw.pop("export", None) or {}
-        # Nor is the training data read here: it may be gone, so its files are not checked.
-        data = raw.get("data")
-        if isinstance(data, dict):
-            raw["data"] = dict(data, path="unused-by-export", eval_path=None)
-        recipe = build_recipe(raw)
-        if isinstance(data, dict):
-            recipe.data = dataclasses.replace(recipe.data, path=data.get("path"), eval_path=data.get("eval_path"))
-        return recipe, export.get("license")
+        recipe = build_recipe(yaml.safe_load(path.read_text()))
     except (RecipeError, yaml.YAMLError, AttributeError) as e:
         raise ExportError(f"{path}: {first_line(e)}") from None
+    return recipe, recipe.export.license
 
 
 def _read_json(path: Path) -> dict:

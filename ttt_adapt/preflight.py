@@ -1,19 +1,24 @@
-"""The checks a run needs before any work: the base model, the launch and the run folder, in one place.
+"""The checks a run needs before any work: the files, the base model, the launch and the run folder, in one place.
 
-`preflight(recipe, accelerator)` runs them all (on every process, before anything is built or written) and
-returns what they loaded (`Base`: the base config and tokenizer), so nothing is loaded twice. Every failure
-is a `RecipeError` whose message is one line naming the key.
+`ttt_adapt.config` checks a recipe's keys, types and values without reading anything; what needs the file
+system, the base model's config and tokenizer or the launch (process count, FSDP request, mixed precision) is
+checked here. `preflight(recipe, accelerator)` runs them all (on every process, before anything is built or
+written) and returns what they loaded (`Preflight`: the base config, the tokenizer, the FSDP request), so
+nothing is loaded twice. Every failure is a `RecipeError` whose message is one line naming the key.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch.distributed as dist
 from transformers import AutoConfig
 
 from ttt_adapt._util import RecipeError, first_line
-from ttt_adapt.config import Recipe
-from ttt_adapt.distributed.fsdp import FSDPRequest, check_fsdp_run, fsdp_request
+from ttt_adapt.config import EvalError, Recipe, looks_like_local_path
+from ttt_adapt.distributed.context_parallel import check_cp_size
+from ttt_adapt.distributed.fsdp import FSDPRequest, fsdp_request
 from ttt_adapt.model_setup import CONVERTED_MODEL_TYPES, SUPPORTED_MODEL_TYPES, load_tokenizer
 from ttt_adapt.training.checkpoints import latest_checkpoint
 
@@ -43,6 +48,39 @@ def preflight(recipe: Recipe, accelerator) -> Preflight:
     return Preflight(base.config, base.tokenizer, fsdp)
 
 
+def check_run(recipe: Recipe) -> Base:
+    """Everything about the recipe that needs the files, the base model or the run folder (RecipeError, one
+    line). Returns the base config and tokenizer, loaded once here."""
+    check_files(recipe)
+    config = base_config(recipe)
+    check_base(recipe, config)
+    if recipe.eval is not None:
+        check_eval(recipe, config)
+    check_rows(recipe)
+    check_trackers(recipe)
+    check_run_folder(recipe)
+    return Base(config, checked_tokenizer(recipe, config))
+
+
+def check_files(recipe: Recipe) -> None:
+    """The local files and folders the recipe names are what it says: the model folder, the data files, the
+    run and export folders (the eval corpus: `check_eval`)."""
+    name = recipe.model.name_or_path
+    if looks_like_local_path(name) and not Path(name).expanduser().is_dir():
+        raise RecipeError(f"model.name_or_path: no such folder: {name}")
+    recipe.data.check_files()
+    out = Path(recipe.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"train.output_dir: is a file, not a folder: {recipe.train.output_dir}")
+    e = recipe.export
+    if e.dir is not None:
+        out = Path(e.dir)
+        if out.exists() and not out.is_dir():
+            raise RecipeError(f"export.dir: is a file, not a folder: {e.dir}")
+        if out.is_dir() and any(out.iterdir()) and not e.overwrite:
+            raise RecipeError(f"export.dir: {e.dir} exists and is not empty (set export.overwrite=true to replace it)")
+
+
 def base_config(recipe: Recipe):
     """The config of `model.name_or_path` (RecipeError, one line, when there is none)."""
     name = recipe.model.name_or_path
@@ -53,11 +91,10 @@ def base_config(recipe: Recipe):
             from None
 
 
-def check_run(recipe: Recipe) -> Base:
-    """Everything about the recipe that needs the base model or the run folder; raise RecipeError (one line).
-    Returns the base config and tokenizer, loaded once here."""
+def check_base(recipe: Recipe, config) -> None:
+    """The base is a family `convert` takes (or a TTT model of the recipe's layout) and the recipe's TTT layers
+    exist in it."""
     name = recipe.model.name_or_path
-    config = base_config(recipe)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES + CONVERTED_MODEL_TYPES:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -67,24 +104,42 @@ def check_run(recipe: Recipe) -> Base:
             f"of model_type {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     num_layers = config.num_hidden_layers
-    if model_type in CONVERTED_MODEL_TYPES:
-        _check_same_ttt(recipe, config)
-    else:
-        try:
-            recipe.ttt.validate(num_layers)
-        except ValueError as e:
-            raise RecipeError(f"ttt.layers: {e} ({name})" if "layer" in str(e) else f"ttt: {e}") from None
-    if recipe.eval is not None:  # the eval section's keys, corpus and lengths (EvalError is a RecipeError)
-        from ttt_adapt.evaluate import settings_from_recipe
+    outside = [i for i in recipe.ttt.layers or [] if i >= num_layers]
+    if outside:
+        raise RecipeError(f"ttt.layers: layer {outside[0]} is out of range: {name} has {num_layers} layers "
+                          f"(0..{num_layers - 1})")
+    if model_type in CONVERTED_MODEL_TYPES:  # a TTT model keeps its layout: the recipe must describe it
+        have = dict(config.ttt)
+        want = dict(recipe.ttt.to_dict(), layers=recipe.ttt.resolved_layers(num_layers))
+        for key, value in want.items():
+            if key != "lr_init" and have.get(key) != value:  # lr_init only matters for fresh TTT parameters
+                raise RecipeError(f"ttt.{key}: {name} is already a TTT model with {key}={have.get(key)!r}; "
+                                  f"the recipe says {value!r}")
 
-        settings_from_recipe(recipe, config)
-    cp_size = recipe.parallel.cp_size
-    if cp_size > 1 and recipe.data.seq_len % (cp_size * recipe.ttt.chunk_size):
-        unit = cp_size * recipe.ttt.chunk_size
+
+def check_eval(recipe: Recipe, config) -> None:
+    """The eval section's corpus exists and its lengths fit the base model's positions (EvalError)."""
+    from ttt_adapt.evaluate import check_lengths
+
+    if recipe.eval.corpus is None:
+        raise EvalError("eval.corpus: not set, and the recipe has no data.eval_path to default to")
+    if not Path(recipe.eval.corpus).is_file():
+        raise EvalError(f"eval.corpus: no such file: {recipe.eval.corpus}")
+    check_lengths(recipe.eval, config, recipe.model.name_or_path)
+
+
+def check_rows(recipe: Recipe) -> None:
+    """With context parallelism each row must split into `cp_size` shards of whole TTT chunks."""
+    cp_size, chunk, seq_len = recipe.parallel.cp_size, recipe.ttt.chunk_size, recipe.data.seq_len
+    unit = cp_size * chunk
+    if cp_size > 1 and seq_len % unit:
         raise RecipeError(
-            f"data.seq_len: {recipe.data.seq_len} tokens cannot be cut into {cp_size} shards of whole "
-            f"{recipe.ttt.chunk_size}-token chunks; use a multiple of {unit} (e.g. {max(unit, recipe.data.seq_len // unit * unit)})"
+            f"data.seq_len: {seq_len} tokens cannot be cut into {cp_size} shards of whole {chunk}-token chunks; "
+            f"use a multiple of {unit} (e.g. {max(unit, seq_len // unit * unit)})"
         )
+
+
+def check_trackers(recipe: Recipe) -> None:
     if recipe.train.trackers:
         from accelerate.tracking import get_available_trackers
 
@@ -92,12 +147,21 @@ def check_run(recipe: Recipe) -> Base:
         for tracker in recipe.train.trackers:
             if tracker not in available:
                 raise RecipeError(f"train.trackers: {tracker} is not installed (pip install {tracker})")
+
+
+def check_run_folder(recipe: Recipe) -> None:
+    """A run folder that already holds a run is resumed, or refused without `train.resume`."""
     latest = latest_checkpoint(recipe.train.output_dir)
     if latest is not None and not recipe.train.resume:
         raise RecipeError(
             f"train.output_dir: {recipe.train.output_dir} already holds a run (latest {latest.name}); "
             "set train.resume=true to continue it, or choose another train.output_dir"
         )
+
+
+def checked_tokenizer(recipe: Recipe, config):
+    """The base model's tokenizer (`model_setup.load_tokenizer`), checked to be a real one that fits the model."""
+    name = recipe.model.name_or_path
     try:
         tokenizer = load_tokenizer(recipe)
     except Exception as e:
@@ -112,32 +176,27 @@ def check_run(recipe: Recipe) -> Base:
             f"model.name_or_path: the tokenizer of {name!r} has {len(tokenizer)} tokens, "
             f"more than the model's vocab_size {config.vocab_size}"
         )
-    return Base(config, tokenizer)
+    return tokenizer
 
 
-def _check_same_ttt(recipe: Recipe, config):
-    """A base that is already a TTT model keeps its TTT layout: the recipe's `ttt` section must describe it."""
-    have = dict(config.ttt)
-    try:
-        want = dict(recipe.ttt.to_dict(), layers=recipe.ttt.resolved_layers(config.num_hidden_layers))
-    except ValueError as e:
-        raise RecipeError(f"ttt.layers: {e} ({recipe.model.name_or_path})") from None
-    for key, value in want.items():
-        if key != "lr_init" and have.get(key) != value:  # lr_init only matters for fresh TTT parameters
-            raise RecipeError(
-                f"ttt.{key}: {recipe.model.name_or_path} is already a TTT model with {key}={have.get(key)!r}; "
-                f"the recipe says {value!r}"
-            )
-
-
-def check_world(recipe: Recipe, num_processes: int):
+def check_world(recipe: Recipe, num_processes: int) -> None:
     """The process count must split into data-parallel groups of `parallel.cp_size` ranks (RecipeError)."""
-    cp_size = recipe.parallel.cp_size
-    if num_processes % cp_size:
+    check_cp_size(recipe.parallel.cp_size, num_processes)
+
+
+def check_fsdp_run(request: FSDPRequest, mixed_precision: str) -> None:
+    """Refuse (RecipeError, one line) an FSDP run that would not shard or could not be exact."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world < 2:
         raise RecipeError(
-            f"parallel.cp_size: {cp_size} does not divide the {num_processes} process(es); launch a multiple of "
-            f"{cp_size} (accelerate launch --multi_gpu --num_processes {cp_size} ...; --multi_gpu on CPU-only machines too)"
+            f"FSDP ({request.source}) shards the weights over several processes, and this run has 1: launch several "
+            "(accelerate launch --multi_gpu --num_processes N ...; --multi_gpu on CPU-only machines too), or drop "
+            "the FSDP request"
         )
+    if mixed_precision == "fp16":
+        raise RecipeError("train.mixed_precision: fp16 is not supported with FSDP (no sharded gradient scaler): "
+                          "use bf16")
 
 
-__all__ = ["Base", "Preflight", "preflight", "base_config", "check_run", "check_world"]
+__all__ = ["Base", "Preflight", "preflight", "check_run", "check_files", "base_config", "check_base", "check_eval",
+           "check_world", "check_fsdp_run"]

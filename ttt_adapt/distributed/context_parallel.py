@@ -29,13 +29,24 @@ import torch.distributed as dist
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from ttt_adapt._util import unwrap
+from ttt_adapt._util import RecipeError, unwrap
 from ttt_adapt.attention import blocked_sdpa, document_layout, packed_attention, packed_mask, query_blocks
 from ttt_adapt.loss import IGNORE_INDEX
 from ttt_adapt.modeling.ttt_layer import CARRY, INIT, ZERO, Segments, chunk_conv, fast_weight_scan
 
 ATTN_IMPLEMENTATION = "ttt_cp"  # `ttt_packed` without a `cp_shard`; all-gather attention with one
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def check_cp_size(cp_size, num_processes: int) -> None:
+    """`cp_size` must be an integer >= 1 that divides the process count (RecipeError, one line)."""
+    if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1:
+        raise RecipeError(f"parallel.cp_size: must be an integer >= 1, got {cp_size!r}")
+    if num_processes % cp_size:
+        raise RecipeError(
+            f"parallel.cp_size: {cp_size} does not divide the {num_processes} process(es); launch a multiple of "
+            f"{cp_size} (accelerate launch --multi_gpu --num_processes {cp_size} ...; --multi_gpu on CPU-only machines too)"
+        )
 
 
 class ContextParallel:
@@ -48,10 +59,7 @@ class ContextParallel:
     def __init__(self, cp_size: int, device_type: str = "cpu", query_block: int = 1024):
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
-        if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1:
-            raise ValueError(f"parallel.cp_size must be an integer >= 1, got {cp_size!r}")
-        if world % cp_size:
-            raise ValueError(f"parallel.cp_size {cp_size} does not divide the number of processes {world}")
+        check_cp_size(cp_size, world)
         self.cp_size, self.dp_size = cp_size, world // cp_size
         self.query_block = query_block  # local queries per attention call (bounds the mask's memory)
         self.group, self.mesh = None, None
@@ -376,4 +384,4 @@ def _register():
         _REGISTERED = True
 
 
-__all__ = ["ContextParallel", "CPShard", "prepare_model", "cp_attention", "ATTN_IMPLEMENTATION"]
+__all__ = ["ContextParallel", "CPShard", "check_cp_size", "prepare_model", "cp_attention", "ATTN_IMPLEMENTATION"]

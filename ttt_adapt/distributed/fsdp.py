@@ -10,8 +10,8 @@ unit; the weights are sharded over all processes (with context parallelism too: 
 Gradients are reduced in fp32; with bf16 mixed precision the weights are gathered in bf16 and the fast-weight
 scan still accumulates in fp32 (`ttt_layer._FastWeightScan`).
 
-A request that cannot be honoured raises `RecipeError` (one line): FSDP1, parameter offloading, fp16, a single
-process.
+A request that cannot be honoured raises `RecipeError` (one line): FSDP1, parameter offloading here, fp16 and a
+single process in `ttt_adapt.preflight.check_fsdp_run`.
 """
 
 from __future__ import annotations
@@ -63,20 +63,6 @@ def fsdp_request(recipe: Recipe) -> FSDPRequest | None:
         raise RecipeError(f"Accelerate's FSDP setting fsdp_reshard_after_forward={reshard!r} is not an FSDP2 value "
                           "(true or false)")
     return FSDPRequest("accelerate (--use_fsdp)", reshard in ("true", "1"), _env_flag("FSDP_ACTIVATION_CHECKPOINTING"))
-
-
-def check_fsdp_run(request: FSDPRequest, mixed_precision: str) -> None:
-    """Refuse (RecipeError, one line) an FSDP run that would not shard or could not be exact."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world < 2:
-        raise RecipeError(
-            f"FSDP ({request.source}) shards the weights over several processes, and this run has 1: launch several "
-            "(accelerate launch --multi_gpu --num_processes N ...; --multi_gpu on CPU-only machines too), or drop "
-            "the FSDP request"
-        )
-    if mixed_precision == "fp16":
-        raise RecipeError("train.mixed_precision: fp16 is not supported with FSDP (no sharded gradient scaler): "
-                          "use bf16")
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -153,6 +139,6 @@ def local_parameter_bytes(model) -> int:
 
 
 __all__ = [
-    "FSDPRequest", "fsdp_request", "check_fsdp_run", "decoder_layers", "shard_model", "fsdp_mesh", "is_sharded",
+    "FSDPRequest", "fsdp_request", "decoder_layers", "shard_model", "fsdp_mesh", "is_sharded",
     "gradient_sync", "clip_grad_norm", "local", "local_parameter_bytes",
 ]

@@ -304,7 +304,7 @@ def load_data(accelerator, recipe: Recipe, tokenizer) -> tuple[RowStream, list |
         try:
             train_rows, eval_rows = build_datasets(recipe.data, tokenizer)
         except ValueError as e:
-            message = first_line(e, None).replace("DataConfig.", "data.")
+            message = first_line(e, None)
             raise RecipeError(message if message.startswith("data") else f"data: {message}") from None
         except DatasetGenerationError as e:  # a malformed file: the reason is in the cause
             files = recipe.data.path + (f" or {recipe.data.eval_path}" if recipe.data.eval_path else "")
