@@ -10,9 +10,9 @@ import warnings
 
 import torch
 from accelerate.utils import set_seed
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ttt_adapt._util import RecipeError, first_line
+from ttt_adapt._util import RecipeError, first_line, unwrap
 from ttt_adapt.compat import enable_activation_checkpointing
 from ttt_adapt.config import Recipe
 from ttt_adapt.convert import convert
@@ -35,17 +35,26 @@ def load_tokenizer(recipe: Recipe):
     return tokenizer
 
 
-def build_model(recipe: Recipe):
+def build_model(recipe: Recipe, device: str | None = None, config=None):
     """The model to train: base loaded, converted, trainable parameters chosen (LoRA via peft if asked).
 
     Seeded with `train.seed`, so the same recipe always builds the same initial TTT (and LoRA) weights.
+    `config`: the base config when already loaded (`ttt_adapt.preflight`). `device="meta"` builds the very same
+    model without memory or weights, from the config alone: what the memory plan counts.
     """
     set_seed(recipe.train.seed)
     m = recipe.model
     kwargs = {"dtype": getattr(torch, m.dtype)}
     if m.attn_implementation is not None:
         kwargs["attn_implementation"] = m.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
+    if device == "meta":
+        config = config if config is not None else AutoConfig.from_pretrained(m.name_or_path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+    else:
+        if config is not None:
+            kwargs["config"] = config
+        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
     if model.config.model_type not in CONVERTED_MODEL_TYPES:
         model = convert(model, recipe.ttt)
     model.config.use_cache = False
@@ -78,4 +87,13 @@ def build_model(recipe: Recipe):
     return model
 
 
-__all__ = ["build_model", "load_tokenizer", "is_ttt_param", "SUPPORTED_MODEL_TYPES", "CONVERTED_MODEL_TYPES"]
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder layers of a (possibly peft-wrapped) causal LM of a supported family, TTT layers included."""
+    base = unwrap(model)
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise ValueError(f"{type(base).__name__} has no model.layers (decoder layers)")
+    return list(layers)
+
+
+__all__ = ["build_model", "decoder_layers", "load_tokenizer", "is_ttt_param", "SUPPORTED_MODEL_TYPES", "CONVERTED_MODEL_TYPES"]

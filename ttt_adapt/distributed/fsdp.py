@@ -22,8 +22,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from ttt_adapt._util import RecipeError, unwrap
+from ttt_adapt._util import RecipeError
 from ttt_adapt.config import Recipe
+from ttt_adapt.model_setup import decoder_layers
 
 ACCELERATE_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch --use_fsdp` and FSDP config files
 
@@ -63,15 +64,6 @@ def fsdp_request(recipe: Recipe) -> FSDPRequest | None:
         raise RecipeError(f"Accelerate's FSDP setting fsdp_reshard_after_forward={reshard!r} is not an FSDP2 value "
                           "(true or false)")
     return FSDPRequest("accelerate (--use_fsdp)", reshard in ("true", "1"), _env_flag("FSDP_ACTIVATION_CHECKPOINTING"))
-
-
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The decoder layers of a (possibly peft-wrapped) Qwen3/Llama-style causal LM, TTT layers included."""
-    base = unwrap(model)
-    layers = getattr(getattr(base, "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
-        raise ValueError(f"FSDP wraps decoder layers: {type(base).__name__} has no model.layers")
-    return list(layers)
 
 
 def shard_model(model, mesh, mixed_precision: str = "no", reshard_after_forward: bool = True):
@@ -139,6 +131,6 @@ def local_parameter_bytes(model) -> int:
 
 
 __all__ = [
-    "FSDPRequest", "fsdp_request", "decoder_layers", "shard_model", "fsdp_mesh", "is_sharded",
+    "FSDPRequest", "fsdp_request", "shard_model", "fsdp_mesh", "is_sharded",
     "gradient_sync", "clip_grad_norm", "local", "local_parameter_bytes",
 ]

@@ -249,7 +249,7 @@ def set_up(recipe: Recipe, accelerator: Accelerator, checked: Preflight) -> Run:
     out = Path(t.output_dir)
     checkpoint = latest_checkpoint(out)
 
-    model = build_model(recipe)
+    model = build_model(recipe, config=checked.config)
     cp = ContextParallel(recipe.parallel.cp_size, accelerator.device.type)
     if cp.enabled:
         prepare_model(model)
