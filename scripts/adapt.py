@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip() if argv else USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     from ttt_adapt.config import RecipeError, load_recipe
-    from ttt_adapt.stopping import Preempted, TrainingStopped
+    from ttt_adapt.training.stopping import Preempted, TrainingStopped
 
     main_process = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`: one line, not one per process
     try:
@@ -44,9 +44,9 @@ def main(argv: list[str]) -> int:
         if plan is not None:
             print(_plan(recipe, **plan))
             return 0
-        from ttt_adapt.train import train
+        from ttt_adapt.pipeline import adapt
 
-        train(recipe)
+        adapt(recipe)
     except RecipeError as e:
         if main_process:
             print(f"adapt.py: error: {e}", file=sys.stderr)
@@ -83,7 +83,7 @@ def _plan_options(argv):
         if any(v != d for v, d in zip(opts.values(), (None, 1, False, "cuda"))):
             raise RecipeError("--device-memory, --processes, --fsdp and --device go with --plan")
         return None, argv
-    from ttt_adapt.memory_plan import parse_size
+    from ttt_adapt._util import parse_size
 
     try:
         opts["processes"] = int(opts["processes"])
@@ -96,17 +96,12 @@ def _plan_options(argv):
 
 
 def _plan(recipe, device_memory, processes, fsdp, device) -> str:
-    from transformers import AutoConfig
-
     from ttt_adapt.config import RecipeError
     from ttt_adapt.memory_plan import plan_memory
+    from ttt_adapt.preflight import base_config, check_files
 
-    name = recipe.model.name_or_path
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except Exception as e:  # OSError, hub errors: all mean "no config here"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RecipeError(f"model.name_or_path: cannot load a model config from {name!r}: {reason}") from None
+    check_files(recipe)  # the recipe is checked as for training
+    config = base_config(recipe)
     if processes % recipe.parallel.cp_size:
         raise RecipeError(f"--processes {processes} is not a multiple of parallel.cp_size {recipe.parallel.cp_size}")
     return plan_memory(recipe, config, processes=processes, fsdp=fsdp, device=device).format(device_memory)

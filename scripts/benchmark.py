@@ -24,14 +24,14 @@ before); time (interleaved, median) and peak memory (fresh process, as above), w
 `generate`: prefill of the prompt, then greedy decoding one token at a time with the cache.
 `gpu`: the prepared GPU check (`bench_gpu`); `--toy` runs it at CPU size.
 
-`cp`: context parallelism (`ttt_adapt.parallel`) on that TTT model: one training step (forward + backward + AdamW)
+`cp`: context parallelism (`ttt_adapt.distributed.context_parallel`) on that TTT model: one training step (forward + backward + AdamW)
 of a row of N x L tokens split over N gloo ranks, against L tokens on 1 rank (and N x L on 1 rank, what context
 parallelism avoids). Every rank is a fresh process; per-rank peak memory as above (the largest rank), step time
 the median of repeats (the CPU cores are shared out among the ranks).
 
 `fsdp`: full fine-tuning of that TTT model (45M parameters: weights, gradients and AdamW states dominate memory)
 on N gloo ranks, one row of L tokens per rank per step (fwd+bwd+fused AdamW), as plain data parallelism (DDP)
-and sharded (`ttt_adapt.sharding.shard_model`: FSDP2 per decoder layer). Every rank is a fresh process; the
+and sharded (`ttt_adapt.distributed.fsdp.shard_model`: FSDP2 per decoder layer). Every rank is a fresh process; the
 peak resident set (VmHWM) of the largest rank, whole and above the process after imports, and the step time.
 
 `serve`: the mid-size model's TTT export and its base export served by vLLM (the ttt-adapt plugin), one after
@@ -413,7 +413,8 @@ def cp_rank(args):
     """One rank of the `cp` benchmark (a fresh process): peak-memory rise of a training step, then step times."""
     import torch.distributed as dist
 
-    from ttt_adapt.parallel import ContextParallel, loss_sum, prepare_model
+    from ttt_adapt.distributed.context_parallel import ContextParallel, prepare_model
+    from ttt_adapt.loss import loss_sum, shift_labels
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.ranks))
     if args.ranks > 1:
@@ -428,7 +429,8 @@ def cp_rank(args):
 
     def step(length):
         ids = torch.randint(0, 4096, (1, length), generator=g)
-        local, shard = cp.shard({"input_ids": ids, "labels": ids}, args.chunk)
+        batch = shift_labels({"input_ids": ids, "labels": ids})
+        local, shard = cp.shard(batch, args.chunk) if cp.enabled else (batch, None)
         optimizer.zero_grad(set_to_none=True)
         loss_sum(model, local, shard).backward()
         optimizer.step()
@@ -501,7 +503,7 @@ GPU_SIZES = {  # Qwen3-0.6B's shape; toy: the same code at CPU-test size
 def bench_gpu(args):
     """The prepared GPU check (issue 13): random-initialised Qwen3-shaped models, bf16 autocast over fp32 weights.
 
-    Needs only torch, transformers, accelerate and peft (no `datasets`: ttt_adapt.parallel/data/train are not
+    Needs only torch, transformers, accelerate and peft (no `datasets`: ttt_adapt.distributed/data/training are not
     imported). `--toy` runs every part at CPU size, so the unit tests keep it working.
     """
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -666,8 +668,8 @@ def fsdp_rank(args):
     """One rank of the `fsdp` benchmark (a fresh process): peak memory of full fine-tuning, DDP or FSDP."""
     import torch.distributed as dist
 
-    from ttt_adapt.parallel import loss_sum
-    from ttt_adapt.sharding import fsdp_mesh, local_parameter_bytes, shard_model
+    from ttt_adapt.distributed.fsdp import fsdp_mesh, local_parameter_bytes, shard_model
+    from ttt_adapt.loss import loss_sum
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.ranks))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))

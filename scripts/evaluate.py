@@ -13,6 +13,7 @@ Bad input prints one line and exits 2.
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -61,15 +62,14 @@ def main(argv=None) -> int:
 
     hf_logging.disable_progress_bar()  # no weight-loading bars: the output is the table (or one error line)
     from ttt_adapt.config import RecipeError, load_recipe
-    from ttt_adapt.evaluate import EvalSettings, load_tokenizer, read_corpus, run_evaluation, settings_from_recipe, \
-        task_samples, write_lm_eval_task
+    from ttt_adapt.evaluate import EvalSettings, load_tokenizer, read_corpus, run_evaluation, task_samples, \
+        write_lm_eval_task
 
     try:
         raw, dtype = {}, args.dtype
         if args.recipe:
-            # export.overwrite: after a run the export folder exists; here it is only read
-            recipe = load_recipe(args.recipe, ["export.overwrite=true"])
-            raw = dict(vars(settings_from_recipe(recipe)))
+            recipe = load_recipe(args.recipe)
+            raw = dataclasses.asdict(recipe.eval_settings())
             args.base = args.base or recipe.model.name_or_path
             if not args.adapted:
                 if recipe.export.dir is None or not Path(recipe.export.dir).is_dir():

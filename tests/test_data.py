@@ -244,17 +244,17 @@ def one_line_error(fn, match):
 
 def test_bad_config_values(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", make_texts(3))
-    one_line_error(config(path, tmp_path, seq_len=1).validate, "seq_len must be an integer >= 2")
-    one_line_error(config(path, tmp_path, eval_fraction=1.0).validate, r"eval_fraction must be in \[0, 1\)")
+    one_line_error(config(path, tmp_path, seq_len=1).validate, "^data.seq_len: must be an integer >= 2")
+    one_line_error(config(path, tmp_path, eval_fraction=1.0).validate, r"^data.eval_fraction: must be in \[0, 1\)")
     one_line_error(config(path, tmp_path, eval_fraction=-0.1).validate, "eval_fraction")
     one_line_error(config(path, tmp_path, min_doc_len=-1).validate, "min_doc_len")
-    one_line_error(config(tmp_path / "missing.jsonl", tmp_path).validate, "path: no such file or folder .*missing")
-    one_line_error(config(tmp_path / "nodir", tmp_path).validate, "path: no such file or folder .*nodir")
-    one_line_error(config(path, tmp_path, eval_path=str(tmp_path / "gone.jsonl")).validate, "eval_path: no such file")
+    one_line_error(config(tmp_path / "missing.jsonl", tmp_path).check_files, "path: no such file or folder .*missing")
+    one_line_error(config(tmp_path / "nodir", tmp_path).check_files, "path: no such file or folder .*nodir")
+    one_line_error(config(path, tmp_path, eval_path=str(tmp_path / "gone.jsonl")).check_files, "eval_path: no such file")
     (tmp_path / "empty_dir").mkdir()
-    one_line_error(config(tmp_path / "empty_dir", tmp_path).validate, "holds no .*files")
+    one_line_error(config(tmp_path / "empty_dir", tmp_path).check_files, "holds no .*files")
     (tmp_path / "notes.md").write_text("x")
-    one_line_error(config(tmp_path / "notes.md", tmp_path).validate, "is not one of")
+    one_line_error(config(tmp_path / "notes.md", tmp_path).check_files, "is not one of")
 
 
 def test_bad_corpus(tmp_path, tokenizer):

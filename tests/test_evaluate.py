@@ -28,7 +28,6 @@ from ttt_adapt.evaluate import (
     position_bins,
     run_evaluation,
     score,
-    settings_from_recipe,
     tokenize_documents,
     write_lm_eval_task,
 )
@@ -252,21 +251,23 @@ def test_settings_are_checked():
         EvalSettings.from_dict({"num_samples": "8"})
 
 
-def test_settings_from_recipe(files, tmp_path):
+def test_recipe_eval_section(files, tmp_path):
     raw = {
         "model": {"name_or_path": str(files["base"])},
         "data": {"path": str(files["corpus"]), "eval_path": str(files["corpus"]), "seq_len": 128},
         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1},
         "eval": {"lengths": [64], "num_samples": 2},
     }
-    settings = settings_from_recipe(build_recipe(raw))
+    settings = build_recipe(raw).eval
     assert (settings.corpus, settings.seq_len, settings.lengths, settings.num_samples) == \
         (str(files["corpus"]), 128, [64], 2)
     raw["eval"] = {"lengths": [600]}
     from transformers import AutoConfig
 
+    from ttt_adapt.preflight import check_eval
+
     with pytest.raises(RecipeError, match=r"task length 600 .* max_position_embeddings .* \(512\)$"):
-        settings_from_recipe(build_recipe(raw), AutoConfig.from_pretrained(files["base"]))
+        check_eval(build_recipe(raw), AutoConfig.from_pretrained(files["base"]))
 
 
 @pytest.mark.parametrize("case", ["missing model", "empty corpus", "too long", "not ttt"])

@@ -18,14 +18,13 @@ import yaml
 from huggingface_hub import metadata_load
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import load_file, load_model, save_file
-from conftest import BLOCK_TTT_ADAPT, script_main
-from test_train import make_tiny_files, recipe_dict, write_recipe
+from conftest import BLOCK_TTT_ADAPT, make_tiny_files, recipe_dict, script_main, write_recipe
 
 import ttt_adapt.export as export_module
 from ttt_adapt.config import load_recipe
 from ttt_adapt.export import ExportError, export_model, render_model_card
 from ttt_adapt.model_setup import build_model
-from ttt_adapt.train import train
+from ttt_adapt.pipeline import adapt
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "hf_export_test_SeCrEtToKeN_0123456789"
@@ -45,7 +44,7 @@ def runs(tmp_path_factory):
         (root / name).mkdir()
         raw = recipe_dict(files, root / name, batch_size=1, grad_accum=1, **settings)
         recipes[name] = load_recipe(write_recipe(root / name / "recipe.yaml", raw))
-        train(recipes[name])
+        adapt(recipes[name])
     return {"root": root, "base": files["base"], **recipes}
 
 

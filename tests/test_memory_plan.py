@@ -5,7 +5,8 @@ from transformers import AutoConfig
 
 from conftest import script_main
 from ttt_adapt.config import load_recipe
-from ttt_adapt.memory_plan import parse_size, plan_memory
+from ttt_adapt._util import parse_size
+from ttt_adapt.memory_plan import plan_memory
 
 TINY = "recipes/tiny_qwen3.yaml"
 
@@ -21,12 +22,32 @@ def _item(plan, name):
 
 @pytest.mark.parametrize("overrides", [(), ("train.trainable=full",), ("train.lora.r=4",)])
 def test_parameter_counts_are_those_of_the_model_training_builds(overrides):
-    from ttt_adapt.train import build_model
+    from ttt_adapt.model_setup import build_model
 
     model = build_model(load_recipe(TINY, list(overrides)))
     plan = _plan(*overrides, device="cpu")
     assert plan.settings["parameters"] == sum(p.numel() for p in model.parameters())
     assert plan.settings["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("overrides", [("train.lora.r=4", "train.lora.dropout=0.1"), ("train.trainable=full",
+                                                                                     "train.gradient_checkpointing=true")])
+def test_the_planned_model_is_the_one_training_builds_on_meta(overrides):
+    """The plan's model comes from `build_model` on the meta device: the same modules (LoRA dropout included),
+    parameters, shapes and trainable flags as the model training builds, and no memory."""
+    from ttt_adapt.model_setup import build_model
+
+    recipe = load_recipe(TINY, list(overrides))
+    real = build_model(recipe)
+    meta = build_model(recipe, "meta", AutoConfig.from_pretrained(recipe.model.name_or_path))
+    assert all(p.is_meta for p in meta.parameters())
+    assert repr(meta) == repr(real)
+    if "train.lora.dropout=0.1" in overrides:  # the old meta model dropped it
+        assert "Dropout(p=0.1" in repr(meta)
+    assert [(n, p.shape, p.requires_grad) for n, p in meta.named_parameters()] == \
+        [(n, p.shape, p.requires_grad) for n, p in real.named_parameters()]
+    checkpointing = [[getattr(m, "gradient_checkpointing", False) for m in model.modules()] for model in (meta, real)]
+    assert checkpointing[0] == checkpointing[1]
 
 
 def test_sharding_checkpointing_context_parallelism_and_vocabulary_scale_as_they_should():

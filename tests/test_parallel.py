@@ -2,55 +2,19 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import randomize_ttt, tiny_base
-
-IGNORE = -100
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def packed_batch(doc_lengths_per_row, vocab=97, seed=0):
-    """Rows of packed documents: positions restart at each document, labels -100 at document starts."""
-    g = torch.Generator().manual_seed(seed)
-    ids, pos, labels = [], [], []
-    for docs in doc_lengths_per_row:
-        row_ids = torch.randint(3, vocab, (sum(docs),), generator=g)
-        ids.append(row_ids)
-        pos.append(torch.cat([torch.arange(n) for n in docs]))
-        lab = row_ids.clone()
-        start = 0
-        for n in docs:
-            lab[start] = IGNORE
-            start += n
-        labels.append(lab)
-    return {"input_ids": torch.stack(ids), "position_ids": torch.stack(pos), "labels": torch.stack(labels)}
-
-
-# Chunk 4, 2 ranks. Rows of 16 tokens (8 per rank) and of 24 (12 per rank) place document starts and chunk
-# boundaries every way relative to the shard boundary: aligned, a chunk straddling it (with 1..3 tokens on
-# either side, so the conv halo is cut by the chunk edge), a document ending or starting exactly there, a
-# document starting right after a straddling head, a document covering several shards.
-ROWS_16 = [[16], [3, 10, 3], [8, 8], [6, 2, 8], [9, 7], [2, 3, 11]]
-ROWS_24 = [[1, 23], [5, 19], [24], [11, 13], [12, 1, 11]]
+from conftest import (IGNORE, QWEN3_CASE, REPO, ROWS_16, ROWS_24, assert_same_metrics, cp_model, cp_reference,
+                      gather_sequence, packed_batch, run_on_ranks, tiny_base)
 
 CASES = {
-    "qwen3": dict(arch="qwen3", ttt=dict(layers=[0, 2], chunk_size=4), rows=ROWS_16),
+    "qwen3": QWEN3_CASE,
     "qwen3_clip_token_sliding": dict(
         arch="qwen3", ttt=dict(layers=[1, 3], chunk_size=4, clip_update_norm=0.05, lr_mode="token"),
         rows=ROWS_24, base=dict(use_sliding_window=True, sliding_window=5, max_window_layers=2),
@@ -81,86 +45,54 @@ CASES_4 = {
 }
 
 
-def _model(case):
-    from ttt_adapt import TTTConfig, convert
-    from ttt_adapt.compat import enable_activation_checkpointing
+def _run_cases(rank, world, names):
+    from ttt_adapt.distributed.context_parallel import ContextParallel, prepare_model
+    from ttt_adapt.loss import loss_sum, shift_labels
 
-    base = tiny_base(case["arch"], **case.get("base", {})).double()
-    model = randomize_ttt(convert(base, TTTConfig(**case["ttt"])), scale=0.3).double()
-    model.train()
-    if case.get("lora"):  # down_proj wrapped by peft: the TTT layer adds its fast-weight part to the LoRA output
-        from peft import LoraConfig, get_peft_model
-
-        torch.manual_seed(0)
-        lora = LoraConfig(r=2, target_modules=["down_proj", "q_proj"], modules_to_save=["ttt"],
-                          init_lora_weights=False)
-        model = get_peft_model(model, lora).double()
-    if case.get("checkpointing"):
-        enable_activation_checkpointing(model)
-    return model
-
-
-def _reference(case, batch):
-    model = _model(case)
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE,
-                           reduction="sum")
-    loss.backward()
-    return logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _run_cases(rank, world, port, names):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        from ttt_adapt.parallel import ContextParallel, loss_sum, prepare_model
-
-        cp = ContextParallel(cp_size=world, query_block=5)  # attention in blocks of 5 local queries (not chunk-aligned)
-        for name in names:
-            case = {**CASES, **CASES_4}[name]
-            batch = packed_batch(case["rows"])
-            ref_logits, ref_loss, ref_grads = _reference(case, batch)
-            model = _model(case)
-            prepare_model(model)
-            local, shard = cp.shard(batch, case["ttt"]["chunk_size"])
-            logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False,
-                           cp_shard=shard).logits
-            loss = F.cross_entropy(logits.flatten(0, 1), local["labels"].flatten(), ignore_index=IGNORE,
-                                   reduction="sum")
-            loss.backward()
-            # the blocked loss (ttt_adapt.loss) sums in another order than F.cross_entropy: equal to rounding
-            torch.testing.assert_close(loss_sum(model, local, shard).detach(), loss.detach(), rtol=1e-12, atol=0)
-            full = cp.gather_sequence(logits.detach(), batch["input_ids"].shape[1])
-            total = loss.detach().clone()
-            dist.all_reduce(total)
-            torch.testing.assert_close(full, ref_logits, rtol=1e-10, atol=1e-10, msg=f"{name}: logits")
-            torch.testing.assert_close(total, ref_loss, rtol=1e-10, atol=1e-10, msg=f"{name}: loss")
-            grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-            assert grads.keys() == ref_grads.keys(), name
-            for n, g in grads.items():
-                dist.all_reduce(g)
-                fp32 = case.get("fp32_norms") and n.endswith("norm.weight")
-                tol = dict(rtol=1e-6, atol=1e-7) if fp32 else dict(rtol=1e-9, atol=1e-10)
-                torch.testing.assert_close(g, ref_grads[n], **tol, msg=f"{name}: grad of {n}")
-            assert any(".mlp.ttt." in n and g.abs().sum() > 0 for n, g in grads.items()), name
-    finally:
-        dist.destroy_process_group()
+    cp = ContextParallel(cp_size=world, query_block=5)  # attention in blocks of 5 local queries (not chunk-aligned)
+    for name in names:
+        case = {**CASES, **CASES_4}[name]
+        batch = packed_batch(case["rows"])
+        ref_logits, ref_loss, ref_grads = cp_reference(case, batch)
+        model = cp_model(case)
+        prepare_model(model)
+        local, shard = cp.shard(shift_labels(batch), case["ttt"]["chunk_size"])
+        logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False,
+                       cp_shard=shard).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), local["labels"].flatten(), ignore_index=IGNORE,
+                               reduction="sum")
+        loss.backward()
+        # the blocked loss (ttt_adapt.loss) sums in another order than F.cross_entropy: equal to rounding
+        torch.testing.assert_close(loss_sum(model, local, shard).detach(), loss.detach(), rtol=1e-12, atol=0)
+        full = gather_sequence(cp, logits.detach(), batch["input_ids"].shape[1])
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        torch.testing.assert_close(full, ref_logits, rtol=1e-10, atol=1e-10, msg=f"{name}: logits")
+        torch.testing.assert_close(total, ref_loss, rtol=1e-10, atol=1e-10, msg=f"{name}: loss")
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert grads.keys() == ref_grads.keys(), name
+        for n, g in grads.items():
+            dist.all_reduce(g)
+            fp32 = case.get("fp32_norms") and n.endswith("norm.weight")
+            tol = dict(rtol=1e-6, atol=1e-7) if fp32 else dict(rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(g, ref_grads[n], **tol, msg=f"{name}: grad of {n}")
+        assert any(".mlp.ttt." in n and g.abs().sum() > 0 for n, g in grads.items()), name
 
 
 def check_dp_cp_mesh(cp):
     """2 data-parallel groups x 2 context-parallel ranks: each group takes half the rows (run by
     tests/test_sharding.py in the same 4-rank spawn as FSDP on that mesh)."""
-    from ttt_adapt.parallel import loss_sum, prepare_model
+    from ttt_adapt.distributed.context_parallel import prepare_model
+    from ttt_adapt.loss import loss_sum, shift_labels
 
     assert (cp.dp_size, cp.dp_rank, cp.cp_rank) == (2, dist.get_rank() // 2, dist.get_rank() % 2)
     case = CASES["qwen3"]
     batch = packed_batch(case["rows"])
-    _, ref_loss, ref_grads = _reference(case, batch)
-    model = _model(case)
+    _, ref_loss, ref_grads = cp_reference(case, batch)
+    model = cp_model(case)
     prepare_model(model)
     mine = {k: v[cp.dp_rank :: cp.dp_size] for k, v in batch.items()}
-    local, shard = cp.shard(mine, case["ttt"]["chunk_size"])
+    local, shard = cp.shard(shift_labels(mine), case["ttt"]["chunk_size"])
     loss = loss_sum(model, local, shard)
     loss.backward()
     total = loss.detach().clone()
@@ -170,10 +102,6 @@ def check_dp_cp_mesh(cp):
         if p.grad is not None:
             dist.all_reduce(p.grad)
             torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-9, atol=1e-10, msg=f"grad of {n}")
-
-
-def run_on_ranks(n, fn, *args):
-    mp.start_processes(fn, args=(n, _free_port(), *args), nprocs=n, join=True, start_method="spawn")
 
 
 @pytest.mark.timeout(600)
@@ -191,13 +119,13 @@ def test_four_ranks_equal_one_process():
 
 def test_what_cannot_be_split_exactly_is_refused():
     from ttt_adapt import TTTConfig, convert
-    from ttt_adapt.parallel import ContextParallel, CPShard, prepare_model
+    from ttt_adapt.distributed.context_parallel import ContextParallel, CPShard, prepare_model
 
     with pytest.raises(ValueError, match="needs an In-Place TTT model"):
         prepare_model(tiny_base())
     with pytest.raises(ValueError, match="attention_dropout 0"):
         prepare_model(convert(tiny_base(attention_dropout=0.1), TTTConfig(layers=[0], chunk_size=4)))
-    with pytest.raises(ValueError, match="does not divide the number of processes 1"):
+    with pytest.raises(ValueError, match="does not divide the 1 process"):
         ContextParallel(cp_size=2)
     with pytest.raises(ValueError, match="integer >= 1"):
         ContextParallel(cp_size=0)
@@ -246,15 +174,3 @@ def test_tiny_recipe_with_cp_size_2_logs_the_losses_of_one_process(tmp_path):
     a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert [m["step"] for m in a] == [m["step"] for m in b] and len([m for m in a if "eval_loss" in m]) == 2
     assert_same_metrics(a, b)
-
-
-def assert_same_metrics(a: list[dict], b: list[dict]):
-    """Two runs' metrics lines agree: losses and gradient norms within 1e-5 relative, token counts exactly."""
-    for x, y in zip(a, b):
-        for key in ("loss", "eval_loss", "grad_norm"):
-            if key in x:
-                assert y[key] == pytest.approx(x[key], rel=1e-5), (key, x, y)
-        for key in ("tokens", "eval_tokens"):
-            if key in x:
-                assert y[key] == x[key], (key, x, y)
-

@@ -37,8 +37,12 @@ def write(tmp_path, raw, name="recipe.yaml") -> Path:
 
 
 def error_of(path, overrides=()) -> str:
+    """The one-line error a recipe gets before any work: from the schema (`load_recipe`) or, for the files and
+    folders it names, from `ttt_adapt.preflight.check_files`."""
+    from ttt_adapt.preflight import check_files
+
     with pytest.raises(RecipeError) as err:
-        load_recipe(path, list(overrides))
+        check_files(load_recipe(path, list(overrides)))
     message = str(err.value)
     assert "\n" not in message and message.strip() == message and message
     return message
@@ -64,7 +68,7 @@ def test_overrides_take_yaml_values(tmp_path, corpus):
     assert recipe.ttt.layers == [0, 2] and recipe.train.max_steps == 3 and recipe.train.lora.r == 8
     assert recipe.train.lr == 5e-6 and recipe.train.ttt_lr == 1.0 and isinstance(recipe.train.ttt_lr, float)
     assert recipe.train.resolved_warmup_steps == 2 and recipe.train.clip_grad_norm is None
-    assert recipe.eval == {"lengths": [512, 1024]} and recipe.export.dir == "out dir"
+    assert recipe.eval.lengths == [512, 1024] and recipe.export.dir == "out dir"
     assert recipe.data.eval_fraction == 0
 
 
@@ -216,7 +220,7 @@ def test_run_check_names_the_supported_families(tmp_path, corpus):
 
     from transformers import Gemma3Config, Gemma3TextConfig
 
-    from ttt_adapt.train import check_run
+    from ttt_adapt.preflight import check_run
 
     recipe = write(tmp_path, minimal(tmp_path))
     text = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -235,7 +239,7 @@ def test_run_check_names_the_supported_families(tmp_path, corpus):
         check_run(load_recipe(recipe, ["ttt.layers=[0]"]))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(REPO / "ttt_adapt" / "assets" / "tiny_qwen3_base" / name, tmp_path / "model" / name)
-    assert check_run(load_recipe(recipe, ["ttt.layers=[0]"])).model_type == "gemma3_text"
+    assert check_run(load_recipe(recipe, ["ttt.layers=[0]"])).config.model_type == "gemma3_text"
 
 
 def test_tiny_recipe_is_valid():

@@ -1,4 +1,4 @@
-"""FSDP2 (`ttt_adapt.sharding`): sharded training on gloo ranks equals one process, checkpoints are sharded and
+"""FSDP2 (`ttt_adapt.distributed.fsdp`): sharded training on gloo ranks equals one process, checkpoints are sharded and
 resume bit-exact on the same or another number of processes, the export reads them, requests that cannot be
 honoured are refused (float64 where exactness is claimed)."""
 
@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import script_main
-from test_parallel import (CASES, _model, _reference, assert_same_metrics, check_dp_cp_mesh, packed_batch,
-                           run_on_ranks)
+from conftest import (QWEN3_CASE, REPO, assert_same_metrics, cp_model, cp_reference, packed_batch, run_on_ranks,
+                      script_main)
+from test_parallel import check_dp_cp_mesh
 
-REPO = Path(__file__).resolve().parents[1]
 WORLD = 4  # a 2 x 2 (dp x cp) mesh; FSDP shards over all four ranks
 
 
@@ -25,8 +24,8 @@ def _full(t):
 
 
 def _step(model, optimizer, local, shard, scale, clip=1.0):
-    from ttt_adapt.parallel import loss_sum
-    from ttt_adapt.sharding import clip_grad_norm
+    from ttt_adapt.distributed.fsdp import clip_grad_norm
+    from ttt_adapt.loss import loss_sum
 
     loss = loss_sum(model, local, shard)
     (loss * scale).backward()
@@ -45,7 +44,7 @@ def _save_full(model, path, rank):
 def _check_bf16_scan(case, batch):
     """bf16 mixed precision: weights gathered in bf16 for compute, the fast-weight state accumulated in fp32."""
     from ttt_adapt.modeling import ttt_layer
-    from ttt_adapt.sharding import fsdp_mesh, shard_model
+    from ttt_adapt.distributed.fsdp import fsdp_mesh, shard_model
 
     seen = []
     scan, add = ttt_layer.fast_weight_scan, ttt_layer._add_update
@@ -61,7 +60,7 @@ def _check_bf16_scan(case, batch):
 
     ttt_layer.fast_weight_scan, ttt_layer._add_update = record_scan, record_add
     try:
-        model = _model(case).float()  # fp32 master weights, as trained
+        model = cp_model(case).float()  # fp32 master weights, as trained
         shard_model(model, fsdp_mesh("cpu"), mixed_precision="bf16")
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     finally:
@@ -71,75 +70,68 @@ def _check_bf16_scan(case, batch):
     assert {d for k, d in seen if k == "state"} == {torch.float32}
 
 
-def _run_fsdp_cp(rank, world, port, folder):
+def _run_fsdp_cp(rank, world, folder):
     """The 2 x 2 (dp x cp) mesh equals one process, without and with FSDP over all ranks: loss and every
     gradient; the global gradient norm; each rank holds 1/world of the weights; a sharded checkpoint reloads
     bit-exact (weights, optimizer, RNG) and the next step is bitwise equal."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        from ttt_adapt.checkpoints import load_sharded, save_sharded
-        from ttt_adapt.parallel import ContextParallel, loss_sum, prepare_model
-        from ttt_adapt.sharding import fsdp_mesh, is_sharded, local_parameter_bytes, shard_model
+    from ttt_adapt.distributed.context_parallel import ContextParallel, prepare_model
+    from ttt_adapt.distributed.fsdp import clip_grad_norm, fsdp_mesh, is_sharded, local_parameter_bytes, shard_model
+    from ttt_adapt.loss import loss_sum, shift_labels
+    from ttt_adapt.training.checkpoints import load_sharded, save_sharded
 
-        cp = ContextParallel(cp_size=2)
-        check_dp_cp_mesh(cp)  # without FSDP
-        case = CASES["qwen3"]
-        batch = packed_batch(case["rows"])
-        _, ref_loss, ref_grads = _reference(case, batch)
-        ref_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in ref_grads.values()]))
+    cp = ContextParallel(cp_size=2)
+    check_dp_cp_mesh(cp)  # without FSDP
+    case = QWEN3_CASE
+    batch = packed_batch(case["rows"])
+    _, ref_loss, ref_grads = cp_reference(case, batch)
+    ref_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in ref_grads.values()]))
 
-        def sharded_model():
-            model = _model(case)
-            prepare_model(model)
-            full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-            shard_model(model, fsdp_mesh("cpu"))
-            return model, full_bytes
+    def sharded_model():
+        model = cp_model(case)
+        prepare_model(model)
+        full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        shard_model(model, fsdp_mesh("cpu"))
+        return model, full_bytes
 
-        model, full_bytes = sharded_model()
-        assert is_sharded(model)
-        # one 97-row embedding shards unevenly (25 + 24 + 24 + 24): within a few rows of a quarter
-        assert abs(local_parameter_bytes(model) / full_bytes - 1 / world) < 0.01, local_parameter_bytes(model)
-        mine = {k: v[cp.dp_rank :: cp.dp_size] for k, v in batch.items()}
-        local, shard = cp.shard(mine, case["ttt"]["chunk_size"])
-        loss = loss_sum(model, local, shard)
-        (loss * world).backward()  # FSDP averages gradients over the ranks; the training step scales the same way
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        torch.testing.assert_close(total, ref_loss, rtol=1e-10, atol=1e-10)
-        grads = {n: _full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
-        assert grads.keys() == ref_grads.keys()
-        for n, g in grads.items():
-            torch.testing.assert_close(g, ref_grads[n], rtol=1e-9, atol=1e-10, msg=f"grad of {n}")
-        from ttt_adapt.sharding import clip_grad_norm
+    model, full_bytes = sharded_model()
+    assert is_sharded(model)
+    # one 97-row embedding shards unevenly (25 + 24 + 24 + 24): within a few rows of a quarter
+    assert abs(local_parameter_bytes(model) / full_bytes - 1 / world) < 0.01, local_parameter_bytes(model)
+    mine = {k: v[cp.dp_rank :: cp.dp_size] for k, v in batch.items()}
+    local, shard = cp.shard(shift_labels(mine), case["ttt"]["chunk_size"])
+    loss = loss_sum(model, local, shard)
+    (loss * world).backward()  # FSDP averages gradients over the ranks; the training step scales the same way
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    torch.testing.assert_close(total, ref_loss, rtol=1e-10, atol=1e-10)
+    grads = {n: _full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-9, atol=1e-10, msg=f"grad of {n}")
+    torch.testing.assert_close(torch.tensor(clip_grad_norm(model, float("inf")), dtype=torch.float64), ref_norm,
+                               rtol=1e-9, atol=0)
+    model.zero_grad(set_to_none=True)
 
-        torch.testing.assert_close(torch.tensor(clip_grad_norm(model, float("inf")), dtype=torch.float64), ref_norm,
-                                   rtol=1e-9, atol=0)
-        model.zero_grad(set_to_none=True)
-
-        # Sharded checkpoint: train a step, save; a fresh sharded model + optimizer loads it, and the next step
-        # of both is bitwise equal (fused AdamW on the DTensor shards).
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
-        _step(model, optimizer, local, shard, world)
-        save_sharded(Path(folder), model, optimizer)
-        _save_full(model, Path(folder) / "saved.pt", rank)
-        expected_rng = torch.get_rng_state()  # as saved
-        torch.manual_seed(99)  # load_sharded restores the saved RNG state
-        fresh, _ = sharded_model()
-        fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2, fused=True)
-        load_sharded(Path(folder), fresh, fresh_opt)
-        assert torch.equal(torch.get_rng_state(), expected_rng)
-        for (n, p), q in zip(model.named_parameters(), fresh.parameters()):
-            assert torch.equal(p.to_local(), q.to_local()), n
-        a, b = _step(model, optimizer, local, shard, world), _step(fresh, fresh_opt, local, shard, world)
-        assert torch.equal(a[0], b[0]) and a[1] == b[1]
-        for (n, p), q in zip(model.named_parameters(), fresh.parameters()):
-            assert torch.equal(p.to_local(), q.to_local()), n
-        _save_full(model, Path(folder) / "after.pt", rank)
-        _check_bf16_scan(case, batch)
-    finally:
-        dist.destroy_process_group()
+    # Sharded checkpoint: train a step, save; a fresh sharded model + optimizer loads it, and the next step
+    # of both is bitwise equal (fused AdamW on the DTensor shards).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    _step(model, optimizer, local, shard, world)
+    save_sharded(Path(folder), model, optimizer)
+    _save_full(model, Path(folder) / "saved.pt", rank)
+    expected_rng = torch.get_rng_state()  # as saved
+    torch.manual_seed(99)  # load_sharded restores the saved RNG state
+    fresh, _ = sharded_model()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2, fused=True)
+    load_sharded(Path(folder), fresh, fresh_opt)
+    assert torch.equal(torch.get_rng_state(), expected_rng)
+    for (n, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p.to_local(), q.to_local()), n
+    a, b = _step(model, optimizer, local, shard, world), _step(fresh, fresh_opt, local, shard, world)
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    for (n, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p.to_local(), q.to_local()), n
+    _save_full(model, Path(folder) / "after.pt", rank)
+    _check_bf16_scan(case, batch)
 
 
 @pytest.mark.timeout(600)
@@ -147,29 +139,24 @@ def test_fsdp_with_context_parallelism_equals_one_process(tmp_path):
     run_on_ranks(WORLD, _run_fsdp_cp, str(tmp_path))
     # The 4-rank checkpoint loads into one process without FSDP and without a process group: the same weights,
     # and the next step on the whole batch gives the weights of the 4-rank step.
-    from ttt_adapt.checkpoints import SHARDED, _load_sharded_weights, load_sharded
+    from ttt_adapt.loss import shift_labels
+    from ttt_adapt.training.checkpoints import SHARDED, _load_sharded_weights, load_sharded
 
-    case = CASES["qwen3"]
-    model = _model(case)
+    case = QWEN3_CASE
+    model = cp_model(case)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     load_sharded(tmp_path, model, optimizer)
     saved, after = torch.load(tmp_path / "saved.pt"), torch.load(tmp_path / "after.pt")
     for n, p in model.named_parameters():
         assert torch.equal(p, saved[n]), n
-    other = _model(case)
+    other = cp_model(case)
     assert _load_sharded_weights(other, tmp_path / SHARDED) == ([], [])
     assert all(torch.equal(p, saved[n]) for n, p in other.named_parameters())
-    local, _ = _shard_whole(packed_batch(case["rows"]), case)
+    local = shift_labels(packed_batch(case["rows"]))
     _step(model, optimizer, local, None, 1.0)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p, after[n], rtol=1e-9, atol=1e-12, msg=n)
     assert any(not torch.equal(after[n], saved[n]) for n in saved)
-
-
-def _shard_whole(batch, case):
-    from ttt_adapt.parallel import ContextParallel
-
-    return ContextParallel(1).shard(batch, case["ttt"]["chunk_size"])
 
 
 # ---------------------------------------------------------------------------------------------- the training loop
@@ -240,7 +227,7 @@ def test_tiny_recipe_with_fsdp_on_two_processes_equals_one_process(tmp_path, mon
     timeless = [[{k: v for k, v in m.items() if k != "tokens_per_s"} for m in _metrics(tmp_path / r)]
                 for r in ("two", "two_again")]
     assert timeless[0] == timeless[1]  # bit for bit
-    from ttt_adapt.checkpoints import SHARDED
+    from ttt_adapt.training.checkpoints import SHARDED
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 

@@ -21,6 +21,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ttt_adapt._util import unwrap
+
 ATTN_IMPLEMENTATION = "ttt_packed"
 QUERY_BLOCK = 1024  # queries per SDPA call: the mask is QUERY_BLOCK x keys
 
@@ -119,7 +121,7 @@ def _nonzero(offset) -> bool:
 def use_packed_attention(model) -> None:
     """Run the model's attention as `ttt_packed` (in place; peft-wrapped models too)."""
     register()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     base.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 

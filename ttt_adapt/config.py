@@ -1,10 +1,12 @@
 """The recipe: one YAML file that says what to convert, how to train it and where to export it.
 
 A recipe has the sections `model`, `ttt` (the `TTTConfig` fields), `data` (the `DataConfig` fields), `train`,
-`parallel`, `export` and an optional free-form `eval`. `load_recipe(path, overrides)` reads it, applies dotted
-`key=value` overrides (values parsed as YAML: `ttt.layers=[0,2]`, `train.lr=1e-4`) and checks every key, type
-and range, and that every local file or folder exists, before any work starts. Anything wrong raises
-`RecipeError`, whose message is one line naming the key or path.
+`parallel`, `export` and an optional `eval` (the `EvalSettings` fields), each a typed dataclass.
+`load_recipe(path, overrides)` reads it, applies dotted `key=value` overrides (values parsed as YAML:
+`ttt.layers=[0,2]`, `train.lr=1e-4`) and checks every key, type and range, in one style: anything wrong raises
+`RecipeError` (`EvalError` in the eval section), whose message is one line `section.key: what is wrong`.
+The schema reads no files: whether the model folder, the data files, the eval corpus and the run and export
+folders are what the recipe says is checked with the base model and the launch (`ttt_adapt.preflight`).
 
 Relative paths in a recipe (model folder, data files, output and export folders) are relative to the current
 working directory, like any path typed on the command line: run the shipped recipes from the repository root.
@@ -24,10 +26,10 @@ from pathlib import Path
 
 import yaml
 
+from ttt_adapt._util import DTYPES, RecipeError, parse_size
 from ttt_adapt.data import DataConfig
-from ttt_adapt.modeling.configuration_ttt import TTTConfig
+from ttt_adapt.modeling.configuration_ttt import LR_MODES, TARGETS, TTTConfig
 
-DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 TRAINABLE = ("ttt", "full")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -35,25 +37,24 @@ ON_NONFINITE = ("stop", "skip")
 UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
 
 
-class RecipeError(ValueError):
-    """A bad recipe, override or run folder; the message is one line naming the key or path."""
+class EvalError(RecipeError):
+    """Bad evaluation input (settings, missing model or corpus, empty corpus, lengths beyond the model); one line."""
 
 
-def _fail(key: str, message: str):
-    raise RecipeError(f"{key}: {message}")
+def _fail(key: str, message: str, error: type[RecipeError] = RecipeError):
+    raise error(f"{key}: {message}")
 
 
-def _check_int(key: str, value, minimum: int):
+def _check_int(key: str, value, minimum: int, error: type[RecipeError] = RecipeError):
     if value < minimum:
-        _fail(key, f"must be >= {minimum}, got {value}")
+        _fail(key, f"must be >= {minimum}, got {value}", error)
 
 
-def _check_choice(key: str, value, choices):
+def _check_choice(key: str, value, choices, error: type[RecipeError] = RecipeError):
     if value not in choices:
-        _fail(key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+        _fail(key, f"must be one of {', '.join(map(str, choices))}; got {value!r}", error)
 
 
 @dataclass
@@ -75,8 +76,6 @@ class ModelConfig:
     def validate(self):
         if not self.name_or_path.strip():
             _fail("model.name_or_path", "is empty")
-        if looks_like_local_path(self.name_or_path) and not Path(self.name_or_path).expanduser().is_dir():
-            _fail("model.name_or_path", f"no such folder: {self.name_or_path}")
         _check_choice("model.dtype", self.dtype, DTYPES)
         if self.attn_implementation is not None:
             _check_choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
@@ -154,8 +153,6 @@ class TrainConfig:
     def validate(self):
         if not self.output_dir.strip():
             _fail("train.output_dir", "is empty")
-        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
-            _fail("train.output_dir", f"is a file, not a folder: {self.output_dir}")
         for key in ("max_steps", "batch_size", "grad_accum", "keep_last", "log_every", "eval_batches"):
             _check_int(f"train.{key}", getattr(self, key), 1)
         for key in ("save_every", "eval_every", "seed"):
@@ -233,19 +230,98 @@ class ExportConfig:
 
     def validate(self):
         _check_choice("export.dtype", self.dtype, DTYPES)
-        if not SIZE.match(self.max_shard_size):
+        try:
+            parse_size(self.max_shard_size)
+        except ValueError:
             _fail("export.max_shard_size", f"must be a size such as 5GB or 500MB, got {self.max_shard_size!r}")
         if self.push_to_hub is not None:
             if self.dir is None:
                 _fail("export.push_to_hub", "needs export.dir (the folder that is pushed)")
             if not HUB_REPO_ID.match(self.push_to_hub):
                 _fail("export.push_to_hub", f"must be a hub repo id ORG/NAME, got {self.push_to_hub!r}")
-        if self.dir is not None:
-            out = Path(self.dir)
-            if out.exists() and not out.is_dir():
-                _fail("export.dir", f"is a file, not a folder: {self.dir}")
-            if out.is_dir() and any(out.iterdir()) and not self.overwrite:
-                _fail("export.dir", f"{self.dir} exists and is not empty (set export.overwrite=true to replace it)")
+
+
+TASKS = ("niah_single", "niah_multikey", "kv_retrieval", "variable_tracking")  # the synthetic long-context tasks
+
+
+@dataclass
+class EvalSettings:
+    """What to evaluate (`ttt_adapt.evaluate`); the keys of a recipe's `eval` section.
+
+    Args:
+        corpus: held-out documents, a .jsonl (one JSON object per line, text in `text_field`) or a .txt file (one
+            document); from a recipe, default `data.eval_path`.
+        seq_len: tokens per document for the loss by position; from a recipe, default `data.seq_len`.
+        bin_edges: position bin edges, from 0 up to `seq_len`; default powers of two from 64 (0, 64, 128, ..., seq_len).
+        lengths: prompt lengths (tokens) of the synthetic tasks.
+        tasks: which synthetic tasks (`TASKS`); empty for none.
+        num_samples: prompts per task and length.
+        max_docs: held-out documents used for the loss (the first ones of the file); null for all.
+        batch_size: rows per forward / generate call.
+        max_new_tokens: greedy tokens generated per prompt.
+        seed: the synthetic tasks' seed (the same seed gives the same prompts).
+    """
+
+    corpus: str | None = None
+    text_field: str = "text"
+    seq_len: int = 1024
+    bin_edges: list[int] | None = None
+    lengths: list[int] = field(default_factory=lambda: [512, 1024])
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    num_samples: int = 8
+    max_docs: int | None = 32
+    batch_size: int = 8
+    max_new_tokens: int = 8
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, raw: dict, prefix: str = "eval") -> EvalSettings:
+        """Build from a plain mapping (a recipe's `eval` section), checking keys, types and values; one-line
+        EvalError naming `prefix.key`."""
+        try:
+            settings = _build_dataclass(cls, raw, prefix)
+        except EvalError:
+            raise
+        except RecipeError as e:  # the schema's own type errors, already "prefix.key: ...": the eval kind
+            raise EvalError(str(e)) from None
+        return settings.validate(prefix)
+
+    def validate(self, prefix: str = "eval") -> EvalSettings:
+        """Check values (not files or models); return self."""
+        _check_int(f"{prefix}.seq_len", self.seq_len, 2, EvalError)
+        for key in ("num_samples", "batch_size", "max_new_tokens"):
+            _check_int(f"{prefix}.{key}", getattr(self, key), 1, EvalError)
+        _check_int(f"{prefix}.seed", self.seed, 0, EvalError)
+        if self.max_docs is not None:
+            _check_int(f"{prefix}.max_docs", self.max_docs, 1, EvalError)
+        for length in self.lengths:
+            _check_int(f"{prefix}.lengths", length, 16, EvalError)
+        if len(set(self.lengths)) != len(self.lengths):
+            _fail(f"{prefix}.lengths", f"repeats a length: {self.lengths}", EvalError)
+        for task in self.tasks:
+            if task not in TASKS:
+                _fail(f"{prefix}.tasks", f"unknown task {task!r} (known: {', '.join(TASKS)})", EvalError)
+        if self.tasks and not self.lengths:
+            _fail(f"{prefix}.lengths", "is empty; name at least one length for the tasks", EvalError)
+        edges = self.bin_edges
+        if edges is not None and (len(edges) < 2 or edges[0] != 0 or edges[-1] != self.seq_len
+                                  or any(a >= b for a, b in zip(edges, edges[1:]))):
+            _fail(f"{prefix}.bin_edges", f"must be increasing integers from 0 to seq_len={self.seq_len}, got {edges}",
+                  EvalError)
+        return self
+
+    @property
+    def bins(self) -> list[int]:
+        return self.bin_edges or position_bins(self.seq_len)
+
+
+def position_bins(seq_len: int, first: int = 64) -> list[int]:
+    """Bin edges 0, first, 2*first, 4*first, ... up to `seq_len` (the last bin ends at `seq_len`)."""
+    edges, edge = [0], first
+    while edge < seq_len:
+        edges.append(edge)
+        edge *= 2
+    return edges + [seq_len]
 
 
 @dataclass
@@ -258,8 +334,15 @@ class Recipe:
     ttt: TTTConfig = field(default_factory=TTTConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-    eval: dict | None = None
+    eval: EvalSettings | None = None
     path: str | None = None
+
+    def eval_settings(self) -> EvalSettings:
+        """The `eval` section; for a recipe without one, the settings it would default to (corpus
+        `data.eval_path`, seq_len `data.seq_len`)."""
+        if self.eval is not None:
+            return self.eval
+        return EvalSettings(corpus=self.data.eval_path, seq_len=self.data.seq_len).validate()
 
     def to_dict(self) -> dict:
         """The recipe as plain YAML-able data (without `path`)."""
@@ -351,40 +434,38 @@ def build_recipe(raw: dict) -> Recipe:
     ):
         if raw.get(section) is not None:
             parts[section] = _build_dataclass(cls, raw[section], section)
-    recipe = Recipe(**parts, eval=raw.get("eval"))
+    recipe = Recipe(**parts)
     recipe.model.validate()
-    _validate_ttt(recipe.ttt)
-    _validate_foreign("data", recipe.data)
+    validate_ttt(recipe.ttt)
+    recipe.data.validate()
     recipe.train.validate()
     recipe.parallel.validate()
     recipe.export.validate()
+    if raw.get("eval") is not None:
+        defaults = {"corpus": recipe.data.eval_path, "seq_len": recipe.data.seq_len}
+        recipe.eval = EvalSettings.from_dict({**defaults, **raw["eval"]})
     return recipe
 
 
-def _validate_ttt(ttt: TTTConfig):
+def validate_ttt(ttt: TTTConfig, section: str = "ttt"):
+    """The `ttt` section's values (`TTTConfig`'s fields), checked in the recipe's style; layer indices against
+    a model's depth are checked with the base config (`ttt_adapt.preflight`)."""
     if ttt.layers is not None:
         if not ttt.layers:
-            _fail("ttt.layers", "is empty: name at least one layer, or null for every 6th layer")
+            _fail(f"{section}.layers", "is empty: name at least one layer, or null for every 6th layer")
         if any(i < 0 for i in ttt.layers):
-            _fail("ttt.layers", f"layer indices must be >= 0, got {ttt.layers}")
+            _fail(f"{section}.layers", f"layer indices must be >= 0, got {ttt.layers}")
         if len(set(ttt.layers)) != len(ttt.layers):
-            _fail("ttt.layers", f"repeats a layer: {ttt.layers}")
-    _validate_foreign("ttt", ttt)
-
-
-def _validate_foreign(section: str, config):
-    """Run a section's own `validate()` (TTTConfig, DataConfig) and make its error a RecipeError naming the key."""
-    try:
-        config.validate()
-    except RecipeError:
-        raise
-    except (ValueError, TypeError, OSError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        # "ttt chunk_size must be ..." / "DataConfig.seq_len must be ..." -> "ttt.chunk_size: must be ..."
-        m = re.match(r"^(?:ttt |DataConfig\.)(\w+):? (.*)$", message)
-        if m and m.group(1) in {f.name for f in dataclasses.fields(config)}:
-            message = f"{section}.{m.group(1)}: {m.group(2)}"
-        raise RecipeError(message if message.startswith(f"{section}.") else f"{section}: {message}") from None
+            _fail(f"{section}.layers", f"repeats a layer: {ttt.layers}")
+    if ttt.chunk_size < 1:
+        _fail(f"{section}.chunk_size", f"must be an integer >= 1, got {ttt.chunk_size}")
+    if ttt.conv_kernel_size < 1 or ttt.conv_kernel_size % 2 == 0:
+        _fail(f"{section}.conv_kernel_size", f"must be a positive odd integer (centred kernel), got {ttt.conv_kernel_size}")
+    _check_choice(f"{section}.lr_mode", ttt.lr_mode, LR_MODES)
+    _check_choice(f"{section}.target", ttt.target, TARGETS)
+    if ttt.clip_update_norm is not None and not ttt.clip_update_norm > 0:
+        _fail(f"{section}.clip_update_norm", f"must be > 0 or null, got {ttt.clip_update_norm}")
+    _check_int(f"{section}.lr_warmup_steps", ttt.lr_warmup_steps, 0)
 
 
 def _unknown_message(key: str, name: str, known) -> str:
@@ -489,7 +570,11 @@ def _describe(value) -> str:
 
 __all__ = [
     "RecipeError",
+    "EvalError",
     "Recipe",
+    "EvalSettings",
+    "position_bins",
+    "validate_ttt",
     "ModelConfig",
     "LoraSettings",
     "TrainConfig",

@@ -55,7 +55,8 @@ def convert(model, ttt_config: TTTConfig | None = None):
             module.to_empty(device=param.device)
             module.to(param.dtype)
             module.reset_parameters(config.ttt["lr_init"], config.initializer_range)
-    missing = [n for n, p in ttt_model.named_parameters() if p.is_meta]
+    # a base built on the meta device (the memory plan) stays there; any other must fill every parameter
+    missing = [n for n, p in ttt_model.named_parameters() if p.is_meta] if not param.is_meta else []
     if missing:
         raise ValueError(f"the base model lacks weights the TTT model needs: {', '.join(missing[:3])}")
     ttt_model.tie_weights()

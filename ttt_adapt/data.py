@@ -27,6 +27,7 @@ from datasets import Dataset, Features, IterableDataset, List, Value, load_datas
 from datasets.exceptions import DatasetNotFoundError
 from datasets.fingerprint import Hasher
 
+from ttt_adapt._util import RecipeError
 from ttt_adapt.loss import IGNORE_INDEX  # the label the loss skips
 
 ROW_FEATURES = Features(
@@ -68,18 +69,24 @@ class DataConfig:
     seed: int = 0
 
     def validate(self) -> DataConfig:
-        """Raise a one-line ValueError naming the first bad field; return self."""
+        """Raise a one-line RecipeError ("data.key: ...") naming the first bad value; return self. Reads no files
+        (`check_files` does)."""
         for field in ("path", "text_field", "split"):
             if not isinstance(getattr(self, field), str) or not getattr(self, field):
-                raise ValueError(f"DataConfig.{field} must be a non-empty string, got {getattr(self, field)!r}")
+                raise RecipeError(f"data.{field}: must be a non-empty string, got {getattr(self, field)!r}")
         if not _is_int(self.seq_len) or self.seq_len < 2:
-            raise ValueError(f"DataConfig.seq_len must be an integer >= 2, got {self.seq_len!r}")
+            raise RecipeError(f"data.seq_len: must be an integer >= 2, got {self.seq_len!r}")
         if not isinstance(self.eval_fraction, (int, float)) or not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"DataConfig.eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+            raise RecipeError(f"data.eval_fraction: must be in [0, 1), got {self.eval_fraction!r}")
         if not _is_int(self.min_doc_len) or self.min_doc_len < 0:
-            raise ValueError(f"DataConfig.min_doc_len must be an integer >= 0, got {self.min_doc_len!r}")
+            raise RecipeError(f"data.min_doc_len: must be an integer >= 0, got {self.min_doc_len!r}")
         if self.num_proc is not None and (not _is_int(self.num_proc) or self.num_proc < 1):
-            raise ValueError(f"DataConfig.num_proc must be None or an integer >= 1, got {self.num_proc!r}")
+            raise RecipeError(f"data.num_proc: must be null or an integer >= 1, got {self.num_proc!r}")
+        return self
+
+    def check_files(self) -> DataConfig:
+        """Raise a one-line RecipeError if a local `path` or `eval_path` is missing, empty or of an unknown
+        type; return self."""
         if _looks_local(self.path):
             _local_files(self.path, "path")
         if self.eval_path is not None:
@@ -131,17 +138,17 @@ def _local_files(path: str, field: str) -> tuple[str, list[str]]:
     elif os.path.isdir(path):
         files = _data_files_in(path)
         if not files:
-            raise ValueError(f"DataConfig.{field}: folder {path!r} holds no {'/'.join(BUILDERS)} files")
+            raise RecipeError(f"data.{field}: folder {path!r} holds no {'/'.join(BUILDERS)} files")
     else:
-        raise ValueError(f"DataConfig.{field}: no such file or folder {path!r}")
+        raise RecipeError(f"data.{field}: no such file or folder {path!r}")
     builders = {_builder_for(file) for file in files}
     if None in builders:
-        raise ValueError(f"DataConfig.{field}: {path!r} is not one of {'/'.join(BUILDERS)}")
+        raise RecipeError(f"data.{field}: {path!r} is not one of {'/'.join(BUILDERS)}")
     files = [file for file in files if os.path.getsize(file) > 0]  # `datasets` trips on empty files
     if not files:
-        raise ValueError(f"DataConfig.{field}: {path!r} holds no documents (empty files)")
+        raise RecipeError(f"data.{field}: {path!r} holds no documents (empty files)")
     if len(builders) > 1:
-        raise ValueError(f"DataConfig.{field}: folder {path!r} mixes file types {sorted(builders)}; keep one")
+        raise RecipeError(f"data.{field}: folder {path!r} mixes file types {sorted(builders)}; keep one")
     return builders.pop(), files
 
 
@@ -164,7 +171,7 @@ def _load_hub(cfg: DataConfig) -> Dataset | IterableDataset:
     except (DatasetNotFoundError, FileNotFoundError, ConnectionError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(
-            f"DataConfig.path: {cfg.path!r} is neither a local file/folder nor a loadable hub dataset "
+            f"data.path: {cfg.path!r} is neither a local file/folder nor a loadable hub dataset "
             f"({reason})"
         ) from None
 
@@ -177,15 +184,15 @@ def _text_only(ds: Dataset | IterableDataset, cfg: DataConfig, field: str) -> Da
         first = next(iter(ds), None)
         columns = [] if first is None else list(first)
     if not columns or (isinstance(ds, Dataset) and len(ds) == 0):
-        raise ValueError(f"DataConfig.{field}: {source} holds no documents")
+        raise RecipeError(f"data.{field}: {source} holds no documents")
     if cfg.text_field not in columns:
         raise ValueError(
-            f"DataConfig.text_field: {source} has no column {cfg.text_field!r}; columns: {columns}"
+            f"data.text_field: {source} has no column {cfg.text_field!r}; columns: {columns}"
         )
     feature = ds.features.get(cfg.text_field) if ds.features else None
     if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise ValueError(
-            f"DataConfig.text_field: column {cfg.text_field!r} of {source} holds {feature}, not text"
+            f"data.text_field: column {cfg.text_field!r} of {source} holds {feature}, not text"
         )
     return ds.select_columns([cfg.text_field])
 
@@ -212,7 +219,7 @@ def _hold_out(ds: Dataset | IterableDataset, cfg: DataConfig) -> tuple[Dataset |
         )
     if math.ceil(cfg.eval_fraction * len(ds)) >= len(ds):  # `train_test_split` holds out ceil(fraction * n)
         raise ValueError(
-            f"DataConfig.eval_fraction: holding out {cfg.eval_fraction} of {len(ds)} document(s) "
+            f"data.eval_fraction: holding out {cfg.eval_fraction} of {len(ds)} document(s) "
             "leaves none to train on"
         )
     splits = ds.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
@@ -335,7 +342,7 @@ def _pack_dataset(
 def _check_not_empty(token_ds: Dataset | IterableDataset, cfg: DataConfig, which: str) -> None:
     if isinstance(token_ds, Dataset) and len(token_ds) == 0:
         raise ValueError(
-            f"DataConfig.min_doc_len: no {which} documents left after dropping those under {cfg.min_doc_len} tokens"
+            f"data.min_doc_len: no {which} documents left after dropping those under {cfg.min_doc_len} tokens"
         )
 
 

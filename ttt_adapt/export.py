@@ -4,7 +4,7 @@
     export_model("runs/tiny", "exports/tiny", dtype="bfloat16", push_to_hub="me/tiny-ttt", revision="v1")
 
 `export_model` takes a training `output_dir` (its latest checkpoint) or one `checkpoint-N` folder, rebuilds the
-model the recipe trained with the checkpoint's weights (`ttt_adapt.checkpoints.load_checkpoint_model`: loaded
+model the recipe trained with the checkpoint's weights (`ttt_adapt.training.checkpoints.load_checkpoint_model`: loaded
 strictly, finite, LoRA merged), and writes: `config.json` (the `ttt_*` model_type, `auto_map`, the TTT
 settings, the base model's id), the modeling files, safetensors weights (sharded with an index above
 `max_shard_size`), the tokenizer, `generation_config.json` and a `README.md` model card.
@@ -22,7 +22,6 @@ from error messages: `huggingface_hub` finds it (`HF_TOKEN` or `hf auth login`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -37,16 +36,13 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
 
 from ttt_adapt import modeling
-from ttt_adapt.config import HUB_REPO_ID, RecipeError, build_recipe, looks_like_local_path
-from ttt_adapt.checkpoints import STATE_FILE, CheckpointError, latest_checkpoint, load_checkpoint_model
+from ttt_adapt._util import DTYPES, RecipeError, first_line, parse_size
+from ttt_adapt.config import HUB_REPO_ID, build_recipe, looks_like_local_path
 from ttt_adapt.model_setup import load_tokenizer
 from ttt_adapt.modeling.configuration_ttt import TESTED_TRANSFORMERS
+from ttt_adapt.training.checkpoints import STATE_FILE, CheckpointError, latest_checkpoint, load_checkpoint_model
 
-DTYPES = ("bfloat16", "float16", "float32")
 REPORT = Path("eval") / "report.json"
-SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b)\s*$", re.IGNORECASE)
 BRANCH = re.compile(r"^(?!-)(?!.*\.\.)[\w.\-/]+(?<![./])$")
 CODE_NOTE = re.compile(r"<!-- ttt-adapt:code -->.*?<!-- /ttt-adapt:code -->\n?", re.DOTALL)
 
@@ -89,7 +85,10 @@ def export_model(
     """
     checkpoint = resolve_checkpoint(checkpoint_or_run_dir)
     torch_dtype = parse_dtype(dtype)
-    shard_bytes = parse_size(max_shard_size)
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as e:
+        raise ExportError(f"max_shard_size: {e}") from None
     if push_to_hub is not None:
         check_hub_target(push_to_hub, revision)
     out = check_out(Path(out), checkpoint, overwrite)
@@ -107,7 +106,7 @@ def export_model(
     try:
         tokenizer = load_tokenizer(recipe)
     except (OSError, ValueError) as e:
-        raise ExportError(f"cannot load the tokenizer of {recipe.model.name_or_path!r}: {_first_line(e)}") from None
+        raise ExportError(f"cannot load the tokenizer of {recipe.model.name_or_path!r}: {first_line(e)}") from None
     model.to(torch_dtype)
     model.config.dtype = torch_dtype
     model.config.use_cache = True  # training turned it off; generation wants it
@@ -177,7 +176,7 @@ def read_export_config(folder: Path):
     try:
         return classes[model_type].config_class.from_pretrained(folder)
     except (ValueError, TypeError, OSError) as e:
-        raise ExportError(f"{path} does not load with this version's TTT config: {_first_line(e)}") from None
+        raise ExportError(f"{path} does not load with this version's TTT config: {first_line(e)}") from None
 
 
 def check_weight_names(folder: Path, config) -> None:
@@ -254,16 +253,6 @@ def parse_dtype(dtype) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def parse_size(size) -> int:
-    """`"5GB"`, `"500MB"`, `"2GiB"`, `"1.5GB"` or a byte count -> bytes (decimal units are powers of 10)."""
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        return size
-    match = SIZE.match(size) if isinstance(size, str) else None
-    if match is None or float(match.group(1)) <= 0:
-        raise ExportError(f"max_shard_size must be a size such as 5GB or 500MB, got {size!r}")
-    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
-
-
 def check_hub_target(repo_id: str, revision: str | None = None) -> None:
     """`repo_id` must be ORG/NAME as the Hub accepts it; `revision` a plausible branch name."""
     if not isinstance(repo_id, str) or not HUB_REPO_ID.match(repo_id):
@@ -271,7 +260,7 @@ def check_hub_target(repo_id: str, revision: str | None = None) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise ExportError(f"push_to_hub: {_first_line(e)}") from None
+        raise ExportError(f"push_to_hub: {first_line(e)}") from None
     if revision is not None and not BRANCH.match(revision):
         raise ExportError(f"revision must be a branch name such as main or v1, got {revision!r}")
 
@@ -289,31 +278,23 @@ def check_out(out: Path, checkpoint: Path, overwrite: bool) -> Path:
 
 
 def read_recipe(checkpoint: Path):
-    """The checkpoint's recipe (validated, without its `export` section) and the `export.license` it names."""
+    """The checkpoint's recipe (validated; its files are not looked at: the training data may be gone by now)
+    and the `export.license` it names."""
     path = checkpoint / "recipe.yaml"
     if not path.is_file():
-        raise ExportError(f"{checkpoint} holds no recipe.yaml: not a checkpoint written by ttt_adapt.train")
+        raise ExportError(f"{checkpoint} holds no recipe.yaml: not a checkpoint written by ttt_adapt.training")
     try:
-        raw = yaml.safe_load(path.read_text())
-        # The export settings describe the training run's own export (its folder may exist by now): not ours.
-        export = raw.pop("export", None) or {}
-        # Nor is the training data read here: it may be gone, so its files are not checked.
-        data = raw.get("data")
-        if isinstance(data, dict):
-            raw["data"] = dict(data, path="unused-by-export", eval_path=None)
-        recipe = build_recipe(raw)
-        if isinstance(data, dict):
-            recipe.data = dataclasses.replace(recipe.data, path=data.get("path"), eval_path=data.get("eval_path"))
-        return recipe, export.get("license")
+        recipe = build_recipe(yaml.safe_load(path.read_text()))
     except (RecipeError, yaml.YAMLError, AttributeError) as e:
-        raise ExportError(f"{path}: {_first_line(e)}") from None
+        raise ExportError(f"{path}: {first_line(e)}") from None
+    return recipe, recipe.export.license
 
 
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ExportError(f"cannot read {path}: {_first_line(e)}") from None
+        raise ExportError(f"cannot read {path}: {first_line(e)}") from None
 
 
 # ------------------------------------------------------------------------------------------------ the folder
@@ -519,14 +500,9 @@ def _push_reason(e: Exception) -> str:
     if status in (401, 403):
         reason = f"HTTP {status}: no write access; log in with `hf auth login` or set HF_TOKEN to a write token"
     else:
-        reason = f"{type(e).__name__}: {_first_line(e)}"
+        reason = f"{type(e).__name__}: {first_line(e)}"
     token = get_token()
     return reason.replace(token, "***") if token else reason
-
-
-def _first_line(e: BaseException, limit: int = 300) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:limit] if text else type(e).__name__
 
 
 __all__ = ["export_model", "refresh_code", "push_folder", "render_model_card", "ExportError", "PushError"]

@@ -10,6 +10,10 @@ anyway; Liger-Kernel's fused kernel does the same), scaled by the incoming gradi
 the logits instead of the two a recomputing backward makes. Log-softmax is fp32 (or wider), the logits' matmul runs
 in the autocast dtype when autocast is on. On CUDA, Liger-Kernel's fused linear cross-entropy is used when it is
 installed (`pip install ttt-adapt[liger]`); it is never required.
+
+Training and the eval loss call `shift_labels` on a batch of packed rows (position i then holds the label of
+token i+1, the loss shifts no further), optionally shard it (`ttt_adapt.distributed.context_parallel`) and take
+`loss_sum` of it, with or without a context-parallel shard.
 """
 
 from __future__ import annotations
@@ -157,6 +161,28 @@ def causal_lm_loss_sum(model, labels, block_size=None, **inputs) -> torch.Tensor
     return found[0] + out.logits.sum().to(found[0].dtype)
 
 
+def shift_labels(batch: dict) -> dict:
+    """`batch` with its `labels` shifted left by one (position i holds the label of token i+1; the last position
+    none), so that the loss, and any split of the rows into shards, needs no further shift."""
+    out = dict(batch)
+    if out.get("labels") is not None:
+        labels = out["labels"]
+        out["labels"] = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], 1)
+    return out
+
+
+def loss_sum(model, batch: dict, cp_shard=None) -> torch.Tensor:
+    """Sum of next-token losses over a batch of packed rows (`batch` from `shift_labels`; with context
+    parallelism this rank's part of it and its `cp_shard`).
+
+    No attention mask: with restarting position_ids transformers (and the CP mask) keep packed documents apart,
+    and the TTT layers restart their fast weights at each document; trailing padding is a document of its own.
+    """
+    extra = {} if cp_shard is None else {"cp_shard": cp_shard}
+    return causal_lm_loss_sum(model, batch["labels"], input_ids=batch["input_ids"],
+                              position_ids=batch.get("position_ids"), use_cache=False, **extra)
+
+
 def unwrap_causal_lm(model):
     """The transformers model inside DDP/FSDP (`.module`) and peft (`get_base_model()`) wrappers."""
     while True:
@@ -182,4 +208,4 @@ def _liger():
     return _LIGER[0]
 
 
-__all__ = ["linear_cross_entropy", "causal_lm_loss_sum", "unwrap_causal_lm", "block_tokens", "IGNORE_INDEX"]
+__all__ = ["linear_cross_entropy", "causal_lm_loss_sum", "shift_labels", "loss_sum", "unwrap_causal_lm", "block_tokens", "IGNORE_INDEX"]

@@ -1,7 +1,7 @@
 """Memory plan of a recipe before any work: what one device holds during a training step, from the config only.
 
-`plan_memory(recipe, config)` builds the converted model on the meta device (no weights, exact parameter counts
-and what is trained, LoRA included) and estimates, per device: parameters, gradients and AdamW states (FSDP
+`plan_memory(recipe, config)` builds the model training builds (`ttt_adapt.model_setup.build_model`) on the meta
+device (no weights; exact parameter counts and what is trained, LoRA included) and estimates, per device: parameters, gradients and AdamW states (FSDP
 shards them over the processes), autocast's low-precision weight copies, activations (with or without gradient
 checkpointing, per context-parallel shard), the TTT fast-weight states, the blocked loss's buffers and a
 runtime reserve. `MemoryPlan.format()` prints it and says whether it fits a device of a given size.
@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from ttt_adapt.loss import BLOCK_ELEMENTS
+from ttt_adapt.model_setup import build_model, decoder_layers
 
 GiB = 1024**3
 RUNTIME_RESERVE = {"cuda": 1.5 * GiB, "cpu": 0}  # CUDA context, cuBLAS workspaces, allocator fragmentation
@@ -61,35 +60,6 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def meta_model(recipe, config):
-    """The model `build_model` would train, on the meta device (no memory, no weights)."""
-    from transformers import AutoModelForCausalLM
-
-    from ttt_adapt.convert import SUPPORTED
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, recipe.model.dtype))
-    if not config.model_type.startswith("ttt_"):
-        model_cls = SUPPORTED[type(model)]
-        config_cls = model_cls.config_class
-        base = model.config.to_dict()
-        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
-            base.pop(key, None)
-        ttt = dict(recipe.ttt.to_dict(), layers=recipe.ttt.resolved_layers(config.num_hidden_layers))
-        with torch.device("meta"):
-            model = model_cls(config_cls(**base, ttt=ttt)).to(getattr(torch, recipe.model.dtype))
-    t = recipe.train
-    if t.lora.r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, task_type="CAUSAL_LM",
-                                                 target_modules=list(t.lora.target_modules), modules_to_save=["ttt"]))
-    else:
-        for name, p in model.named_parameters():
-            p.requires_grad_(t.trainable == "full" or ".mlp.ttt." in name)
-    return model
-
-
 def plan_memory(recipe, config, processes: int = 1, fsdp: bool = False, device: str = "cuda") -> MemoryPlan:
     """Estimate one device's peak during a training step of `recipe` on the base `config` (a transformers config).
 
@@ -98,7 +68,7 @@ def plan_memory(recipe, config, processes: int = 1, fsdp: bool = False, device: 
     recipe says on either).
     """
     t, cp = recipe.train, recipe.parallel.cp_size
-    model = meta_model(recipe, config)
+    model = build_model(recipe, "meta", config)  # the very model training builds, without memory or weights
     params = list(model.parameters())
     P = sum(p.numel() for p in params)
     T = sum(p.numel() for p in params if p.requires_grad)
@@ -148,7 +118,7 @@ def plan_memory(recipe, config, processes: int = 1, fsdp: bool = False, device: 
         ("optimizer states", 2 * T * wb / shard, f"AdamW: 2 states per trained parameter{sharded}"),
     ]
     if shard > 1:
-        biggest = max(sum(p.numel() for p in layer.parameters()) for layer in _decoder_layers(model))
+        biggest = max(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model))
         static.append(("FSDP gathered layers", 2 * biggest * wb, "the running layer and the prefetched next one"))
     if mixed:
         static.append(("autocast weight copies", 2 * T / shard + 2 * d * max(V, 3 * inter),
@@ -170,21 +140,4 @@ def plan_memory(recipe, config, processes: int = 1, fsdp: bool = False, device: 
                       [(name, int(b), note) for name, b, note in transient], settings)
 
 
-def _decoder_layers(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return list(base.get_decoder().layers)
-
-
-def parse_size(text: str) -> float:
-    """'80GB' / '80GiB' / '141 GB' -> bytes (GB = 10^9, GiB = 2^30)."""
-    import re
-
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*", text, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"expected a size like 80GB or 141GiB, got {text!r}")
-    units = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-             "tib": 2**40}
-    return float(m.group(1)) * units[m.group(2).lower()]
-
-
-__all__ = ["MemoryPlan", "plan_memory", "meta_model", "parse_size"]
+__all__ = ["MemoryPlan", "plan_memory"]

@@ -1,7 +1,7 @@
 """The model and tokenizer a recipe trains: base loaded, converted to TTT, trainable parameters chosen.
 
-Training (`ttt_adapt.train`) builds the model here and so does loading a checkpoint for export
-(`ttt_adapt.checkpoints`), so a checkpoint's weights always meet the module layout they were saved from.
+Training (`ttt_adapt.training.loop`) builds the model here and so does loading a checkpoint for export
+(`ttt_adapt.training.checkpoints`), so a checkpoint's weights always meet the module layout they were saved from.
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import warnings
 
 import torch
 from accelerate.utils import set_seed
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ttt_adapt._util import RecipeError, first_line, unwrap
 from ttt_adapt.compat import enable_activation_checkpointing
-from ttt_adapt.config import Recipe, RecipeError
+from ttt_adapt.config import Recipe
 from ttt_adapt.convert import convert
 from ttt_adapt.modeling import BASE_MODEL_TYPES, TTT_MODEL_TYPES
 
@@ -34,17 +35,26 @@ def load_tokenizer(recipe: Recipe):
     return tokenizer
 
 
-def build_model(recipe: Recipe):
+def build_model(recipe: Recipe, device: str | None = None, config=None):
     """The model to train: base loaded, converted, trainable parameters chosen (LoRA via peft if asked).
 
     Seeded with `train.seed`, so the same recipe always builds the same initial TTT (and LoRA) weights.
+    `config`: the base config when already loaded (`ttt_adapt.preflight`). `device="meta"` builds the very same
+    model without memory or weights, from the config alone: what the memory plan counts.
     """
     set_seed(recipe.train.seed)
     m = recipe.model
     kwargs = {"dtype": getattr(torch, m.dtype)}
     if m.attn_implementation is not None:
         kwargs["attn_implementation"] = m.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
+    if device == "meta":
+        config = config if config is not None else AutoConfig.from_pretrained(m.name_or_path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+    else:
+        if config is not None:
+            kwargs["config"] = config
+        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
     if model.config.model_type not in CONVERTED_MODEL_TYPES:
         model = convert(model, recipe.ttt)
     model.config.use_cache = False
@@ -67,8 +77,8 @@ def build_model(recipe: Recipe):
                 warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
                 model = get_peft_model(model, lora)
         except ValueError as e:  # e.g. a target module name the model does not have
-            reason = str(e).strip().splitlines()[0]
-            raise RecipeError(f"train.lora.target_modules: peft refused {t.lora.target_modules}: {reason}") from None
+            raise RecipeError(f"train.lora.target_modules: peft refused {t.lora.target_modules}: {first_line(e, None)}") \
+                from None
     else:
         for name, p in model.named_parameters():
             p.requires_grad_(t.trainable == "full" or is_ttt_param(name))
@@ -77,4 +87,13 @@ def build_model(recipe: Recipe):
     return model
 
 
-__all__ = ["build_model", "load_tokenizer", "is_ttt_param", "SUPPORTED_MODEL_TYPES", "CONVERTED_MODEL_TYPES"]
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder layers of a (possibly peft-wrapped) causal LM of a supported family, TTT layers included."""
+    base = unwrap(model)
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise ValueError(f"{type(base).__name__} has no model.layers (decoder layers)")
+    return list(layers)
+
+
+__all__ = ["build_model", "decoder_layers", "load_tokenizer", "is_ttt_param", "SUPPORTED_MODEL_TYPES", "CONVERTED_MODEL_TYPES"]

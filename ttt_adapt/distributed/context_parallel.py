@@ -16,7 +16,8 @@ group holds tokens [r * L/cp, (r+1) * L/cp). Two things cross ranks:
   exactly the single-process one. The conv's two-token halo comes from the neighbours' edge tokens.
 
 Every rank runs the same operations in the same order (only slice bounds differ), so the collectives that
-autograd runs in backward line up across ranks. Labels are shifted before sharding.
+autograd runs in backward line up across ranks. Labels and the loss are not this module's business: shift the
+labels (`ttt_adapt.loss.shift_labels`) before sharding and sum the loss with `ttt_adapt.loss.loss_sum`.
 """
 
 from __future__ import annotations
@@ -28,12 +29,24 @@ import torch.distributed as dist
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from ttt_adapt._util import RecipeError, unwrap
 from ttt_adapt.attention import blocked_sdpa, document_layout, packed_attention, packed_mask, query_blocks
-from ttt_adapt.loss import IGNORE_INDEX, causal_lm_loss_sum
+from ttt_adapt.loss import IGNORE_INDEX
 from ttt_adapt.modeling.ttt_layer import CARRY, INIT, ZERO, Segments, chunk_conv, fast_weight_math, fast_weight_scan
 
 ATTN_IMPLEMENTATION = "ttt_cp"  # `ttt_packed` without a `cp_shard`; all-gather attention with one
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def check_cp_size(cp_size, num_processes: int) -> None:
+    """`cp_size` must be an integer >= 1 that divides the process count (RecipeError, one line)."""
+    if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1:
+        raise RecipeError(f"parallel.cp_size: must be an integer >= 1, got {cp_size!r}")
+    if num_processes % cp_size:
+        raise RecipeError(
+            f"parallel.cp_size: {cp_size} does not divide the {num_processes} process(es); launch a multiple of "
+            f"{cp_size} (accelerate launch --multi_gpu --num_processes {cp_size} ...; --multi_gpu on CPU-only machines too)"
+        )
 
 
 class ContextParallel:
@@ -46,10 +59,7 @@ class ContextParallel:
     def __init__(self, cp_size: int, device_type: str = "cpu", query_block: int = 1024):
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
-        if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1:
-            raise ValueError(f"parallel.cp_size must be an integer >= 1, got {cp_size!r}")
-        if world % cp_size:
-            raise ValueError(f"parallel.cp_size {cp_size} does not divide the number of processes {world}")
+        check_cp_size(cp_size, world)
         self.cp_size, self.dp_size = cp_size, world // cp_size
         self.query_block = query_block  # local queries per attention call (bounds the mask's memory)
         self.group, self.mesh = None, None
@@ -66,25 +76,20 @@ class ContextParallel:
     def enabled(self) -> bool:
         return self.cp_size > 1
 
-    def shard(self, batch: dict, chunk_size: int) -> tuple[dict, CPShard | None]:
-        """This rank's part of a batch of packed rows: `input_ids`, optional `position_ids`, `labels`, and any
-        other (B, L) field (e.g. `attention_mask`).
+    def shard(self, batch: dict, chunk_size: int) -> tuple[dict, CPShard]:
+        """This rank's part of a batch of packed rows: `input_ids`, optional `position_ids`, and any other (B, L)
+        field (`labels`, already shifted: `ttt_adapt.loss.shift_labels`; `attention_mask`, ...).
 
-        Labels are shifted first (position i holds the label of token i+1; the loss shifts no further). Rows
-        whose length is not a multiple of `cp_size * chunk_size` get a separate, unlabelled, masked document at
-        the end. Returns the local batch and the `CPShard` to pass to the model as `cp_shard` (None without
-        context parallelism: the whole batch comes back, labels shifted).
+        Rows whose length is not a multiple of `cp_size * chunk_size` get a separate, unlabelled, masked document
+        at the end. Returns the local batch and the `CPShard` to pass to the model as `cp_shard`.
         """
+        if not self.enabled:
+            raise ValueError("ContextParallel.shard needs cp_size > 1: a single rank holds the whole rows")
         ids = batch["input_ids"]
         B, L = ids.shape
         out = dict(batch)
         if out.get("position_ids") is None:
             out["position_ids"] = torch.arange(L, device=ids.device).expand(B, L)
-        if out.get("labels") is not None:
-            labels = out["labels"]
-            out["labels"] = torch.cat([labels[:, 1:], labels.new_full((B, 1), IGNORE_INDEX)], 1)
-        if not self.enabled:
-            return out, None
         pad = -L % (self.cp_size * chunk_size)
         if pad:
             fill = {"labels": IGNORE_INDEX}
@@ -95,22 +100,13 @@ class ContextParallel:
         shard = CPShard(self.group, self.cp_rank, self.cp_size, out["position_ids"], self.query_block)
         return {k: v[:, shard.lo : shard.hi] for k, v in out.items()}, shard
 
-    def gather_sequence(self, local: torch.Tensor, length: int | None = None) -> torch.Tensor:
-        """(B, L/cp, ...) per rank -> (B, L, ...) on every rank (not differentiable); trimmed to `length`."""
-        if not self.enabled:
-            return local if length is None else local[:, :length]
-        parts = [torch.empty_like(local) for _ in range(self.cp_size)]
-        dist.all_gather(parts, local.contiguous(), group=self.group)
-        full = torch.cat(parts, 1)
-        return full if length is None else full[:, :length]
-
 
 def prepare_model(model) -> None:
     """Make a TTT model run context-parallel when called with `cp_shard=...` (in place); refuse what can't be exact.
 
     Sets the attention implementation to `ttt_cp`, which is plain SDPA for calls without a shard.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     if not hasattr(base, "ttt_modules"):
         raise ValueError(
             f"context parallelism needs an In-Place TTT model (made by ttt_adapt.convert), got {type(base).__name__}"
@@ -395,16 +391,4 @@ def _register():
         _REGISTERED = True
 
 
-def loss_sum(model, local: dict, shard: CPShard | None) -> torch.Tensor:
-    """Sum of next-token losses over this rank's tokens (`local` from `ContextParallel.shard`: labels shifted).
-
-    No attention mask: with restarting position_ids transformers (and the CP mask) keep packed documents apart,
-    and the TTT layers restart their fast weights at each document; trailing padding is a document of its own.
-    The loss is computed in blocks of tokens (`ttt_adapt.loss`): no full logits.
-    """
-    extra = {} if shard is None else {"cp_shard": shard}
-    return causal_lm_loss_sum(model, local["labels"], input_ids=local["input_ids"],
-                              position_ids=local["position_ids"], use_cache=False, **extra)
-
-
-__all__ = ["ContextParallel", "CPShard", "prepare_model", "cp_attention", "loss_sum", "ATTN_IMPLEMENTATION"]
+__all__ = ["ContextParallel", "CPShard", "check_cp_size", "prepare_model", "cp_attention", "ATTN_IMPLEMENTATION"]

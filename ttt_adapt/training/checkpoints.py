@@ -29,11 +29,12 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from safetensors.torch import load_model
 
+from ttt_adapt._util import RecipeError, first_line
 from ttt_adapt.compat import disable_activation_checkpointing
-from ttt_adapt.config import Recipe, RecipeError
+from ttt_adapt.config import Recipe
+from ttt_adapt.distributed.fsdp import is_sharded, local
 from ttt_adapt.model_setup import build_model
-from ttt_adapt.sharding import is_sharded, local
-from ttt_adapt.stopping import Diverged, tensors_finite
+from ttt_adapt.training.stopping import Diverged, tensors_finite
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -158,7 +159,7 @@ def load_checkpoint(accelerator, checkpoint: Path, model=None, optimizer=None) -
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(
             f"train.output_dir: {checkpoint} does not match this recipe's model "
-            f"({str(e).strip().splitlines()[0][:200]}); use another train.output_dir"
+            f"({first_line(e, 200)}); use another train.output_dir"
         ) from None
     return read_state(checkpoint)
 
@@ -175,7 +176,7 @@ def load_checkpoint_model(checkpoint: Path, recipe: Recipe):
         model = build_model(recipe)
     except (OSError, ValueError) as e:
         name = recipe.model.name_or_path
-        raise CheckpointError(f"cannot rebuild the model from {name!r}: {_first_line(e)}") from None
+        raise CheckpointError(f"cannot rebuild the model from {name!r}: {first_line(e)}") from None
     if sharded.is_dir():
         weights = sharded
         missing, unexpected = _load_sharded_weights(model, sharded)
@@ -183,7 +184,7 @@ def load_checkpoint_model(checkpoint: Path, recipe: Recipe):
         try:
             missing, unexpected = load_model(model, weights, strict=False)  # tied weights are stored once
         except RuntimeError as e:  # shape mismatch
-            raise CheckpointError(f"{weights} does not fit the recipe's model: {_first_line(e)}") from None
+            raise CheckpointError(f"{weights} does not fit the recipe's model: {first_line(e)}") from None
     if missing or unexpected:
         raise CheckpointError(
             f"{weights} does not fit the recipe's model: missing {sorted(missing)[:3]}, "
@@ -210,7 +211,7 @@ def _load_sharded_weights(model, folder: Path) -> tuple[list, list]:
         stored = {k[len("model."):] for k in dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
                   if k.startswith("model.")}
     except (OSError, ValueError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"cannot read the distributed checkpoint {folder}: {_first_line(e)}") from None
+        raise CheckpointError(f"cannot read the distributed checkpoint {folder}: {first_line(e)}") from None
     missing, unexpected = sorted(set(state) - stored), sorted(stored - set(state))
     if missing or unexpected:
         return missing, unexpected
@@ -218,14 +219,9 @@ def _load_sharded_weights(model, folder: Path) -> tuple[list, list]:
         wrapped = {"model": state}
         dcp.load(wrapped, checkpoint_id=str(folder), no_dist=True)
     except (RuntimeError, ValueError) as e:  # e.g. a shape mismatch
-        raise CheckpointError(f"{folder} does not fit the recipe's model: {_first_line(e)}") from None
+        raise CheckpointError(f"{folder} does not fit the recipe's model: {first_line(e)}") from None
     set_model_state_dict(model, wrapped["model"])
     return [], []
-
-
-def _first_line(e: BaseException, limit: int = 300) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:limit] if text else type(e).__name__
 
 
 __all__ = [

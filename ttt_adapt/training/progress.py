@@ -1,6 +1,9 @@
-"""`metrics.jsonl`, always valid JSON: one object a line, a non-finite number written as null and named in
-the line's `"nonfinite"` list (json.dumps is strict: it can never write NaN or Infinity). The same numbers go
-to Accelerate's trackers, finite ones only.
+"""Training progress: the window of steps since the last progress line, the lines written (the history), and
+`metrics.jsonl`.
+
+`metrics.jsonl` is always valid JSON: one object a line, a non-finite number written as null and named in the
+line's `"nonfinite"` list (json.dumps is strict: it can never write NaN or Infinity). The same numbers go to
+Accelerate's trackers, finite ones only.
 """
 
 from __future__ import annotations
@@ -71,4 +74,54 @@ def flat(d: dict, prefix: str = "", sep: str = ".") -> dict:
     return out
 
 
-__all__ = ["MetricsFile", "json_safe", "flat"]
+class Window:
+    """Sums over the steps since the last progress line; skipped steps count for time and tokens only."""
+
+    def __init__(self):
+        self.updates, self.loss, self.labelled, self.tokens, self.seconds, self.grad_norm = 0, 0.0, 0.0, 0.0, 0.0, None
+
+    def add(self, result):
+        """Add one step's `StepResult` (`ttt_adapt.training.loop`)."""
+        self.tokens += result.tokens
+        self.seconds += result.seconds
+        if not result.nonfinite:
+            self.updates += 1
+            self.loss += result.loss * result.labelled
+            self.labelled += result.labelled
+            self.grad_norm = result.grad_norm
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+class Progress:
+    """The metrics file, the current `Window` and the progress lines written so far (`history`)."""
+
+    def __init__(self, metrics: MetricsFile):
+        self.metrics, self.window, self.history = metrics, Window(), []
+
+    def add(self, result):
+        self.window.add(result)
+
+    def write_line(self, step: int, tokens: int, lr: float, ttt_param_lr: float, ttt_learning_rates) -> None:
+        """Write the progress line of the window's steps (at `step`) unless none of them updated the model, and
+        start a fresh window. `ttt_learning_rates`: a callable giving {layer: learned TTT learning rate}."""
+        w = self.window
+        if w.updates:
+            record = {
+                "step": step,
+                "loss": w.loss / max(w.labelled, 1.0),
+                "lr": lr,
+                "ttt_param_lr": ttt_param_lr,
+                "tokens": tokens,
+                "tokens_per_s": w.tokens_per_s,
+                "grad_norm": w.grad_norm,
+                "ttt_learning_rates": {str(k): v for k, v in ttt_learning_rates().items()},
+            }
+            self.metrics.write(record)
+            self.history.append(record)
+        self.window = Window()
+
+
+__all__ = ["MetricsFile", "Progress", "Window", "json_safe", "flat"]

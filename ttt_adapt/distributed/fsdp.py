@@ -6,12 +6,12 @@ sets. Either way the model is sharded by torch's `fully_shard` here, on every de
 turns an FSDP request on CPU into plain data parallelism without a word, so the wrapping is not left to it.
 Every decoder layer (TTT layers included) is one FSDP unit, the rest (embeddings, final norm, head) the root
 unit; the weights are sharded over all processes (with context parallelism too: the (dp, cp) mesh of
-`ttt_adapt.parallel` decides which rows and tokens a rank reads, the FSDP mesh which weights it holds).
+`ttt_adapt.distributed.context_parallel` decides which rows and tokens a rank reads, the FSDP mesh which weights it holds).
 Gradients are reduced in fp32; with bf16 mixed precision the weights are gathered in bf16 and the fast-weight
 scan still accumulates in fp32 (`ttt_layer._FastWeightScan`).
 
-A request that cannot be honoured raises `RecipeError` (one line): FSDP1, parameter offloading, fp16, a single
-process.
+A request that cannot be honoured raises `RecipeError` (one line): FSDP1, parameter offloading here, fp16 and a
+single process in `ttt_adapt.preflight.check_fsdp_run`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from ttt_adapt.config import Recipe, RecipeError
+from ttt_adapt._util import RecipeError
+from ttt_adapt.config import Recipe
+from ttt_adapt.model_setup import decoder_layers
 
 ACCELERATE_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch --use_fsdp` and FSDP config files
 
@@ -62,29 +64,6 @@ def fsdp_request(recipe: Recipe) -> FSDPRequest | None:
         raise RecipeError(f"Accelerate's FSDP setting fsdp_reshard_after_forward={reshard!r} is not an FSDP2 value "
                           "(true or false)")
     return FSDPRequest("accelerate (--use_fsdp)", reshard in ("true", "1"), _env_flag("FSDP_ACTIVATION_CHECKPOINTING"))
-
-
-def check_fsdp_run(request: FSDPRequest, mixed_precision: str) -> None:
-    """Refuse (RecipeError, one line) an FSDP run that would not shard or could not be exact."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world < 2:
-        raise RecipeError(
-            f"FSDP ({request.source}) shards the weights over several processes, and this run has 1: launch several "
-            "(accelerate launch --multi_gpu --num_processes N ...; --multi_gpu on CPU-only machines too), or drop "
-            "the FSDP request"
-        )
-    if mixed_precision == "fp16":
-        raise RecipeError("train.mixed_precision: fp16 is not supported with FSDP (no sharded gradient scaler): "
-                          "use bf16")
-
-
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The decoder layers of a (possibly peft-wrapped) Qwen3/Llama-style causal LM, TTT layers included."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = getattr(getattr(base, "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
-        raise ValueError(f"FSDP wraps decoder layers: {type(base).__name__} has no model.layers")
-    return list(layers)
 
 
 def shard_model(model, mesh, mixed_precision: str = "no", reshard_after_forward: bool = True):
@@ -152,6 +131,6 @@ def local_parameter_bytes(model) -> int:
 
 
 __all__ = [
-    "FSDPRequest", "fsdp_request", "check_fsdp_run", "decoder_layers", "shard_model", "fsdp_mesh", "is_sharded",
+    "FSDPRequest", "fsdp_request", "shard_model", "fsdp_mesh", "is_sharded",
     "gradient_sync", "clip_grad_norm", "local", "local_parameter_bytes",
 ]

@@ -1,0 +1,85 @@
+"""The main job, `adapt(recipe)`: preflight -> train -> evaluate -> export (what `scripts/adapt.py` runs).
+
+    from ttt_adapt.config import load_recipe
+    from ttt_adapt.pipeline import adapt
+    summary = adapt(load_recipe("recipes/tiny_qwen3.yaml"))
+
+Every process runs it. The checks (`ttt_adapt.preflight`) come before anything is built or written; the
+training loop (`ttt_adapt.training.loop`) resumes from the latest checkpoint in `train.output_dir`; then the
+recipe's `eval` section runs on the main process (`ttt_adapt.evaluate`) and the final checkpoint is exported
+(`ttt_adapt.export`). Evaluation comes first, so the export's model card shows the report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ttt_adapt.config import Recipe
+from ttt_adapt.distributed.fsdp import is_sharded
+from ttt_adapt.export import export_model
+from ttt_adapt.preflight import preflight
+from ttt_adapt.training.checkpoints import load_checkpoint_model
+from ttt_adapt.training.loop import Run, make_accelerator, set_up, train
+
+
+def adapt(recipe: Recipe) -> dict:
+    """Check, train (or resume), evaluate and export the recipe's run; return a summary (steps, tokens, the
+    final checkpoint, the export and eval folders, the progress lines).
+
+    Raises `RecipeError` for bad input (before any work), `Diverged` when the run diverges (nothing non-finite
+    is saved) and `Preempted` after a stop signal (the step in flight is finished and checkpointed first).
+    """
+    accelerator = make_accelerator(recipe)
+    checked = preflight(recipe, accelerator)
+    run = set_up(recipe, accelerator, checked)
+    try:
+        history = train(run)
+        report = evaluate_after_training(run)
+        exported = export_after_training(run)
+        if exported is not None:
+            accelerator.print(f"exported to {exported}")
+    finally:
+        if recipe.train.trackers:
+            accelerator.end_training()
+    return {"step": run.state.step, "tokens": run.state.tokens, "checkpoint": str(run.checkpoint),
+            "export": None if exported is None else str(exported), "eval": None if report is None else str(report),
+            "metrics": history}
+
+
+def evaluate_after_training(run: Run) -> Path | None:
+    """Run the recipe's `eval` section (`ttt_adapt.evaluate.evaluate_recipe`: base, converted base, adapted) on
+    the main process, into `<train.output_dir>/eval/`. The adapted model is the one in memory; for a model
+    sharded across processes, the one in the final checkpoint (loaded whole on the main process). None without
+    `eval`."""
+    recipe, accelerator = run.recipe, run.accelerator
+    if recipe.eval is None:
+        return None
+    from ttt_adapt.evaluate import evaluate_recipe
+
+    if accelerator.is_main_process:
+        if is_sharded(run.model):
+            adapted = load_checkpoint_model(run.checkpoint, recipe)
+        else:
+            adapted = accelerator.unwrap_model(run.model)
+        evaluate_recipe(recipe, adapted)
+    accelerator.wait_for_everyone()
+    return Path(recipe.train.output_dir) / "eval"
+
+
+def export_after_training(run: Run) -> Path | None:
+    """Write the final checkpoint's model to `export.dir` with `ttt_adapt.export.export_model` (LoRA merged,
+    model card, optional push), on the main process; None when the recipe asks for no export."""
+    e = run.recipe.export
+    if e.dir is None:
+        return None
+    if run.accelerator.is_main_process:
+        export_model(
+            run.checkpoint, e.dir, dtype=e.dtype, max_shard_size=e.max_shard_size, push_to_hub=e.push_to_hub,
+            private=e.private, revision=e.revision, overwrite=e.overwrite, commit_message=e.commit_message,
+            license=e.license,
+        )
+    run.accelerator.wait_for_everyone()
+    return Path(e.dir)
+
+
+__all__ = ["adapt", "evaluate_after_training", "export_after_training"]

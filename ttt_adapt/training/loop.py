@@ -1,0 +1,468 @@
+"""Continued training of an In-Place TTT model: the Accelerate loop, in one page.
+
+`set_up(recipe, accelerator, base)` builds the `Run` (the recipe, the model of `ttt_adapt.model_setup`, the
+corpus packed by `ttt_adapt.data`, the `TrainState` resumed from the latest checkpoint in `train.output_dir`);
+`train(run)` then runs the steps: `train_step` (AdamW with warmup + cosine, gradient accumulation, clipping),
+progress lines to `metrics.jsonl` and trackers (`ttt_adapt.training.progress`), the eval loss and checkpoints
+(`ttt_adapt.training.checkpoints`). `ttt_adapt.pipeline.adapt` runs the checks before it
+(`ttt_adapt.preflight`) and the evaluation and export after it.
+
+The loss of a step is the mean over every real token of the global batch (all processes, all accumulation
+micro-batches): each micro-batch contributes `sum of its token losses / global token count`, times the number
+of processes because DDP/FSDP average gradients over all of them (with context parallelism each rank of a
+group holds part of the same rows, so its share of the loss is summed, not averaged, across the group).
+
+Data order is a pure function of `train.seed`, the number of packed rows and a row cursor stored in each
+checkpoint, so a resumed run reads exactly the rows the uninterrupted run would have read.
+
+A run stops early, cleanly, in two ways (`ttt_adapt.training.stopping`): a step whose loss or gradient norm is
+not finite on any process updates nothing and raises `Diverged` (`train.on_nonfinite: stop`) or is skipped
+(`skip`); a stop signal (`train.preempt_signals`) lets the step in flight finish, checkpoints it and raises
+`Preempted`. One reduction per step makes every process agree on both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from datasets.exceptions import DatasetGenerationError
+from tqdm.auto import tqdm
+
+from ttt_adapt._util import RecipeError, first_line
+from ttt_adapt.attention import use_packed_attention
+from ttt_adapt.compat import enable_activation_checkpointing
+from ttt_adapt.config import Recipe
+from ttt_adapt.data import build_datasets
+from ttt_adapt.distributed.context_parallel import ContextParallel, prepare_model
+from ttt_adapt.distributed.fsdp import clip_grad_norm, fsdp_mesh, gradient_sync, is_sharded, shard_model
+from ttt_adapt.loss import IGNORE_INDEX, loss_sum, shift_labels
+from ttt_adapt.model_setup import build_model, is_ttt_param
+from ttt_adapt.modeling.modeling_ttt import set_ttt_training_step, ttt_learning_rates
+from ttt_adapt.preflight import Preflight
+from ttt_adapt.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from ttt_adapt.training.progress import MetricsFile, Progress, flat
+from ttt_adapt.training.stopping import Diverged, Preempted, StopSignals
+
+ADAM_BETAS = (0.9, 0.95)  # the usual choice for LM pretraining; torch's default 0.999 adapts too slowly
+NONFINITE_NAMES = {"loss": "the loss", "grad_norm": "the gradient norm"}
+
+
+# ------------------------------------------------------------------------------------------------ optimizer
+
+
+def param_groups(model, recipe: Recipe) -> list[dict]:
+    """AdamW groups: TTT vs the rest (separate learning rates), matrices decayed, vectors/scalars not."""
+    t = recipe.train
+    ttt_lr = t.ttt_lr if t.ttt_lr is not None else t.lr
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        kind = "ttt" if is_ttt_param(name) else "base"
+        decay = p.ndim >= 2
+        key = (kind, decay)
+        if key not in groups:
+            lr = ttt_lr if kind == "ttt" else t.lr
+            groups[key] = {"params": [], "lr": lr, "base_lr": lr, "weight_decay": t.weight_decay if decay else 0.0,
+                           "name": f"{kind}{'' if decay else '_no_decay'}"}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def lr_factor(step: int, recipe: Recipe) -> float:
+    """Multiplier of the learning rates at optimizer step `step` (from 1): linear warmup to 1 over the warmup
+    steps, then a cosine that would reach `min_lr_ratio` one step after `max_steps` (so no step is wasted at 0)."""
+    t = recipe.train
+    warmup = t.resolved_warmup_steps
+    if step <= warmup:
+        return step / warmup
+    progress = min(1.0, (step - warmup - 1) / max(1, t.max_steps - warmup))
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+class RowStream:
+    """The packed training rows in training order, from any row cursor.
+
+    Map-style datasets: each pass over the rows is a permutation seeded by (seed, pass), so the rows of a
+    step depend only on the cursor. Streaming datasets are read in their own (seeded) order and a resumed run
+    skips the rows already consumed.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.map_style = hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+        self.num_rows = len(dataset) if self.map_style else None
+        self._perm = (None, None)  # (pass, permutation)
+        self._iter = None
+        self._cursor = 0
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._perm = (epoch, torch.randperm(self.num_rows, generator=g))
+        return self._perm[1]
+
+    def take(self, cursor: int, count: int) -> list[dict]:
+        """Rows `cursor .. cursor+count-1` of the training order."""
+        if self.map_style:
+            out = []
+            for k in range(cursor, cursor + count):
+                epoch, i = divmod(k, self.num_rows)
+                out.append(self.dataset[int(self._permutation(epoch)[i])])
+            return out
+        if self._iter is None or cursor != self._cursor:
+            self._iter, self._cursor = self._stream(), 0
+            for _ in itertools.islice(self._iter, cursor):
+                self._cursor += 1
+        rows = list(itertools.islice(self._iter, count))
+        self._cursor += len(rows)
+        return rows
+
+    def _stream(self):
+        for epoch in itertools.count():
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+            empty = True
+            for row in self.dataset:
+                empty = False
+                yield row
+            if empty:
+                raise ValueError("the training data stream is empty")
+
+
+def collate(rows: list[dict], device) -> dict:
+    """Stack packed rows into tensors on `device`."""
+    batch = {k: torch.tensor([list(r[k]) for r in rows], dtype=torch.long) for k in rows[0]}
+    mask = batch["attention_mask"]
+    # Attention masks are dropped (below) so packed documents stay apart; that is exact only if padding never
+    # precedes a real token, as `ttt_adapt.data` guarantees (padding ends the last row).
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise ValueError("a packed row has padding before real tokens; only trailing padding is supported")
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def split_batch(batch: dict, cp: ContextParallel, chunk_size: int) -> tuple[dict, object]:
+    """Labels shifted (`ttt_adapt.loss.shift_labels`), then this rank's shard of the rows with context
+    parallelism; (batch, None) without it."""
+    batch = shift_labels(batch)
+    return cp.shard(batch, chunk_size) if cp.enabled else (batch, None)
+
+
+def count_labels(batch) -> int:
+    """Tokens with a label in a batch from `split_batch` (labels already shifted)."""
+    return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def evaluate_loss(run: Run) -> dict:
+    """Mean token loss over the held-out rows `run.eval_data`, split across data-parallel groups (same rows on
+    every run) and sharded across the ranks of each context-parallel group."""
+    accelerator, model, cp, recipe = run.accelerator, run.model, run.cp, run.recipe
+    world, rank = cp.dp_size, cp.dp_rank
+    rows = run.eval_data
+    if not rows:
+        return {}
+    # Every process runs the same number of forwards (FSDP gathers inside forward); rows beyond the real
+    # ones are repeats that are not counted.
+    per_rank = math.ceil(len(rows) / world)
+    mine = [(rows[(rank + k * world) % len(rows)], rank + k * world < len(rows)) for k in range(per_rank)]
+    batch_size = recipe.train.batch_size
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for i in range(0, per_rank, batch_size):
+        part = mine[i : i + batch_size]
+        batch = collate([r for r, _ in part], accelerator.device)
+        keep = torch.tensor([real for _, real in part], device=accelerator.device)
+        batch["labels"] = torch.where(keep[:, None], batch["labels"], IGNORE_INDEX)
+        local, shard = split_batch(batch, cp, recipe.ttt.chunk_size)
+        total += torch.stack([loss_sum(model, local, shard).double(), torch.tensor(float(count_labels(local)))
+                              .to(total)])
+    model.train()
+    total = accelerator.reduce(total, reduction="sum")
+    return {"eval_loss": float(total[0] / total[1].clamp(min=1)), "eval_tokens": int(total[1])}
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint stores to resume (its `trainer_state.json`)."""
+
+    step: int = 0
+    tokens: int = 0
+    rows: int = 0  # the data cursor: rows of the training order consumed
+    num_rows: int | None = None  # packed training rows (None: streaming)
+    nonfinite_in_a_row: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Run:
+    """What the loop works with, built by `set_up`. `state` is saved in every checkpoint."""
+
+    recipe: Recipe
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    cp: ContextParallel
+    stream: RowStream
+    eval_data: list | None
+    state: TrainState
+    checkpoint: Path | None  # the newest checkpoint: resumed from or written
+    progress: Progress
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    """The run's Accelerator (it joins the process group a launcher set up)."""
+    t = recipe.train
+    cpu = not torch.accelerator.is_available()  # also makes multi-process CPU runs use gloo
+    if cpu and t.mixed_precision == "fp16":  # Accelerate would train in fp32 without a word
+        raise RecipeError("train.mixed_precision: fp16 needs a GPU (CPU autocast has no fp16 gradient scaler); "
+                          "use bf16 or no")
+    mixed_precision = t.mixed_precision  # bf16: autocast (Accelerate), or FSDP's bf16 policy when we shard
+    accelerator = Accelerator(
+        cpu=cpu, mixed_precision=mixed_precision, log_with=t.trackers or None, project_dir=t.output_dir
+    )
+    if cpu and mixed_precision == "bf16":
+        accelerator.print("train.mixed_precision=bf16 on CPU: bf16 autocast runs, but slower than fp32 on most CPUs "
+                          "(useful to test the GPU's code path)")
+    return accelerator
+
+
+def set_up(recipe: Recipe, accelerator: Accelerator, checked: Preflight) -> Run:
+    """The model and optimizer, the data, and the state of the checkpoint being resumed (the latest one in
+    `train.output_dir`, if any), for a run that passed `ttt_adapt.preflight.preflight`."""
+    t = recipe.train
+    fsdp = checked.fsdp
+    out = Path(t.output_dir)
+    checkpoint = latest_checkpoint(out)
+
+    model = build_model(recipe, config=checked.config)
+    cp = ContextParallel(recipe.parallel.cp_size, accelerator.device.type)
+    if cp.enabled:
+        prepare_model(model)
+        if recipe.model.attn_implementation not in (None, "sdpa"):
+            accelerator.print(f"parallel.cp_size={cp.cp_size}: attention runs as all-gather SDPA "
+                              f"(model.attn_implementation={recipe.model.attn_implementation} is not used)")
+    elif recipe.model.attn_implementation in (None, "sdpa", "eager"):  # flash/flex isolate documents themselves
+        use_packed_attention(model)  # packed rows without the dense L x L mask transformers builds for these
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    if fsdp is not None:  # sharded before the optimizer exists: it must hold the sharded parameters
+        if fsdp.activation_checkpointing and not t.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        shard_model(model, fsdp_mesh(accelerator.device.type), accelerator.mixed_precision,
+                    fsdp.reshard_after_forward)
+    fused = accelerator.device.type in ("cpu", "cuda")  # torch's one-kernel AdamW where it has one
+    optimizer = torch.optim.AdamW(param_groups(model, recipe), betas=ADAM_BETAS, eps=1e-8, fused=fused)
+    stream, eval_data = load_data(accelerator, recipe, checked.tokenizer)
+    if fsdp is None:  # a sharded model is not handed to Accelerate, which would wrap it again (DDP on CPU)
+        model, optimizer = accelerator.prepare(model, optimizer)
+
+    state = TrainState(num_rows=stream.num_rows)
+    if checkpoint is not None:
+        state = TrainState(**load_checkpoint(accelerator, checkpoint, model, optimizer))
+        if state.num_rows != stream.num_rows:
+            accelerator.print(f"warning: the data changed since {checkpoint.name}: the data order differs")
+            state.num_rows = stream.num_rows
+        accelerator.print(f"resuming from {checkpoint} (step {state.step})")
+
+    metrics = MetricsFile(accelerator, out)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    metrics.truncate(after_step=state.step)  # drop the lines of steps being redone
+    if t.trackers:
+        accelerator.init_trackers(out.name, config=flat(recipe.to_dict()))
+    accelerator.print(
+        f"training {n_trainable:,} of {n_total:,} parameters ({t.trainable}"
+        f"{f' + LoRA r={t.lora.r}' if t.lora.r else ''}) on {accelerator.num_processes} process(es)"
+        f"{f' ({cp.dp_size} data-parallel x {cp.cp_size} context-parallel)' if cp.enabled else ''}"
+        f"{f', weights sharded over all {accelerator.num_processes} (FSDP2, {fsdp.source})' if fsdp else ''}"
+    )
+    if state.step >= t.max_steps:
+        accelerator.print(f"nothing to train: {checkpoint.name} is at step {state.step} >= train.max_steps")
+    return Run(recipe, accelerator, model, optimizer, cp, stream, eval_data, state, checkpoint, Progress(metrics))
+
+
+def load_data(accelerator, recipe: Recipe, tokenizer) -> tuple[RowStream, list | None]:
+    """The training rows in training order and the first held-out rows (None without eval data)."""
+    t = recipe.train
+    with accelerator.main_process_first():
+        try:
+            train_rows, eval_rows = build_datasets(recipe.data, tokenizer)
+        except ValueError as e:
+            message = first_line(e, None)
+            raise RecipeError(message if message.startswith("data") else f"data: {message}") from None
+        except DatasetGenerationError as e:  # a malformed file: the reason is in the cause
+            files = recipe.data.path + (f" or {recipe.data.eval_path}" if recipe.data.eval_path else "")
+            raise RecipeError(f"data: cannot read {files}: {first_line(e.__cause__ or e, None)}") from None
+    eval_data = None
+    if eval_rows is not None:
+        cap = t.eval_batches * t.batch_size  # independent of the number of processes
+        eval_data = [eval_rows[i] for i in range(min(cap, len(eval_rows)))] if hasattr(eval_rows, "__len__") \
+            else list(itertools.islice(iter(eval_rows), cap))
+    return RowStream(train_rows, t.seed), eval_data
+
+
+# ------------------------------------------------------------------------------------------------ the step
+
+
+@dataclass
+class StepResult:
+    """What one step did, agreed by every process."""
+
+    loss: float  # mean token loss of the global batch
+    grad_norm: float
+    labelled: float  # tokens with a label, global
+    tokens: int  # real tokens, global
+    seconds: float
+    nonfinite: list[str]  # "loss", "grad_norm": not finite, so the update was dropped
+    stop: bool  # a stop signal reached some process: all stop after this step
+
+
+def train_step(run: Run, step: int, signals: StopSignals) -> StepResult:
+    """Optimizer step `step` on the next rows: forward and backward over the micro-batches, clipping, and the
+    update unless the loss or the gradient norm is not finite. One reduction gives every process the loss,
+    whether anything was non-finite anywhere and whether a stop signal arrived anywhere (up to that point of
+    the step), so all act alike."""
+    recipe, accelerator, model, optimizer, cp = run.recipe, run.accelerator, run.model, run.optimizer, run.cp
+    t = recipe.train
+    started = time.perf_counter()
+    factor = lr_factor(step, recipe)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    set_ttt_training_step(accelerator.unwrap_model(model), step)
+
+    rows = run.stream.take(run.state.rows, rows_per_step(recipe, cp))[cp.dp_rank :: cp.dp_size]
+    micro = [split_batch(collate(rows[i : i + t.batch_size], accelerator.device), cp, recipe.ttt.chunk_size)
+             for i in range(0, len(rows), t.batch_size)]
+    counts = [sum(count_labels(b) for b, _ in micro), sum(int(b["attention_mask"].sum()) for b, _ in micro)]
+    counts = torch.tensor(counts, dtype=torch.float64, device=accelerator.device)
+    labelled, tokens = accelerator.reduce(counts, reduction="sum").tolist()
+    scale = accelerator.num_processes / max(labelled, 1.0)  # DDP/FSDP average gradients over processes: undo that
+
+    step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for i, (local, shard) in enumerate(micro):
+        last = i == len(micro) - 1  # gradients are all-reduced once, on the last micro-batch
+        if is_sharded(model):
+            sync = gradient_sync(model, last)
+        else:
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+        with sync:
+            summed = loss_sum(model, local, shard)
+            accelerator.backward(summed * scale)
+        step_loss += summed.detach().double()
+    clip = t.clip_grad_norm if t.clip_grad_norm is not None else float("inf")
+    if is_sharded(model):  # the global norm over every shard
+        grad_norm = clip_grad_norm(model, clip)
+    else:
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip))
+
+    # fp16's gradient scaler skips steps with inf gradients itself (and lowers its scale): not a divergence
+    bad_grad = not math.isfinite(grad_norm) and accelerator.scaler is None
+    stop = signals.received is not None
+    flags = torch.stack([step_loss, step_loss.new_tensor(float(bad_grad)), step_loss.new_tensor(float(stop))])
+    summed_loss, bad_grads, stops = accelerator.reduce(flags, reduction="sum").tolist()
+    loss = summed_loss / max(labelled, 1.0)
+    nonfinite = (["loss"] if not math.isfinite(loss) else []) + (["grad_norm"] if bad_grads else [])
+    if not nonfinite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, grad_norm, labelled, int(tokens), time.perf_counter() - started, nonfinite, stops > 0)
+
+
+def rows_per_step(recipe: Recipe, cp: ContextParallel) -> int:
+    return recipe.train.batch_size * recipe.train.grad_accum * cp.dp_size  # the ranks of a CP group share rows
+
+
+def on_nonfinite(run: Run, step: int, result: StepResult):
+    """Step `step` had a non-finite loss or gradient norm and updated nothing: log it, then raise `Diverged`
+    unless `train.on_nonfinite: skip` allows one more skipped step in a row."""
+    t = run.recipe.train
+    run.state.nonfinite_in_a_row += 1
+    in_a_row = run.state.nonfinite_in_a_row
+    what = " and ".join(f"{NONFINITE_NAMES[k]} ({getattr(result, k)})" for k in result.nonfinite)
+    what += " is not finite" if len(result.nonfinite) == 1 else " are not finite"
+    stop = t.on_nonfinite == "stop" or in_a_row > t.max_nonfinite_skips
+    if stop:
+        log_progress(run)  # the steps before it, if not logged yet
+    run.progress.metrics.write({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
+                                "skipped": not stop, "diverged": stop})
+    if stop:
+        if t.on_nonfinite == "skip":
+            what += f" ({in_a_row} steps in a row, train.max_nonfinite_skips={t.max_nonfinite_skips})"
+        raise Diverged(step, what, run.checkpoint)
+    run.accelerator.print(f"step {step}: {what}; its update is skipped ({in_a_row} in a row)")
+
+
+def log_progress(run: Run) -> None:
+    """The progress line of the steps since the last one, at the current step (`Progress.write_line`)."""
+    t, step = run.recipe.train, run.state.step
+    factor = lr_factor(step, run.recipe)
+    run.progress.write_line(
+        step, run.state.tokens, lr=t.lr * factor, ttt_param_lr=(t.ttt_lr if t.ttt_lr is not None else t.lr) * factor,
+        ttt_learning_rates=lambda: ttt_learning_rates(run.accelerator.unwrap_model(run.model)),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def train(run: Run) -> list[dict]:
+    """Run (or resume) the training steps of `run` (from `set_up`); return the progress lines written.
+
+    Raises `Diverged` when the run diverges (nothing non-finite is saved) and `Preempted` after a stop signal
+    (the step in flight is finished and checkpointed first).
+    """
+    t, state = run.recipe.train, run.state
+    with StopSignals(t.preempt_signals) as signals, tqdm(
+        total=t.max_steps, initial=state.step, disable=not run.accelerator.is_main_process, desc="adapt",
+        dynamic_ncols=True,
+    ) as bar:
+        run.model.train()
+        while state.step < t.max_steps:
+            step = state.step + 1
+            result = train_step(run, step, signals)
+            if result.nonfinite:
+                on_nonfinite(run, step, result)
+            else:
+                state.nonfinite_in_a_row = 0
+            run.progress.add(result)
+            state.step, state.tokens = step, state.tokens + result.tokens
+            state.rows += rows_per_step(run.recipe, run.cp)
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{run.progress.window.tokens_per_s:,.0f}")
+
+            if step % t.log_every == 0 or step == t.max_steps or result.stop:
+                log_progress(run)
+            if run.eval_data and not result.stop and (
+                (t.eval_every and step % t.eval_every == 0) or step == t.max_steps
+            ):
+                run.progress.metrics.write({"step": step, **evaluate_loss(run)})
+            if (t.save_every and step % t.save_every == 0) or step == t.max_steps or result.stop:
+                run.checkpoint = save_checkpoint(run.accelerator, run.model, run.optimizer, run.recipe,
+                                                 state.to_dict())
+            if result.stop:
+                raise Preempted(step, signals.received or "a stop signal to another process", run.checkpoint)
+    return run.progress.history
+
+
+__all__ = ["Run", "TrainState", "make_accelerator", "set_up", "train", "train_step", "evaluate_loss", "collate",
+           "split_batch", "RowStream", "lr_factor", "param_groups"]
