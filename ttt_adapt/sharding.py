@@ -8,7 +8,7 @@ Every decoder layer (TTT layers included) is one FSDP unit, the rest (embeddings
 unit; the weights are sharded over all processes (with context parallelism too: the (dp, cp) mesh of
 `ttt_adapt.parallel` decides which rows and tokens a rank reads, the FSDP mesh which weights it holds).
 Gradients are reduced in fp32; with bf16 mixed precision the weights are gathered in bf16 and the fast-weight
-scan still accumulates in fp32 (`ttt_layer._FastWeightScan`).
+scan still accumulates in fp32 (`ttt_layer.fast_weight_scan`).
 
 A request that cannot be honoured raises `RecipeError` (one line): FSDP1, parameter offloading, fp16, a single
 process.
@@ -87,6 +87,13 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return list(layers)
 
 
+def compile_decoder_layers(model) -> None:
+    """torch.compile each decoder layer in place (module identity kept, so FSDP, DDP and checkpointing see the same
+    modules): a TTT layer compiles without graph breaks, and a new document layout is new data, not a recompile."""
+    for layer in decoder_layers(model):
+        layer.compile()
+
+
 def shard_model(model, mesh, mixed_precision: str = "no", reshard_after_forward: bool = True):
     """Shard `model` in place over the 1-D device `mesh`: one FSDP unit per decoder layer, the rest in the root.
 
@@ -152,6 +159,6 @@ def local_parameter_bytes(model) -> int:
 
 
 __all__ = [
-    "FSDPRequest", "fsdp_request", "check_fsdp_run", "decoder_layers", "shard_model", "fsdp_mesh", "is_sharded",
+    "FSDPRequest", "fsdp_request", "check_fsdp_run", "decoder_layers", "compile_decoder_layers", "shard_model", "fsdp_mesh", "is_sharded",
     "gradient_sync", "clip_grad_norm", "local", "local_parameter_bytes",
 ]

@@ -56,6 +56,7 @@ from ttt_adapt.parallel import ContextParallel, loss_sum, prepare_model
 from ttt_adapt.sharding import (
     check_fsdp_run,
     clip_grad_norm,
+    compile_decoder_layers,
     fsdp_mesh,
     fsdp_request,
     gradient_sync,
@@ -384,6 +385,8 @@ def set_up(recipe: Recipe) -> Run:
                               f"(model.attn_implementation={recipe.model.attn_implementation} is not used)")
     elif recipe.model.attn_implementation in (None, "sdpa", "eager"):  # flash/flex isolate documents themselves
         use_packed_attention(model)  # packed rows without the dense L x L mask transformers builds for these
+    if t.compile:  # before sharding, as torchtitan does: FSDP's hooks stay outside the compiled layers
+        compile_decoder_layers(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     if fsdp is not None:  # sharded before the optimizer exists: it must hold the sharded parameters
