@@ -158,3 +158,10 @@ def test_converted_model_compiles_with_base_unchanged():
         for layer in model.model.layers:
             layer.compile(backend="aot_eager")
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_static_cache_is_refused_with_one_line():
+    """`cache_implementation="static"` (what compiled static-shape decoding uses) cannot hold the fast weights."""
+    model = ttt_model(chunk_size=4)
+    with pytest.raises(ValueError, match=r"^In-Place TTT models need a DynamicCache, got StaticCache$"):
+        model.generate(torch.randint(3, 97, (1, 5)), max_new_tokens=3, cache_implementation="static", pad_token_id=0)
