@@ -285,8 +285,8 @@ def bench_train_step(args):
                 steps[v](L)
                 times[v].append(time.perf_counter() - t0)
         del steps
-        for v in steps:
-            if times.get(v) and v not in variants:
+        for v in times:
+            if times[v] and v not in variants:
                 row[f"{v}_tok_s"] = L / statistics.median(times[v])
         for v in variants:
             if times.get(v):
