@@ -2,7 +2,8 @@
 
     python scripts/benchmark.py layer [--length 16384 --chunk 512 --hidden 1024 --intermediate 3072 --repeats 3]
     python scripts/benchmark.py train-step [--lengths 2048,4096 --repeats 3 --model mid|small --vocab 4096
-                                            --trainable full|ttt --checkpointing --variants base,ttt,ttt_plain]
+                                            --trainable full|ttt --checkpointing --variants base,ttt,ttt_plain
+                                            --compile]
     python scripts/benchmark.py gpu [--toy]
     python scripts/benchmark.py generate [--prompt 1024 --new-tokens 128 --batches 1,8 --chunk 64]
     python scripts/benchmark.py cp [--length 4096 --ranks 2 --chunk 512 --repeats 3]
@@ -200,13 +201,17 @@ def make_lm(ttt: bool, chunk: int, seed: int = 0, size: str = "mid", vocab: int 
     return model
 
 
-def make_step(variant, args):
+def make_step(variant, args, compiled=False):
     """(model, optimizer, step(length)) of one training step as `scripts/adapt.py` runs it: packed rows of 4
-    documents, `parallel.loss_sum` (blocked loss) and `ttt_packed` attention; `ttt_plain` as before issue 13."""
+    documents, `parallel.loss_sum` (blocked loss) and `ttt_packed` attention; `ttt_plain` as before issue 13.
+    `compiled`: each decoder layer torch.compile'd, as `train.compile: true` does."""
     from ttt_adapt.attention import use_packed_attention
     from ttt_adapt.loss import causal_lm_loss_sum
+    from ttt_adapt.model_setup import compile_decoder_layers
 
     model = make_lm(variant != "base", args.chunk, size=args.model, vocab=args.vocab).train()
+    if compiled:
+        compile_decoder_layers(model)
     layers = range(0, model.config.num_hidden_layers, 6)
     for name, p in model.named_parameters():  # `ttt` for the base: the MLPs of the layers TTT would convert
         p.requires_grad_(args.trainable == "full" or (".mlp.ttt." in name if variant != "base" else
@@ -274,15 +279,21 @@ def bench_train_step(args):
     for L in args.lengths:
         row = {"tokens": L}
         steps = {v: make_step(v, args)[2] for v in variants} if args.repeats else {}
+        if args.compile and args.repeats:
+            steps.update({f"{v}_compiled": make_step(v, args, compiled=True)[2] for v in variants})
         times = {v: [] for v in steps}
         for v in steps:
-            steps[v](L)  # warm-up
+            steps[v](L)  # warm-up (compiles)
+            steps[v](L)  # and a second: compiled variants must not compile again in the timed steps
         for _ in range(args.repeats):
             for v in steps:
                 t0 = time.perf_counter()
                 steps[v](L)
                 times[v].append(time.perf_counter() - t0)
         del steps
+        for v in times:
+            if times[v] and v not in variants:
+                row[f"{v}_tok_s"] = L / statistics.median(times[v])
         for v in variants:
             if times.get(v):
                 row[f"{v}_tok_s"] = L / statistics.median(times[v])
@@ -303,6 +314,10 @@ def bench_train_step(args):
         print(f"{r['tokens']:>7}" + "".join(
             f" {r.get(f'{v}_tok_s', float('nan')):15.0f} {r[f'{v}_peak_mib']:18.0f} {r[f'{v}_total_mib']:19.0f}"
             for v in variants))
+    if args.compile:
+        print("compiled decoder layers (train.compile), tok/s compiled / eager: " + ", ".join(
+            f"{r['tokens']} {v}: {r[f'{v}_compiled_tok_s'] / r[f'{v}_tok_s']:.2f}x" for r in rows for v in variants
+            if f"{v}_compiled_tok_s" in r))
     if "ttt" in variants:
         print("memory plan (--plan --device cpu) vs measured total, ttt: " + ", ".join(
             f"{r['tokens']}: {r['ttt_plan_mib']:.0f} vs {r['ttt_total_mib']:.0f} MiB "
@@ -766,6 +781,7 @@ def main(argv=None):
         p.add_argument("--vocab", type=int, default=4096)
         p.add_argument("--trainable", choices=("full", "ttt"), default="full")
         p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+        p.add_argument("--compile", action="store_true", help="also time each variant with compiled decoder layers")
         p.add_argument("--chunk", type=int, default=512)
         p.add_argument("--repeats", type=int, default=3, help="timed steps per variant (0: memory only)")
         p.add_argument("--out", default="exports/benchmark_train_step.json")

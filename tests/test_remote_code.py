@@ -101,7 +101,7 @@ def test_every_family_exports_and_reloads_without_ttt_adapt(tmp_path):
         for name in ("configuration_ttt.py", "modeling_ttt.py", "ttt_layer.py"):  # only torch/transformers imports
             src = (folder / name).read_text()
             imports = [l.split()[1] for l in src.splitlines() if l.startswith(("import ", "from "))]
-            stdlib = {"copy", "dataclasses", "functools", "inspect"}
+            stdlib = {"copy", "dataclasses", "functools", "inspect", "sys"}
             assert all(m.split(".")[0] in {"torch", "transformers", *stdlib} or m.startswith(".") for m in imports), imports
     script = tmp_path / "reload.py"
     script.write_text(RELOAD)

@@ -116,6 +116,7 @@ class TrainConfig:
     `warmup_steps` (or `warmup_ratio * max_steps`), then follows a cosine down to `min_lr_ratio * lr`.
     `save_every: 0` saves only at the end; `eval_every: 0` evaluates only at the end (if there is eval data).
     The eval loss covers the first `eval_batches * batch_size` held-out rows, whatever the number of processes.
+    `compile: true` compiles each decoder layer with torch.compile (as torchtitan and torchtune do).
 
     A step whose loss or gradient norm is not finite never updates the weights. `on_nonfinite: stop` ends the run
     there; `skip` drops that step's update and goes on, up to `max_nonfinite_skips` steps in a row (one more
@@ -138,6 +139,7 @@ class TrainConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"
+    compile: bool = False
     save_every: int = 0
     keep_last: int = 2
     resume: bool = True

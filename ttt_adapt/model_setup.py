@@ -96,4 +96,11 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return list(layers)
 
 
-__all__ = ["build_model", "decoder_layers", "load_tokenizer", "is_ttt_param", "SUPPORTED_MODEL_TYPES", "CONVERTED_MODEL_TYPES"]
+def compile_decoder_layers(model) -> None:
+    """torch.compile each decoder layer in place (module identity kept, so FSDP, DDP and checkpointing see the same
+    modules): a TTT layer compiles without graph breaks, and a new document layout is new data, not a recompile."""
+    for layer in decoder_layers(model):
+        layer.compile()
+
+
+__all__ = ["build_model", "compile_decoder_layers", "decoder_layers", "load_tokenizer", "is_ttt_param", "SUPPORTED_MODEL_TYPES", "CONVERTED_MODEL_TYPES"]

@@ -271,6 +271,7 @@ class _TTTPlan:
         if self.ext_index.device == torch.device(device):
             return self
         self.seg.unit_of_token = self.seg.unit_of_token.to(device)
+        self.seg.write_of_token = self.seg.write_of_token.to(device)
         for name in ("ext_index", "ext_units", "local_in_ext"):
             setattr(self, name, getattr(self, name).to(device))
         return self
@@ -319,7 +320,7 @@ def _ttt_forward(shard: CPShard, mlp, x, h, t):
     edges = _gathered(torch.stack([t[:, :e], t[:, Ls - e :]]), group)  # (cp, 2, B, e, d)
     left, right = edges[(r - 1) % cp, 1], edges[(r + 1) % cp, 0]
     src = torch.cat([tf, left.reshape(-1, tf.shape[-1]), right.reshape(-1, tf.shape[-1])])
-    conv = chunk_conv(src.index_select(0, plan.ext_index), ttt.conv.weight, plan.ext_units, seg.num_units)
+    conv = chunk_conv(src.index_select(0, plan.ext_index), ttt.conv.weight, plan.ext_units)
     a = ttt.scale_targets(conv.index_select(0, plan.local_in_ext), xf, hf, seg, mlp.clip_update_norm)
     init_state = _initial_states(shard, plan, a, hf, mlp.clip_update_norm)
 

@@ -8,7 +8,7 @@ Every decoder layer (TTT layers included) is one FSDP unit, the rest (embeddings
 unit; the weights are sharded over all processes (with context parallelism too: the (dp, cp) mesh of
 `ttt_adapt.distributed.context_parallel` decides which rows and tokens a rank reads, the FSDP mesh which weights it holds).
 Gradients are reduced in fp32; with bf16 mixed precision the weights are gathered in bf16 and the fast-weight
-scan still accumulates in fp32 (`ttt_layer._FastWeightScan`).
+scan still accumulates in fp32 (`ttt_layer.fast_weight_scan`).
 
 A request that cannot be honoured raises `RecipeError` (one line): FSDP1, parameter offloading here, fp16 and a
 single process in `ttt_adapt.preflight.check_fsdp_run`.

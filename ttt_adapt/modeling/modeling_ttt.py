@@ -116,8 +116,8 @@ def check_cache_in_step(cache, states, when, attention_mask=None):
     """
     for i, state in states.items():
         held = cache.get_seq_length(i)
-        if held != state.seen:
-            _cache_error(f"{when} (layer {i}): attention holds {held} tokens but the fast weights have read {state.seen}")
+        if held != int(state.seen):
+            _cache_error(f"{when} (layer {i}): attention holds {held} tokens but the fast weights have read {int(state.seen)}")
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.shape[1] != held:
             _cache_error(f"{when} (layer {i}): the attention mask covers {attention_mask.shape[1]} tokens but the "
                          f"cache holds {held}")
@@ -257,6 +257,7 @@ class TTTModelMixin(TTTPreTrainedMixin):
         ttt_context.parallel = cp_shard
         if cp_shard is None and position_ids is not None and not any(s.started for s in (states or {}).values()):
             refuse_stateless_continuation(position_ids, ttt_context.valid, *inputs_embeds.shape[:2])
+        ttt_context.prepare(self.config.ttt["chunk_size"], None if states is None else states[min(states)])
         out = super().forward(
             input_ids=None,
             attention_mask=attention_mask,

@@ -15,12 +15,12 @@ This file ships inside every export: torch only.
 
 import copy
 import functools
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 
 def fast_weight_math(fn):
@@ -79,6 +79,18 @@ class Segments:
     def __post_init__(self):
         if self.init_index is None:
             self.init_index = list(self.rows)
+        # What the compiled code sees: tensors only, so a new layout (documents elsewhere) is new data, not a new
+        # graph. `table` (U, 8) long on CPU: the unit lists, read inside the custom ops; `write_of_token` (N,) bool.
+        columns = (self.starts, self.ends, self.rows, self.start_state, self.read, self.write, self.final,
+                   self.init_index)
+        self.table = torch.tensor(list(zip(*columns)), dtype=torch.long).reshape(len(self.starts), len(columns))
+        dynamo = sys.modules.get("torch._dynamo")  # loaded once anything was compiled; never imported here
+        if dynamo is not None and not torch.compiler.is_compiling():  # compiled layers take any number of units
+            dynamo.maybe_mark_dynamic(self.table, 0)
+        self.keeps_final = any(self.final)
+        write = torch.tensor(self.write, dtype=torch.bool)
+        self.write_of_token = write[self.unit_of_token.cpu()].to(self.unit_of_token.device) if len(write) \
+            else torch.zeros(0, dtype=torch.bool, device=self.unit_of_token.device)
 
     @property
     def num_units(self) -> int:
@@ -127,94 +139,92 @@ class Segments:
         )
 
 
-class _FastWeightScan(torch.autograd.Function):
-    """out_u = h_u (W + S_u)^T and S_{u+1} = S_u + a_u^T h_u over units; the state is recomputed in backward.
+class _Units:
+    """The unit lists of a `Segments.table`, as the custom ops below read them (only tensors reach an op)."""
 
-    Only the inputs are saved, so memory does not grow with the number of chunks. With `weight` (W_down)
-    given, the base product is part of the function: `F.linear(h, W)` exactly as the base computes it in
-    forward, and in backward one product per unit gives dh = g (W + S_u) while the per-unit g^T h products
-    serve both dW and the state's gradient. States and updates are fp32 (or wider), autocast or not
-    (`fast_weight_math`); under autocast the base product is the one autocast makes of the stock down_proj
-    (`amp`: its dtype), so a converted model still equals its base at step 0.
+    def __init__(self, table, num_rows, num_tokens):
+        columns = table.T.tolist() if table.numel() else [[] for _ in range(table.shape[1])]
+        self.starts, self.ends, self.rows, self.start_state, self.read, self.write, self.final, self.init_index = columns
+        self.num_rows, self.num_tokens, self.num_units = num_rows, num_tokens, len(self.starts)
+
+
+@fast_weight_math
+def _scan_forward(h, a, weight, init_state, seg, keep_final, amp):
+    """out_u = h_u (W + S_u)^T and S_{u+1} = S_u + a_u^T h_u over units (see `fast_weight_scan`).
+
+    With `weight` (W_down) given, the base product is part of the scan: `F.linear(h, W)` exactly as the stock
+    down_proj computes it (under autocast: in `amp`, as autocast would, so a converted model still equals its base at
+    step 0). States and updates are fp32 (or wider), autocast or not (`fast_weight_math`).
     """
-
-    @staticmethod
-    @fast_weight_math
-    def forward(ctx, h, a, weight, init_state, seg, amp=None):
-        ctx.set_materialize_grads(False)
-        acc = torch.promote_types(h.dtype, torch.float32)
-        if weight is None:
-            out = torch.zeros(seg.num_tokens, a.shape[1], dtype=acc, device=h.device)
-        else:
-            compute = amp or h.dtype
-            out = F.linear(h.to(compute), weight.to(compute))
-        rows_kept = seg.num_rows if any(seg.final) else 0
-        final = torch.zeros(rows_kept, a.shape[1], h.shape[1], dtype=acc, device=h.device)
-        S = None
-        for u, (s, e, r) in enumerate(zip(seg.starts, seg.ends, seg.rows)):
-            S = _start_state(seg.start_state[u], S, init_state, seg.init_index[u], acc)
-            hu = h[s:e].to(acc)
-            if seg.read[u] and S is not None:
-                if out.dtype == acc:
-                    out[s:e].addmm_(hu, S.T)
-                else:
-                    out[s:e] += (hu @ S.T).to(out.dtype)
-            if seg.write[u] and (seg.final[u] or _next_carries(seg, u)):  # else nobody reads the update here
-                S = _add_update(S, a[s:e].to(acc), hu)
-            if seg.final[u] and S is not None:
-                final[r] = S
-        ctx.save_for_backward(h, a, weight, init_state)
-        ctx.seg = seg
-        return out, final
-
-    @staticmethod
-    @fast_weight_math
-    def backward(ctx, go, gfinal):
-        h, a, weight, init_state = ctx.saved_tensors
-        seg = ctx.seg
-        acc = torch.promote_types(h.dtype, torch.float32)
-        go = None if go is None else go.to(acc)
-        W = None if weight is None else weight.to(acc)
-        dh = torch.zeros(h.shape, dtype=acc, device=h.device)
-        da = torch.zeros(a.shape, dtype=acc, device=a.device)
-        dW = torch.zeros(W.shape, dtype=acc, device=h.device) if W is not None and ctx.needs_input_grad[2] else None
-        dinit = torch.zeros_like(init_state) if init_state is not None and ctx.needs_input_grad[3] else None
-        # Pass 1, forward: dh = go (W + S_u) with the state each unit read.
-        S = None
-        for u, (s, e, r) in enumerate(zip(seg.starts, seg.ends, seg.rows)):
-            S = _start_state(seg.start_state[u], S, init_state, seg.init_index[u], acc)
-            if go is not None:
-                reads = seg.read[u] and S is not None
-                if reads or W is not None:
-                    M = (S if W is None else W + S) if reads else W
-                    torch.mm(go[s:e], M, out=dh[s:e])
-            if seg.write[u] and _next_carries(seg, u):
-                S = _add_update(S, a[s:e].to(acc), h[s:e].to(acc))
-        # Pass 2, reverse: G = dL/d(state after unit u), carried back through the prefix sum.
-        G_before_next = None
-        for u in reversed(range(seg.num_units)):
-            s, e, r = seg.starts[u], seg.ends[u], seg.rows[u]
-            if seg.final[u]:
-                G = None if gfinal is None else gfinal[r].to(acc, copy=True)
-            elif _next_carries(seg, u):
-                G = G_before_next
+    acc = torch.promote_types(h.dtype, torch.float32)
+    if weight is None:
+        out = torch.zeros(seg.num_tokens, a.shape[1], dtype=acc, device=h.device)
+    else:
+        compute = amp or h.dtype
+        out = F.linear(h.to(compute), weight.to(compute))
+    final = torch.zeros(seg.num_rows if keep_final else 0, a.shape[1], h.shape[1], dtype=acc, device=h.device)
+    S = None
+    for u, (s, e, r) in enumerate(zip(seg.starts, seg.ends, seg.rows)):
+        S = _start_state(seg.start_state[u], S, init_state, seg.init_index[u], acc)
+        hu = h[s:e].to(acc)
+        if seg.read[u] and S is not None:
+            if out.dtype == acc:
+                out[s:e].addmm_(hu, S.T)
             else:
-                G = None
-            hu = h[s:e].to(acc)
-            if seg.write[u] and G is not None:
-                torch.mm(hu, G.T, out=da[s:e])
-                dh[s:e].addmm_(a[s:e].to(acc), G)
-            if go is not None and (seg.read[u] or dW is not None):
-                P = go[s:e].T @ hu
-                if dW is not None:
-                    dW += P
-                if seg.read[u]:
-                    G = P if G is None else G.add_(P)
-            if seg.start_state[u] == INIT and dinit is not None and G is not None:
-                dinit[seg.init_index[u]] += G
-            G_before_next = G
-        dW = None if dW is None else dW.to(weight.dtype)
-        return dh.to(h.dtype), da.to(a.dtype), dW, dinit, None, None
+                out[s:e] += (hu @ S.T).to(out.dtype)
+        if seg.write[u] and (seg.final[u] or _next_carries(seg, u)):  # else nobody reads the update here
+            S = _add_update(S, a[s:e].to(acc), hu)
+        if seg.final[u] and S is not None:
+            final[r] = S
+    return out, final
+
+
+@fast_weight_math
+def _scan_backward(go, gfinal, h, a, weight, init_state, seg, weight_grad, init_grad):
+    """Gradients of `_scan_forward`: the state is recomputed (memory does not grow with the number of chunks); one
+    product per unit gives dh = g (W + S_u) while the per-unit g^T h products serve both dW and the state's gradient."""
+    acc = torch.promote_types(h.dtype, torch.float32)
+    go = None if go is None else go.to(acc)
+    W = None if weight is None else weight.to(acc)
+    dh = torch.zeros(h.shape, dtype=acc, device=h.device)
+    da = torch.zeros(a.shape, dtype=acc, device=a.device)
+    dW = torch.zeros(W.shape, dtype=acc, device=h.device) if W is not None and weight_grad else None
+    dinit = torch.zeros_like(init_state) if init_state is not None and init_grad else None
+    # Pass 1, forward: dh = go (W + S_u) with the state each unit read.
+    S = None
+    for u, (s, e, r) in enumerate(zip(seg.starts, seg.ends, seg.rows)):
+        S = _start_state(seg.start_state[u], S, init_state, seg.init_index[u], acc)
+        if go is not None:
+            reads = seg.read[u] and S is not None
+            if reads or W is not None:
+                M = (S if W is None else W + S) if reads else W
+                torch.mm(go[s:e], M, out=dh[s:e])
+        if seg.write[u] and _next_carries(seg, u):
+            S = _add_update(S, a[s:e].to(acc), h[s:e].to(acc))
+    # Pass 2, reverse: G = dL/d(state after unit u), carried back through the prefix sum.
+    G_before_next = None
+    for u in reversed(range(seg.num_units)):
+        s, e, r = seg.starts[u], seg.ends[u], seg.rows[u]
+        if seg.final[u]:
+            G = None if gfinal is None or not gfinal.numel() else gfinal[r].to(acc, copy=True)
+        elif _next_carries(seg, u):
+            G = G_before_next
+        else:
+            G = None
+        hu = h[s:e].to(acc)
+        if seg.write[u] and G is not None:
+            torch.mm(hu, G.T, out=da[s:e])
+            dh[s:e].addmm_(a[s:e].to(acc), G)
+        if go is not None and (seg.read[u] or dW is not None):
+            P = go[s:e].T @ hu
+            if dW is not None:
+                dW += P
+            if seg.read[u]:
+                G = P if G is None else G.add_(P)
+        if seg.start_state[u] == INIT and dinit is not None and G is not None:
+            dinit[seg.init_index[u]] += G
+        G_before_next = G
+    return dh.to(h.dtype), da.to(a.dtype), None if dW is None else dW.to(weight.dtype), dinit
 
 
 def _start_state(kind, S, init_state, index, acc):
@@ -233,6 +243,91 @@ def _add_update(S, a, h):
     return a.T @ h if S is None else S.addmm_(a.T, h)
 
 
+# The scan and the clipping norm are registered custom ops: torch.compile sees one opaque call with its own backward
+# and shapes (no graph break, no recompilation when the documents move), eager runs them as plain calls. The
+# namespace is this module's name, so each copy of this file (the package, every loaded export) has its own ops.
+_NAMESPACE = "".join(c if c.isalnum() else "_" for c in __name__)
+
+
+def _empty(t):
+    return t.new_empty(0) if t is not None else torch.empty(0)
+
+
+def _define_ops():
+    if hasattr(getattr(torch.ops, _NAMESPACE), "scan"):  # this module imported again: the ops exist
+        return getattr(torch.ops, _NAMESPACE)
+    lib = torch.library
+
+    @lib.custom_op(f"{_NAMESPACE}::scan", mutates_args=())
+    def scan(h: torch.Tensor, a: torch.Tensor, weight: torch.Tensor | None, init_state: torch.Tensor | None,
+             table: torch.Tensor, num_rows: int, keep_final: bool, amp: torch.dtype | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _scan_forward(h, a, weight, init_state, _Units(table, num_rows, h.shape[0]), keep_final, amp)
+
+    @scan.register_fake
+    def _(h, a, weight, init_state, table, num_rows, keep_final, amp):
+        acc = torch.promote_types(h.dtype, torch.float32)
+        out = h.new_empty(h.shape[0], a.shape[1], dtype=acc if weight is None else (amp or h.dtype))
+        return out, h.new_empty(num_rows if keep_final else 0, a.shape[1], h.shape[1], dtype=acc)
+
+    @lib.custom_op(f"{_NAMESPACE}::scan_backward", mutates_args=())
+    def scan_backward(go: torch.Tensor | None, gfinal: torch.Tensor | None, h: torch.Tensor, a: torch.Tensor,
+                      weight: torch.Tensor | None, init_state: torch.Tensor | None, table: torch.Tensor,
+                      num_rows: int, weight_grad: bool, init_grad: bool) -> list[torch.Tensor]:
+        seg = _Units(table, num_rows, h.shape[0])
+        dh, da, dW, dinit = _scan_backward(go, gfinal, h, a, weight, init_state, seg, weight_grad, init_grad)
+        return [dh, da, _empty(h) if dW is None else dW, _empty(h) if dinit is None else dinit]
+
+    @scan_backward.register_fake
+    def _(go, gfinal, h, a, weight, init_state, table, num_rows, weight_grad, init_grad):
+        dW = torch.empty_like(weight) if weight is not None and weight_grad else h.new_empty(0)
+        dinit = torch.empty_like(init_state) if init_state is not None and init_grad else h.new_empty(0)
+        return [torch.empty_like(h), torch.empty_like(a), dW, dinit]
+
+    def setup_scan(ctx, inputs, output):
+        h, a, weight, init_state, table, num_rows, _, _ = inputs
+        ctx.save_for_backward(h, a, weight, init_state, table)
+        ctx.num_rows = num_rows
+
+    def backward_scan(ctx, go, gfinal):
+        h, a, weight, init_state, table = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dh, da, dW, dinit = scan_backward(go, gfinal, h, a, weight, init_state, table, ctx.num_rows,
+                                          bool(need[2]), bool(need[3]))
+        return (dh, da, dW if need[2] and weight is not None else None,
+                dinit if need[3] and init_state is not None else None, None, None, None, None)
+
+    scan.register_autograd(backward_scan, setup_context=setup_scan)
+
+    @lib.custom_op(f"{_NAMESPACE}::update_norms", mutates_args=())
+    def update_norms(a: torch.Tensor, h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return _update_norms(a, h, _Units(table, 0, h.shape[0]))
+
+    @update_norms.register_fake
+    def _(a, h, table):
+        return a.new_empty(a.shape[0], dtype=torch.promote_types(a.dtype, torch.float32))
+
+    @lib.custom_op(f"{_NAMESPACE}::update_norms_backward", mutates_args=())
+    def update_norms_backward(g: torch.Tensor, a: torch.Tensor, h: torch.Tensor, table: torch.Tensor
+                              ) -> list[torch.Tensor]:
+        return list(_update_norms_backward(g, a, h, _Units(table, 0, h.shape[0])))
+
+    @update_norms_backward.register_fake
+    def _(g, a, h, table):
+        return [torch.empty_like(a), torch.empty_like(h)]
+
+    def setup_norms(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward_norms(ctx, g):
+        a, h, table = ctx.saved_tensors
+        da, dh = update_norms_backward(g, a, h, table)
+        return da, dh, None
+
+    update_norms.register_autograd(backward_norms, setup_context=setup_norms)
+    return getattr(torch.ops, _NAMESPACE)
+
+
 def fast_weight_scan(h, a, seg: Segments, init_state=None, weight=None):
     """Chunk-causal fast-weight read-out over a flat layout.
 
@@ -245,44 +340,70 @@ def fast_weight_scan(h, a, seg: Segments, init_state=None, weight=None):
             else the fast-weight part `o` alone (fp32 or wider);
         final: (R, d, H) state after each row's last unit (empty unless `seg` keeps final states), fp32 or wider.
     """
-    return _FastWeightScan.apply(h, a, weight, init_state, seg, autocast_dtype(h))
+    return _OPS.scan(h, a, weight, init_state, seg.table, seg.num_rows, seg.keeps_final, autocast_dtype(h))
 
 
-def chunk_conv(t, weight, unit_of_token, num_units):
+def chunk_conv(t, weight, unit_of_token):
     """Depthwise, centred Conv1D applied per unit: zero padding at each unit's edges, so it never crosses one.
 
-    `unit_of_token` (N,) numbers the units of the N rows of `t` in order (0, 0, 1, 1, 1, 2, ...). Units are laid
-    out with `k // 2` zero rows between them, so one `conv1d` call does all units at once.
+    `unit_of_token` (N,) numbers the units of the N rows of `t` in order (0, 0, 1, 1, 1, 2, ...). Written as one
+    shifted product per kernel tap, masked where the tap reaches into another unit: nothing depends on the number
+    of units (a compiled layer does not recompile when the documents move).
     """
     k = weight.shape[-1]
     p = k // 2
-    if p == 0:
-        return t * weight[:, 0, 0]
-    pos = torch.arange(t.shape[0], device=t.device) + p * unit_of_token
-    spaced = t.new_zeros(t.shape[0] + p * max(num_units - 1, 0), t.shape[1]).index_copy(0, pos, t)
-    out = F.conv1d(spaced.T.unsqueeze(0), weight.to(t.dtype), padding=p, groups=t.shape[1])
-    return out[0].T.index_select(0, pos)
+    w = weight[:, 0, :].to(t.dtype)  # (d, k): out[i] = sum_m w[:, m] * t[i + m - p]
+    out = t * w[:, p]
+    N = t.shape[0]
+    for m in range(k):
+        shift = m - p
+        if shift == 0 or abs(shift) >= N:
+            continue
+        if shift > 0:  # token i reads token i + shift
+            same = (unit_of_token[shift:] == unit_of_token[:-shift]).unsqueeze(-1)
+            tap = F.pad(t[shift:] * same * w[:, m], (0, 0, 0, shift))
+        else:
+            same = (unit_of_token[:shift] == unit_of_token[-shift:]).unsqueeze(-1)
+            tap = F.pad(t[:shift] * same * w[:, m], (0, 0, -shift, 0))
+        out = out + tap
+    return out
 
 
 def clip_scales(a, h, seg: Segments, max_norm: float):
     """Per-token factor that scales each written unit's update a^T h to Frobenius norm <= max_norm (fp32 or wider:
-    multiplying `a` by it promotes `a` too, so the clipped update is not rounded back to bf16)."""
-    acc = torch.promote_types(a.dtype, torch.float32)
-    scales = []
-    for s, e, w in zip(seg.starts, seg.ends, seg.write):
-        if not w:
-            scales.append(torch.ones((), dtype=acc, device=a.device))
-            continue
-        norm = checkpoint(_update_norm, a[s:e], h[s:e], use_reentrant=False)
-        scales.append(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-    lengths = torch.tensor([e - s for s, e in zip(seg.starts, seg.ends)], device=a.device)
-    return torch.repeat_interleave(torch.stack(scales), lengths).unsqueeze(-1)
+    multiplying `a` by it promotes `a` too, so the clipped update is not rounded back to bf16); 1 elsewhere."""
+    norms = _OPS.update_norms(a, h, seg.table)
+    scales = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+    return torch.where(seg.write_of_token, scales, torch.ones_like(scales)).unsqueeze(-1)
 
 
 @fast_weight_math
-def _update_norm(a, h):
+def _update_norms(a, h, seg):
+    """(N,) the Frobenius norm of the update a_u^T h_u of each token's unit, fp32 or wider (0 for unwritten units)."""
     acc = torch.promote_types(a.dtype, torch.float32)
-    return torch.linalg.matrix_norm(a.to(acc).T @ h.to(acc))
+    norms = torch.zeros(a.shape[0], dtype=acc, device=a.device)
+    for s, e, w in zip(seg.starts, seg.ends, seg.write):
+        if w:
+            norms[s:e] = torch.linalg.matrix_norm(a[s:e].to(acc).T @ h[s:e].to(acc))
+    return norms
+
+
+@fast_weight_math
+def _update_norms_backward(g, a, h, seg):
+    """Gradients of `_update_norms`: with M = a_u^T h_u and G the unit's summed gradient, dM = G M / |M|."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    da, dh = torch.zeros(a.shape, dtype=acc, device=a.device), torch.zeros(h.shape, dtype=acc, device=h.device)
+    for s, e, w in zip(seg.starts, seg.ends, seg.write):
+        if not w:
+            continue
+        au, hu = a[s:e].to(acc), h[s:e].to(acc)
+        M = au.T @ hu  # recomputed: one d x H at a time
+        norm = torch.linalg.matrix_norm(M)
+        if norm > 0:
+            dM = M * (g[s:e].to(acc).sum() / norm)
+            da[s:e] = hu @ dM.T
+            dh[s:e] = au @ dM
+    return da.to(a.dtype), dh.to(h.dtype)
 
 
 class TTTParams(nn.Module):
@@ -316,7 +437,7 @@ class TTTParams(nn.Module):
 
     def targets(self, t, x, h, seg, clip_update_norm=None):
         """a = lr * (Conv1D(t) @ W_target^T) on a flat layout, clipped per unit if asked."""
-        conv = chunk_conv(t, self.conv.weight, seg.unit_of_token, seg.num_units)
+        conv = chunk_conv(t, self.conv.weight, seg.unit_of_token)
         return self.scale_targets(conv, x, h, seg, clip_update_norm)
 
     def scale_targets(self, v, x, h, seg, clip_update_norm=None):
@@ -340,7 +461,9 @@ class TTTLayerState:
         self.buf_x = None  # (B, C, d) MLP inputs of the unfinished chunk
         self.buf_t = None  # (B, C, d) target sources of the unfinished chunk (target="input_embed" only)
         self.n = None  # (B,) long on CPU: tokens in the unfinished chunk
-        self.seen = 0  # positions (pads included) this layer has read: what its attention cache must hold
+        # positions (pads included) this layer has read: what its attention cache must hold (a tensor, so a compiled
+        # forward does not specialize on it and recompile at every decoded token)
+        self.seen = torch.zeros((), dtype=torch.long)
 
     @property
     def started(self) -> bool:
@@ -361,7 +484,7 @@ class TTTLayerState:
 
     def reset(self):
         self.S = self.buf_x = self.buf_t = self.n = None
-        self.seen = 0
+        self.seen = torch.zeros((), dtype=torch.long)
 
 
 class TTTMLP(nn.Module):
@@ -581,6 +704,14 @@ class TTTContext:
     def layer_state(self, layer_idx):
         return None if self.layer_states is None else self.layer_states.get(layer_idx)
 
+    def prepare(self, chunk_size, state):
+        """Build the layout this forward's TTT layers share before any of them runs (`state`: a TTT layer's
+        generation state, all alike): its host-side work and device syncs stay outside the layers, so a compiled
+        decoder layer has no graph break."""
+        B, L = self.inputs_embeds.shape[:2]
+        if self.parallel is None and not (state is not None and state.started and L == 1):  # a decode step reads none
+            self.layout(B, L, chunk_size, state, self.inputs_embeds.device)
+
     def layout(self, B, L, chunk_size, state, device) -> FlatLayout:
         key = (chunk_size, state is not None)
         if key not in self._layouts:  # every TTT layer sees the same tokens: build once per forward
@@ -592,6 +723,8 @@ class TTTContext:
             return torch.ones(B, dtype=torch.bool)
         return self.valid[:, -1].cpu()
 
+
+_OPS = _define_ops()
 
 __all__ = [
     "TTTMLP", "TTTParams", "TTTContext", "TTTLayerState", "Segments", "fast_weight_scan", "chunk_conv",

@@ -45,7 +45,7 @@ from ttt_adapt.data import build_datasets
 from ttt_adapt.distributed.context_parallel import ContextParallel, prepare_model
 from ttt_adapt.distributed.fsdp import clip_grad_norm, fsdp_mesh, gradient_sync, is_sharded, shard_model
 from ttt_adapt.loss import IGNORE_INDEX, loss_sum, shift_labels
-from ttt_adapt.model_setup import build_model, is_ttt_param
+from ttt_adapt.model_setup import build_model, compile_decoder_layers, is_ttt_param
 from ttt_adapt.modeling.modeling_ttt import set_ttt_training_step, ttt_learning_rates
 from ttt_adapt.preflight import Preflight
 from ttt_adapt.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -262,6 +262,8 @@ def set_up(recipe: Recipe, accelerator: Accelerator, checked: Preflight) -> Run:
                               f"(model.attn_implementation={recipe.model.attn_implementation} is not used)")
     elif recipe.model.attn_implementation in (None, "sdpa", "eager"):  # flash/flex isolate documents themselves
         use_packed_attention(model)  # packed rows without the dense L x L mask transformers builds for these
+    if t.compile:  # before sharding, as torchtitan does: FSDP's hooks stay outside the compiled layers
+        compile_decoder_layers(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     if fsdp is not None:  # sharded before the optimizer exists: it must hold the sharded parameters
