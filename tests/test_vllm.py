@@ -16,18 +16,37 @@ import urllib.request
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="vLLM is not installed: the serving tests run in CI's vLLM environment (.ci/run)")
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from ttt_adapt import TTTConfig, convert
+from ttt_adapt.modeling import MODEL_CLASSES
+from ttt_adapt.vllm_plugin import ARCHITECTURES
 
-from ttt_adapt import TTTConfig, convert  # noqa: E402
+try:
+    import vllm  # noqa: F401
+
+    NO_VLLM = None
+except ImportError as e:
+    NO_VLLM = f"vLLM is not installed ({e}): the serving tests run in CI's vLLM environment (.ci/run)"
+needs_vllm = pytest.mark.skipif(NO_VLLM is not None, reason=NO_VLLM or "")
 
 PROMPT_LENGTHS = (5, 13, 22, 37)
 NEW_TOKENS = 16
 VOCAB = 128
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
 os.environ.update(ENV)
+
+
+def test_plugin_registers_the_architecture_names_exports_write():
+    """The names vLLM resolves exports by (config.json `architectures`) are the TTT causal LM classes' names; the
+    entry point vLLM loads is `register`."""
+    from importlib.metadata import entry_points
+
+    names = {lm.__name__ for _, lm in MODEL_CLASSES}
+    assert set(ARCHITECTURES) <= names and {"TTTQwen3ForCausalLM", "TTTLlamaForCausalLM"} <= set(ARCHITECTURES)
+    plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert plugins.get("ttt_adapt") == "ttt_adapt.vllm_plugin:register"
 
 
 def tiny_ttt(arch):
@@ -148,6 +167,7 @@ def ttt_matters(model, requests, results):
     return max(abs(a - b) for a, b in zip(logprobs, base))
 
 
+@needs_vllm
 def test_qwen3_batched_requests_and_several_sequences_equal_full_forwards(exports):
     from vllm import SamplingParams
 
@@ -162,6 +182,7 @@ def test_qwen3_batched_requests_and_several_sequences_equal_full_forwards(export
     assert ttt_matters(model, requests[:4], results[:4]) > 1e-2
 
 
+@needs_vllm
 def test_qwen3_chunked_prefill_cutting_prompts_anywhere_equals_full_forwards(exports):
     folder, model = exports["qwen3"]
     requests = [(p, greedy()) for p in prompts()]
@@ -171,6 +192,7 @@ def test_qwen3_chunked_prefill_cutting_prompts_anywhere_equals_full_forwards(exp
     check_exact(model, requests, results)
 
 
+@needs_vllm
 def test_preempted_and_recomputed_requests_equal_full_forwards(exports):
     """Too few cache blocks for three long requests: vLLM preempts some when they grow into a new block and
     recomputes them later in a slot whose state belongs to whoever used it last."""
@@ -183,6 +205,7 @@ def test_preempted_and_recomputed_requests_equal_full_forwards(exports):
     check_exact(model, requests, results)
 
 
+@needs_vllm
 def test_llama_equals_full_forwards(exports):
     folder, model = exports["llama"]
     requests = [(p, greedy()) for p in prompts()]
@@ -192,6 +215,7 @@ def test_llama_equals_full_forwards(exports):
     assert ttt_matters(model, requests, results) > 1e-2
 
 
+@needs_vllm
 def test_prefix_caching_refused_in_one_line(exports):
     from vllm import LLM
 
@@ -214,6 +238,7 @@ TRANSFORMERS_BACKEND = textwrap.dedent(
 )
 
 
+@needs_vllm
 def test_transformers_backend_without_the_plugin_refuses_the_export(exports, tmp_path):
     """vLLM's generic transformers backend calls the model once per step with the new tokens and no cache; the
     export's own guard stops it with the one line instead of serving wrong tokens."""
@@ -234,6 +259,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@needs_vllm
 def test_openai_server_answers_a_completion_exactly(exports, tmp_path):
     folder, model = exports["qwen3"]
     port = _free_port()

@@ -24,10 +24,15 @@ def patch_vllm(architectures: set) -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
-    for name in ("is_hybrid", "is_prefix_caching_supported"):
-        if not isinstance(getattr(ModelConfig, name, None), property):
-            raise ImportError(f"ttt-adapt's vLLM plugin needs ModelConfig.{name} (tested with vLLM {TESTED_VLLM[0]}, "
-                              f"found {vllm.__version__})")
+    needed = {"ModelConfig.is_hybrid": isinstance(getattr(ModelConfig, "is_hybrid", None), property),
+              "ModelConfig.is_prefix_caching_supported":
+                  isinstance(getattr(ModelConfig, "is_prefix_caching_supported", None), property),
+              "CompilationConfig._attention_ops": isinstance(getattr(CompilationConfig, "_attention_ops", None), list),
+              "MambaAttentionBackendEnum.register": hasattr(MambaAttentionBackendEnum, "register")}
+    missing = [name for name, ok in needed.items() if not ok]
+    if missing:
+        raise ImportError(f"ttt-adapt's vLLM plugin needs {', '.join(missing)} (tested with vLLM "
+                          f"{TESTED_VLLM[0]}, found {vllm.__version__})")
     if getattr(ModelConfig, "_ttt_architectures", None) is None:
         ModelConfig._ttt_architectures = set()
         hybrid, prefix = ModelConfig.is_hybrid.fget, ModelConfig.is_prefix_caching_supported.fget

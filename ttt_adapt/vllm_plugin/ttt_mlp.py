@@ -123,8 +123,17 @@ class TTTMLP(nn.Module, MambaBase):
             slots += metadata.state_indices_tensor_p[: metadata.num_prefills].tolist()
         starts = positions[[s for s, _ in spans]].tolist() if spans else []
         o = torch.zeros(n, self.hidden_size, dtype=torch.float32, device=x.device)
-        for (s, e), slot, pos in zip(spans, slots, starts):
-            if e > s:
+        C, p = self.chunk_size, self.pad
+        # decode steps that neither start a sequence nor close a chunk: one batched step (the common case)
+        steady = [i for i in range(n_dec) if starts[i] > 0 and starts[i] % C != C - 1] if p else []
+        if steady:
+            rows = torch.tensor(steady, device=x.device)
+            o[rows] = self._decode_steady(
+                torch.tensor([slots[i] for i in steady], device=x.device),
+                torch.tensor([starts[i] % C >= p for i in steady], device=x.device), x[rows], h[rows])
+        done = set(steady)
+        for i, ((s, e), slot, pos) in enumerate(zip(spans, slots, starts)):
+            if e > s and i not in done:
                 o[s:e] = self._advance(slot, pos, x[s:e], h[s:e])
         output[:n] = y[:n] + o.to(y.dtype)
         output[n:] = y[n:]
@@ -164,6 +173,25 @@ class TTTMLP(nn.Module, MambaBase):
                     Hp.copy_(_last_rows(ext_h, Hp.shape[0]))
                 c0 += take
             i += take
+        return out
+
+    @torch.no_grad()
+    def _decode_steady(self, slots, finalize, x, h):
+        """`_advance` of one new token for a batch of requests whose chunk neither starts nor closes with it: each
+        reads its S, and the token p places back gets its target (where the chunk has one there: `finalize`)."""
+        S, T, Hp = (self.kv_cache[i][slots] for i in (0, 2, 3))
+        out = torch.bmm(h.float().unsqueeze(1), S.transpose(1, 2)).squeeze(1)
+        window = torch.cat([T, x.float().unsqueeze(1)], 1).to(x.dtype)  # (B, 2p + 1, d): centred on the token p back
+        v = torch.einsum("bkd,dk->bd", window, self.ttt.conv.weight[:, 0, :].to(x.dtype))
+        if self.ttt.target_proj is not None:
+            v = self.ttt.target_proj(v)
+        lr = self.ttt.lr.float()
+        if self.ttt.lr_gate is not None:
+            lr = lr * 2 * torch.sigmoid(self.ttt.lr_gate(window[:, self.pad]))
+        a = (v * lr.to(v.dtype)).float() * finalize.unsqueeze(1)
+        self.kv_cache[1].index_add_(0, slots, torch.bmm(a.unsqueeze(2), Hp[:, 0].unsqueeze(1)))
+        self.kv_cache[2][slots] = torch.cat([T[:, 1:], x.float().unsqueeze(1)], 1)
+        self.kv_cache[3][slots] = torch.cat([Hp[:, 1:], h.float().unsqueeze(1)], 1)
         return out
 
     def _targets(self, ext, first, lo, hi):
