@@ -60,7 +60,8 @@ def main(argv: list[str]) -> int:
     except UsageError as e:
         print(f"export.py: error: {e}", file=sys.stderr)
         return 2
-    from ttt_adapt.export import ExportError, PushError, export_model, refresh_code
+    from ttt_adapt.export import ExportError, PushError
+    from ttt_adapt.export.folder import export_model, refresh_code
 
     try:
         if args.refresh_code is not None:

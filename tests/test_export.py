@@ -20,9 +20,13 @@ from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import load_file, load_model, save_file
 from conftest import BLOCK_TTT_ADAPT, make_tiny_files, recipe_dict, script_main, write_recipe
 
-import ttt_adapt.export as export_module
+import ttt_adapt.export.card as card_module
+import ttt_adapt.export.folder as folder_module
+import ttt_adapt.export.hub as hub_module
 from ttt_adapt.config import load_recipe
-from ttt_adapt.export import ExportError, export_model, render_model_card
+from ttt_adapt.export import ExportError, PushError
+from ttt_adapt.export.card import render_model_card
+from ttt_adapt.export.folder import export_model
 from ttt_adapt.model_setup import build_model
 from ttt_adapt.pipeline import adapt
 
@@ -217,7 +221,7 @@ def test_export_is_atomic_and_refuses_to_overwrite(runs, exports, tmp_path, monk
             (Path(folder) / "tokenizer.json").write_text("{")  # half written, then the disk fills up
             raise OSError("No space left on device")
 
-    monkeypatch.setattr(export_module, "load_tokenizer", lambda recipe: BrokenTokenizer())
+    monkeypatch.setattr(folder_module, "load_tokenizer", lambda recipe: BrokenTokenizer())
     with pytest.raises(OSError, match="No space left"):
         export_model(run, out, overwrite=True)
     monkeypatch.undo()
@@ -298,7 +302,7 @@ class FakeHub:
 
     def install(self, monkeypatch):
         for name in ("create_repo", "create_branch", "upload_folder"):
-            monkeypatch.setattr(export_module, name, getattr(self, name))
+            monkeypatch.setattr(hub_module, name, getattr(self, name))
         return self
 
 
@@ -340,8 +344,8 @@ def test_push_asks_for_the_right_repo_files_and_branch_and_never_shows_the_token
     assert (tmp_path / "kept" / "config.json").is_file()
 
     hub = FakeHub(fail=ConnectionError(f"cannot reach huggingface.co (token={SECRET})")).install(monkeypatch)
-    with pytest.raises(export_module.PushError, match="ConnectionError") as err:
-        export_module.push_folder(out, "org/tiny-ttt")
+    with pytest.raises(PushError, match="ConnectionError") as err:
+        hub_module.push_folder(out, "org/tiny-ttt")
     assert SECRET not in str(err.value) and "***" in str(err.value)
 
     seen = printed.out + printed.err + failed.out + failed.err + caplog.text
@@ -364,7 +368,7 @@ def test_refresh_code_rewrites_code_and_metadata_not_weights(exports, tmp_path, 
     config = json.loads((folder / "config.json").read_text())
     config["ttt_code"] = {"transformers_tested": ["5.0.0", "5.23.0"]}
     (folder / "config.json").write_text(json.dumps(config))
-    card = export_module.CODE_NOTE.sub("", (folder / "README.md").read_text())
+    card = card_module.CODE_NOTE.sub("", (folder / "README.md").read_text())
     (folder / "README.md").write_text(card)
     weights = folder / "model.safetensors"
     before = {"inode": weights.stat().st_ino, "bytes": weights.read_bytes()}
@@ -383,7 +387,7 @@ def test_refresh_code_rewrites_code_and_metadata_not_weights(exports, tmp_path, 
     assert weights.stat().st_ino == before["inode"] and weights.read_bytes() == before["bytes"]  # never rewritten
     text = (folder / "README.md").read_text()
     assert text.count("<!-- ttt-adapt:code -->") == 1 and TESTED_TRANSFORMERS[1] in text
-    assert text.replace(export_module.code_note() + "\n", "") == card  # the rest of the card as it was
+    assert text.replace(card_module.code_note() + "\n", "") == card  # the rest of the card as it was
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
     ids = torch.randint(3, 33, (1, 40))
     with torch.no_grad():

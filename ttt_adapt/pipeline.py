@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ttt_adapt.config import Recipe
 from ttt_adapt.distributed.fsdp import is_sharded
-from ttt_adapt.export import export_model
+from ttt_adapt.export.folder import export_model
 from ttt_adapt.preflight import preflight
 from ttt_adapt.training.checkpoints import load_checkpoint_model
 from ttt_adapt.training.loop import Run, make_accelerator, set_up, train
@@ -67,7 +67,7 @@ def evaluate_after_training(run: Run) -> Path | None:
 
 
 def export_after_training(run: Run) -> Path | None:
-    """Write the final checkpoint's model to `export.dir` with `ttt_adapt.export.export_model` (LoRA merged,
+    """Write the final checkpoint's model to `export.dir` with `ttt_adapt.export.folder.export_model` (LoRA merged,
     model card, optional push), on the main process; None when the recipe asks for no export."""
     e = run.recipe.export
     if e.dir is None:

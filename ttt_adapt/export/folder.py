@@ -1,6 +1,6 @@
 """Export a trained run: one folder anyone can load with `trust_remote_code=True`, optionally pushed to the Hub.
 
-    from ttt_adapt.export import export_model
+    from ttt_adapt.export.folder import export_model
     export_model("runs/tiny", "exports/tiny", dtype="bfloat16", push_to_hub="me/tiny-ttt", revision="v1")
 
 `export_model` takes a training `output_dir` (its latest checkpoint) or one `checkpoint-N` folder, rebuilds the
@@ -14,9 +14,9 @@ metadata to this version's code (tested with the transformers range in `TESTED_T
 the weights, and can push the changed files.
 
 The folder is written next to `out` under a hidden temporary name and renamed into place once complete, so a
-failed export leaves `out` as it was. Bad input raises `ExportError` (one line); a failed push raises
-`PushError` (one line) and leaves the export on disk. The Hub token is never read here except to scrub it
-from error messages: `huggingface_hub` finds it (`HF_TOKEN` or `hf auth login`).
+failed export leaves `out` as it was (`staging`). Bad input raises `ExportError` (one line); a failed push
+(`ttt_adapt.export.hub`) raises `PushError` (one line) and leaves the export on disk. The model card is
+`ttt_adapt.export.card`'s.
 """
 
 from __future__ import annotations
@@ -24,35 +24,24 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
 
 import torch
 import yaml
-from huggingface_hub import create_branch, create_repo, get_token, hf_hub_download, metadata_load, upload_folder
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
 
 from ttt_adapt import modeling
 from ttt_adapt._util import DTYPES, RecipeError, first_line, parse_size
-from ttt_adapt.config import HUB_REPO_ID, build_recipe, looks_like_local_path
+from ttt_adapt.config import build_recipe
+from ttt_adapt.export import ExportError
+from ttt_adapt.export.card import base_license, render_model_card, with_code_note
+from ttt_adapt.export.hub import check_hub_target, push_folder
 from ttt_adapt.model_setup import load_tokenizer
-from ttt_adapt.modeling.configuration_ttt import TESTED_TRANSFORMERS
 from ttt_adapt.training.checkpoints import STATE_FILE, CheckpointError, latest_checkpoint, load_checkpoint_model
 
 REPORT = Path("eval") / "report.json"
-BRANCH = re.compile(r"^(?!-)(?!.*\.\.)[\w.\-/]+(?<![./])$")
-CODE_NOTE = re.compile(r"<!-- ttt-adapt:code -->.*?<!-- /ttt-adapt:code -->\n?", re.DOTALL)
-
-
-class ExportError(RecipeError):
-    """Bad export input (missing checkpoint, a folder with no run, unknown dtype, bad repo id, ...); one line."""
-
-
-class PushError(ExportError):
-    """The export is on disk but pushing it to the Hub failed; one line."""
 
 
 def export_model(
@@ -200,26 +189,6 @@ def check_weight_names(folder: Path, config) -> None:
         )
 
 
-def code_note() -> str:
-    """The model card's line about the modeling code (replaced by `refresh_code`)."""
-    lo, hi = TESTED_TRANSFORMERS
-    return (
-        "<!-- ttt-adapt:code -->\n## Modeling code\n\nThe modeling files of this folder are tested with transformers "
-        f"{lo} to {hi} (`config.json`: `ttt_code`). They refuse older releases, and every cached forward checks that "
-        "the attention cache and the fast weights have read the same tokens, stopping with an error rather than "
-        "generating wrong tokens under a release that routes the cache differently; `scripts/export.py "
-        "--refresh-code` of a newer ttt-adapt updates them without touching the weights.\n<!-- /ttt-adapt:code -->\n"
-    )
-
-
-def with_code_note(card: str) -> str:
-    """`card` with its modeling-code note replaced by the current one (added before Usage, or at the end)."""
-    if CODE_NOTE.search(card):
-        return CODE_NOTE.sub(lambda _: code_note(), card, count=1)
-    at = card.find("## Usage")
-    return card[:at] + code_note() + "\n" + card[at:] if at >= 0 else card.rstrip("\n") + "\n\n" + code_note()
-
-
 def _link_or_copy(src, dst):
     """Hard-link (the weights are not copied); copy where the filesystem cannot link."""
     try:
@@ -251,18 +220,6 @@ def parse_dtype(dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     return getattr(torch, dtype)
-
-
-def check_hub_target(repo_id: str, revision: str | None = None) -> None:
-    """`repo_id` must be ORG/NAME as the Hub accepts it; `revision` a plausible branch name."""
-    if not isinstance(repo_id, str) or not HUB_REPO_ID.match(repo_id):
-        raise ExportError(f"push_to_hub must be a Hub repo id ORG/NAME, got {repo_id!r}")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise ExportError(f"push_to_hub: {first_line(e)}") from None
-    if revision is not None and not BRANCH.match(revision):
-        raise ExportError(f"revision must be a branch name such as main or v1, got {revision!r}")
 
 
 def check_out(out: Path, checkpoint: Path, overwrite: bool) -> Path:
@@ -325,184 +282,4 @@ def staging(out: Path, overwrite: bool):
     shutil.rmtree(old, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------------------------ model card
-
-
-def render_model_card(config, recipe, state: dict, checkpoint: Path, *, report=None, license="other",
-                      repo_id=None, revision=None) -> str:
-    """The README.md: Hub metadata, TTT settings, training summary, evaluation table, usage."""
-    base = recipe.model.name_or_path
-    family = config.model_type.removeprefix("ttt_")
-    metadata = {
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "license": license,
-        "tags": ["in-place-ttt", "test-time-training", "long-context", "ttt-adapt", family, "custom_code"],
-    }
-    if not looks_like_local_path(base):  # the Hub only links Hub ids
-        metadata.update(base_model=base, base_model_relation="finetune")
-    name = repo_id.split("/")[-1] if repo_id else Path(checkpoint).parent.name
-    shown_base = base if not looks_like_local_path(base) else f"a local checkpoint ({Path(base).name})"
-    t = recipe.train
-    trained = f"{t.trainable} parameters" + (f" + LoRA r={t.lora.r} (merged)" if t.lora.r else "")
-    parts = [
-        f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---\n",
-        f"# {name}\n",
-        f"In-Place Test-Time Training version of {shown_base}, made with ttt-adapt: the MLPs of layers "
-        f"{config.ttt['layers']} update their `down_proj` as fast weights, chunk by chunk, while reading "
-        "a sequence, so the model keeps adapting to long contexts at inference time.\n",
-        "## TTT settings\n",
-        _table(["setting", "value"], [[k, _fmt(v)] for k, v in config.ttt.items()]),
-        "## Training\n",
-        _table(["", ""], [
-            ["base model", shown_base],
-            ["steps", _fmt(state.get("step"))],
-            ["tokens", f"{state['tokens']:,}" if isinstance(state.get("tokens"), int) else "?"],
-            ["trained", trained],
-            ["sequence length", _fmt(recipe.data.seq_len)],
-            ["rows per step", f"{t.batch_size} x {t.grad_accum} (x data-parallel processes)"],
-            ["learning rate", f"{_fmt(t.lr)} (TTT parameters {_fmt(t.ttt_lr if t.ttt_lr is not None else t.lr)})"],
-            ["checkpoint", Path(checkpoint).name],
-        ]),
-        "<details><summary>Recipe</summary>\n\n```yaml\n"
-        + yaml.safe_dump(_public({k: v for k, v in recipe.to_dict().items() if k != "export"}), sort_keys=False)
-        + "```\n\n</details>\n",
-    ]
-    if report:
-        parts += ["## Evaluation\n", eval_table(report)]
-    load_from = repo_id or "path/to/this/folder"
-    pin = f', revision="{revision}"' if revision else ""
-    parts += [
-        code_note(),
-        "## Usage\n",
-        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'tokenizer = AutoTokenizer.from_pretrained("{load_from}"{pin})\n'
-        f'model = AutoModelForCausalLM.from_pretrained("{load_from}", trust_remote_code=True{pin})\n'
-        'inputs = tokenizer("A long document ...", return_tensors="pt")\n'
-        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))\n```\n",
-        "`trust_remote_code=True` runs the Python files of this repository (`configuration_ttt.py`, "
-        "`modeling_ttt.py`, `ttt_layer.py`; they need only torch and transformers). Read them, then pin "
-        "`revision` to the commit you read so later pushes cannot change the code you run.\n",
-    ]
-    return "\n".join(parts)
-
-
-def eval_table(report: dict) -> str:
-    """A markdown table of an evaluation report: one row per metric, one column per model (`base`, `adapted`,
-    any other entry holding metrics), plus adapted - base. Position bins are labelled from the report's
-    `bins` / `bin_edges` / `position_bins` list when it has one."""
-    models = [k for k in ("base", "converted", "adapted") if isinstance(report.get(k), dict)]
-    metadata = ("settings", "models")  # how the evaluation ran, not a model's results
-    models += [k for k, v in report.items() if isinstance(v, dict) and k not in models + list(metadata) and _flatten(v)]
-    labels = next((report[k] for k in ("bins", "position_bins", "bin_edges") if isinstance(report.get(k), list)), None)
-    flat = {m: _flatten(report[m], bins=labels) for m in models}
-    rows = list(dict.fromkeys(key for m in models for key in flat[m]))
-    delta = "base" in flat and "adapted" in flat
-    header = ["metric", *models] + (["adapted - base"] if delta else [])
-    body = []
-    for key in rows:
-        values = [flat[m].get(key) for m in models]
-        row = [key, *(_fmt(v) if v is not None else "" for v in values)]
-        if delta:
-            a, b = flat["adapted"].get(key), flat["base"].get(key)
-            row.append(f"{a - b:+.4g}" if a is not None and b is not None else "")
-        body.append(row)
-    return _table(header, body)
-
-
-def _flatten(value, prefix: str = "", bins=None) -> dict:
-    """Nested dicts/lists of numbers -> {"a / b": number}; lists as long as `bins` (or one shorter, for edges)
-    are labelled by bin."""
-    if isinstance(value, bool):
-        return {}
-    if isinstance(value, (int, float)):
-        return {prefix: value}
-    out = {}
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list):
-        items = [(_bin_label(bins, i, len(value)), v) for i, v in enumerate(value)]
-    else:
-        return out
-    for key, v in items:
-        out.update(_flatten(v, f"{prefix} / {key}" if prefix else str(key), bins))
-    return out
-
-
-def _bin_label(bins, i: int, n: int) -> str:
-    if bins and len(bins) == n:
-        b = bins[i]
-        return f"{b[0]}-{b[1]}" if isinstance(b, (list, tuple)) and len(b) == 2 else str(b)
-    if bins and len(bins) == n + 1:
-        return f"{bins[i]}-{bins[i + 1]}"
-    return str(i)
-
-
-def _table(header: list, rows: list[list]) -> str:
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "null" if v is None else str(v)
-
-
-def _public(d):
-    """The recipe without local directory names: a local path is shown by its last component."""
-    if isinstance(d, dict):
-        return {k: _public(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_public(v) for v in d]
-    if isinstance(d, str) and os.sep in d and looks_like_local_path(d):
-        return Path(d).name
-    return d
-
-
-def base_license(name_or_path: str) -> str | None:
-    """The `license` in the base model's model card (a local README.md, or the Hub's), if any."""
-    try:
-        card = Path(name_or_path) / "README.md"
-        if looks_like_local_path(name_or_path):
-            meta = metadata_load(card) if card.is_file() else None
-        else:
-            meta = metadata_load(hf_hub_download(name_or_path, "README.md"))
-    except Exception:  # offline, no card, malformed YAML: the card then says "other"
-        return None
-    return (meta or {}).get("license")
-
-
-# ------------------------------------------------------------------------------------------------ the Hub
-
-
-def push_folder(folder, repo_id: str, *, private: bool = False, revision: str | None = None,
-                commit_message: str | None = None, allow_patterns: list[str] | None = None) -> str:
-    """Upload `folder` (or its files matching `allow_patterns`) to the Hub model repo `repo_id` (created if
-    missing, on branch `revision`, created from main if missing); return the commit URL. Raise `PushError` (one
-    line, token scrubbed) on any failure."""
-    check_hub_target(repo_id, revision)
-    message = commit_message or f"Upload In-Place TTT model ({Path(folder).name})"
-    try:
-        create_repo(repo_id, private=private or None, exist_ok=True)  # None: the account's default visibility
-        if revision not in (None, "main"):
-            create_branch(repo_id, branch=revision, exist_ok=True)
-        info = upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, commit_message=message,
-                             allow_patterns=allow_patterns)
-    except Exception as e:  # network, auth, offline mode, quota ...: all mean "not pushed"; say why in one line
-        raise PushError(f"push to {repo_id} failed ({_push_reason(e)}); the export is kept in {folder}") from None
-    return str(getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")
-
-
-def _push_reason(e: Exception) -> str:
-    status = getattr(getattr(e, "response", None), "status_code", None)
-    if status in (401, 403):
-        reason = f"HTTP {status}: no write access; log in with `hf auth login` or set HF_TOKEN to a write token"
-    else:
-        reason = f"{type(e).__name__}: {first_line(e)}"
-    token = get_token()
-    return reason.replace(token, "***") if token else reason
-
-
-__all__ = ["export_model", "refresh_code", "push_folder", "render_model_card", "ExportError", "PushError"]
+__all__ = ["export_model", "refresh_code", "staging", "read_export_config"]
