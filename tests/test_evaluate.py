@@ -2,9 +2,11 @@
 synthetic tasks with their needles in place, scoring, left-padded generation, the plot, one-line errors and the
 CLI, and (when lm_eval is installed) the exported model under lm-evaluation-harness."""
 
+import copy
 import json
 import os
 import random
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -121,9 +123,16 @@ def test_report_schema_and_files(report):
     n_bins = len(r["bins"]) - 1
     assert len(r["tokens_per_bin"]) == n_bins and all(n > 0 for n in r["tokens_per_bin"])
     assert sum(r["recall_tokens_per_bin"]) > 0
-    for name in ("base", "converted", "adapted"):
+    for name in ("base", "converted", "adapted", "adapted_swapped_state", "adapted_no_state"):
         assert len(r[name]["loss_by_position"]) == n_bins
         assert len(r[name]["recall_loss_by_position"]) == n_bins
+    control = r["own_minus_swapped"]
+    # 5 documents of different lengths (< seq_len): the longest has no partner as long
+    assert control["documents"] == r["adapted_swapped_state"]["documents"] == 4
+    for key in ("loss_by_position", "recall_loss_by_position"):
+        assert len(control[key]) == n_bins
+        assert all(d is None or d["low"] <= d["mean"] <= d["high"] for d in control[key])
+    assert control["loss_by_position"][0] == {"mean": 0.0, "low": 0.0, "high": 0.0}  # the first chunk reads nothing
     for name in ("base", "adapted"):
         assert set(r[name]["tasks"]) == set(TASKS)
         for task in TASKS:
@@ -134,6 +143,8 @@ def test_report_schema_and_files(report):
     assert (out / "report.md").read_text() == markdown_table(r)
     table = markdown_table(r)
     assert "| loss, positions 0-16 |" in table and "| niah_single @ 320 tokens (accuracy) |" in table
+    assert table.startswith("| metric | base | adapted | adapted, swapped state | adapted, no state | adapted - base | "
+                            "own - swapped (95% CI) |\n")
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == len(TASKS) * 2 * 3 and {"base_generation", "adapted_generation"} <= set(samples[0])
 
@@ -145,6 +156,63 @@ def test_converted_equals_base_adapted_differs_after_first_chunk(report):
     base, adapted = r["base"]["loss_by_position"], r["adapted"]["loss_by_position"]
     assert adapted[0] == pytest.approx(base[0], abs=1e-6)  # bin 0 is the first TTT chunk: no update reaches it
     assert all(abs(a - b) > 1e-4 for a, b in zip(adapted[1:], base[1:]))
+
+
+def repeating_document(i: int, period: int = 24, length: int = 200) -> str:
+    rng = random.Random(f"repeat/{i}")
+    unit = "".join(rng.choice(string.ascii_lowercase) for _ in range(period))
+    return (unit * (length // period + 1))[:length]
+
+
+def induction_memory(model, layer: int, lr: float = 20.0):
+    """Fast weights as an associative memory: each token writes the embedding of the token after it (conv tap +1 of
+    the input embeddings, identity target projection), keyed by its h; a later occurrence of the token reads it
+    back. A document's own fast weights then predict its repeats; another document's do not."""
+    mlp = model.model.ttt_modules()[layer]
+    with torch.no_grad():
+        mlp.ttt.conv.weight.zero_()
+        mlp.ttt.conv.weight[:, 0, mlp.ttt.conv.weight.shape[-1] // 2 + 1] = 1.0
+        mlp.ttt.target_proj.weight.copy_(torch.eye(mlp.hidden_size))
+        mlp.ttt.lr.fill_(lr)
+    return model
+
+
+def test_swapped_state_control_tells_in_context_memory_from_a_fixed_bias(files, tmp_path):
+    """Acceptance (issue 21): a model whose fast weights carry what the document said (an associative memory of its
+    tokens) and one whose TTT path is a fixed, document-independent change of down_proj. Both differ from the base;
+    the control's own - swapped interval excludes 0 for the first and includes it for the second."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = files["tokenizer"]
+    torch.manual_seed(0)
+    base = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=512, tie_word_embeddings=True,
+        pad_token_id=1, eos_token_id=0,
+    )).eval()
+    corpus = tmp_path / "repeats.jsonl"
+    corpus.write_text("".join(json.dumps({"text": repeating_document(i)}) + "\n" for i in range(16)))
+    config = TTTConfig(layers=[1], chunk_size=16, target="input_embed")
+    memory = induction_memory(convert(base, config), layer=1)
+    fixed = convert(copy.deepcopy(base), config)  # step-0 TTT weights: the fast weights are never written
+    with torch.no_grad():
+        down = fixed.model.layers[1].mlp.down_proj.weight
+        down += 0.05 * torch.randn(down.shape, generator=torch.Generator().manual_seed(3))
+    settings = EvalSettings(corpus=str(corpus), seq_len=192, bin_edges=[0, 16, 64, 192], tasks=[], batch_size=8)
+    reports = {name: run_evaluation(settings, base, model, tmp_path / name, tokenizer=tokenizer, log=lambda m: None)
+               for name, model in (("memory", memory), ("fixed", fixed))}
+    for r in reports.values():
+        assert r["own_minus_swapped"]["documents"] == 16
+        assert abs(r["adapted"]["loss_by_position"][-1] - r["base"]["loss_by_position"][-1]) > 1e-3
+    far = reports["memory"]["own_minus_swapped"]["loss_by_position"][-1]
+    assert far["low"] <= far["mean"] <= far["high"] < 0  # the own state helps: beyond the interval
+    assert reports["memory"]["adapted_no_state"]["loss_by_position"] == reports["memory"]["base"]["loss_by_position"]
+    far = reports["fixed"]["own_minus_swapped"]["loss_by_position"][-1]
+    assert far["low"] <= 0 <= far["high"]
+    r = reports["fixed"]
+    assert r["adapted_swapped_state"]["loss_by_position"] == r["adapted"]["loss_by_position"] \
+        == r["adapted_no_state"]["loss_by_position"]
+    assert "| adapted, swapped state | adapted, no state |" in (tmp_path / "memory" / "report.md").read_text()
 
 
 def test_token_losses_match_full_logits(files, monkeypatch):
@@ -376,4 +444,17 @@ def test_markdown_table_leaves_out_bins_without_tokens():
     table = markdown_table(report)
     assert "recall-answer loss, positions 0-8" not in table
     assert "| recall-answer loss, positions 8-16 |" in table and "| loss, positions 0-8 |" in table
-    assert "| kv_retrieval @ 64 tokens (accuracy) |" in table
+    assert "| kv_retrieval @ 64 tokens (accuracy) | 0.5000 | 0.7500 | +0.2500 |" in table
+    assert table.startswith("| metric | base | adapted | adapted - base |\n")  # a report without the controls
+    report.update(
+        adapted_swapped_state={"loss_by_position": [3.0, 2.5], "recall_loss_by_position": [None, 2.0]},
+        adapted_no_state={"loss_by_position": [3.0, 2.5]},
+        own_minus_swapped={"documents": 4, "resamples": 10, "confidence": 0.95,
+                           "loss_by_position": [{"mean": 0.0, "low": 0.0, "high": 0.0},
+                                                {"mean": -0.25, "low": -0.375, "high": -0.125}]},
+    )
+    table = markdown_table(report)
+    assert "| loss, positions 8-16 | 2.5000 | 2.2500 | 2.5000 | 2.5000 | -0.2500 | -0.2500 [-0.3750, -0.1250] |" in table
+    assert "| recall-answer loss, positions 8-16 | 2.0000 | 1.5000 | 2.0000 |  | -0.5000 |  |" in table
+    assert "| kv_retrieval @ 64 tokens (accuracy) | 0.5000 | 0.7500 |  |  | +0.2500 |  |" in table
+    assert "each of 4 documents read with the fast weights another" in table

@@ -23,6 +23,7 @@ from test_train import make_tiny_files, recipe_dict, write_recipe
 
 import ttt_adapt.export as export_module
 from ttt_adapt.config import load_recipe
+from ttt_adapt.evaluate import markdown_table
 from ttt_adapt.export import ExportError, export_model, render_model_card
 from ttt_adapt.model_setup import build_model
 from ttt_adapt.train import train
@@ -174,19 +175,24 @@ def test_model_card_eval_table_license_and_hub_metadata(runs, tmp_path):
     raw["data"]["path"] = str(tmp_path / "deleted.jsonl")  # exporting needs no training data
     (checkpoint / "recipe.yaml").write_text(yaml.safe_dump(raw))
     (run / "eval").mkdir()
-    report = {
-        "bins": [[0, 32], [32, 64], [64, 96]],
+    report = {  # the evaluation's report.json (ttt_adapt.evaluate): the card shows its one table
+        "bins": [0, 32, 64, 96],
         "settings": {"seq_len": 96, "seed": 0},  # how the evaluation ran: not a model column
-        "base": {"loss_by_position": [3.5, 3.25, 3.0], "tasks": {"niah_single": 0.25, "kv_retrieval": 0.5}},
-        "adapted": {"loss_by_position": [3.5, 3.0, 2.5], "tasks": {"niah_single": 0.5, "kv_retrieval": 0.5}},
+        "base": {"loss_by_position": [3.5, 3.25, 3.0], "tasks": {"niah_single": {"64": 0.25}}},
+        "adapted": {"loss_by_position": [3.5, 3.0, 2.5], "tasks": {"niah_single": {"64": 0.5}}},
+        "adapted_swapped_state": {"documents": 8, "loss_by_position": [3.5, 3.125, 2.75]},
+        "adapted_no_state": {"loss_by_position": [3.5, 3.25, 3.0]},
+        "own_minus_swapped": {"documents": 8, "resamples": 1000, "confidence": 0.95, "loss_by_position": [
+            {"mean": 0.0, "low": 0.0, "high": 0.0}, {"mean": -0.125, "low": -0.25, "high": -0.0625},
+            {"mean": -0.25, "low": -0.5, "high": -0.125}]},
     }
     (run / "eval" / "report.json").write_text(json.dumps(report))
     out = export_model(checkpoint, tmp_path / "export", dtype="float32")
     card = (out / "README.md").read_text()
     assert metadata_load(out / "README.md")["license"] == "apache-2.0"
-    assert "| metric | base | adapted | adapted - base |" in card
-    assert "| loss_by_position / 64-96 | 3 | 2.5 | -0.5 |" in card
-    assert "| tasks / niah_single | 0.25 | 0.5 | +0.25 |" in card
+    assert markdown_table(report) in card
+    assert "| metric | base | adapted | adapted, swapped state | adapted, no state | adapted - base |" in card
+    assert "| loss, positions 64-96 | 3.0000 | 2.5000 | 2.7500 | 3.0000 | -0.5000 | -0.2500 [-0.5000, -0.1250] |" in card
     assert "| settings |" not in card and "| seq_len |" not in card
 
     from transformers import AutoConfig

@@ -5,7 +5,14 @@
                             base="path/to/base", adapted="exports/my-ttt-model", out_dir="runs/x/eval")
 
 Three models are measured: the base, the base freshly converted (`convert`, step-0 TTT weights: it must equal
-the base, and the report records whether it does) and the adapted model.
+the base, and the report records whether it does) and the adapted model, which is measured twice more to tell
+what its fast weights learn from the context from a context-independent shift:
+- swapped state: each held-out document read with the fast weights another held-out document at least as long
+  writes (cut to its length), chunk for chunk: chunk c of document A reads W_down + sum_{c' < c} dW_c'(B) while
+  attention, h and everything else come from A (`fast_weight_sources`). own - swapped per bin, with a bootstrap
+  interval over documents (`bootstrap_difference`): below 0, the fast weights carry what the document said; the
+  gain over the base that survives the swap is adaptation.
+- no state: the fast weights never written (every TTT MLP computes `down_proj(h)` alone).
 
 - Loss by position: the first `seq_len` tokens of each held-out document (shorter ones right-padded, the padding
   ignored), per-token loss averaged in position bins (`bin_edges`; default powers of two from 64 up to `seq_len`).
@@ -22,7 +29,9 @@ the base, and the report records whether it does) and the adapted model.
                        "Q: What is the value of <last variable of the first chain>? A:"
 
 Written to `out_dir`: `report.json` (`settings`, `bins`, token counts per bin, then `base`, `converted`, `adapted`,
-each with `loss_by_position` (one value per bin), `recall_loss_by_position` and `tasks` {task: {length: accuracy}}),
+`adapted_swapped_state`, `adapted_no_state`, each with `loss_by_position` (one value per bin),
+`recall_loss_by_position` and, for base and adapted, `tasks` {task: {length: accuracy}}; `own_minus_swapped` with
+{mean, low, high} per bin, `documents`, `resamples`, `confidence`),
 `loss_by_position.png`, `report.md` (the markdown table of `markdown_table`) and `samples.jsonl` (every prompt's
 answers and generations). A recipe's optional `eval` section holds `EvalSettings` fields; training then writes
 `<train.output_dir>/eval/` (see `evaluate_recipe`).
@@ -49,6 +58,7 @@ import json
 import random
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,10 +70,12 @@ from ttt_adapt.config import RecipeError, looks_like_local_path
 from ttt_adapt.convert import convert
 from ttt_adapt.corpus import recall_spans
 from ttt_adapt.modeling.configuration_ttt import TTTConfig
+from ttt_adapt.modeling.ttt_layer import INIT, TTTMLP, ZERO, FlatLayout, fast_weight_scan
 
 TASKS = ("niah_single", "niah_multikey", "kv_retrieval", "variable_tracking")
 LOGIT_SLICE = 1024  # positions whose logits exist at once: (batch, 1024, vocab), not (batch, seq_len, vocab)
 EQUAL_ATOL = 1e-5  # converted vs base, per-token loss: the TTT path at step 0 must change nothing
+RESAMPLES, CONFIDENCE = 1000, 0.95  # the bootstrap interval of own - swapped, over documents
 
 
 class EvalError(RecipeError):
@@ -273,24 +285,52 @@ def tokenize_documents(tokenizer, docs: list[str], seq_len: int, pad_id: int) ->
 
 @torch.no_grad()
 def token_losses(model, rows: dict, batch_size: int) -> torch.Tensor:
-    """(N, L) loss of predicting token j from tokens < j (column 0 and padding: 0).
-
-    Runs the decoder (`model.model`) once and the LM head on `LOGIT_SLICE` positions at a time: a 150k vocabulary
-    at 32k positions would not fit as one logits tensor."""
+    """(N, L) loss of predicting token j from tokens < j (column 0 and padding: 0)."""
     lm = _unwrap(model)  # peft injects LoRA in place: the unwrapped modules still apply it
+    ids, mask = rows["input_ids"], rows["attention_mask"]
+    return torch.cat([_batch_losses(lm, ids[i : i + batch_size], mask[i : i + batch_size])
+                      for i in range(0, len(ids), batch_size)])
+
+
+@torch.no_grad()
+def swapped_token_losses(model, rows: dict, partners: list[int | None], batch_size: int) -> torch.Tensor:
+    """`token_losses` of each document read with the fast weights its partner (`swap_partners`) writes, chunk for
+    chunk; documents without a partner: 0. Each forward holds the documents and their partners (cut to the
+    documents' lengths), about `batch_size` rows."""
+    lm = _unwrap(model)
+    ids, mask = rows["input_ids"], rows["attention_mask"]
+    out = torch.zeros(ids.shape)
+    docs = [i for i, p in enumerate(partners) if p is not None]
+    step = max(1, batch_size // 2)
+    for k in range(0, len(docs), step):
+        batch = docs[k : k + step]
+        donors = [partners[i] for i in batch]
+        n = len(batch)
+        with fast_weight_sources(lm, [n + i for i in range(n)] * 2):  # rows i read row n + i; those their own
+            losses = _batch_losses(lm, torch.cat([ids[batch], ids[donors]]), torch.cat([mask[batch], mask[batch]]))
+        out[batch] = losses[:n]
+    return out
+
+
+@torch.no_grad()
+def stateless_token_losses(model, rows: dict, batch_size: int) -> torch.Tensor:
+    """`token_losses` with the fast weights never written: every TTT MLP computes `down_proj(h)` alone."""
+    with fast_weight_sources(model, None):
+        return token_losses(model, rows, batch_size)
+
+
+def _batch_losses(lm, x, m):
+    """Runs the decoder (`lm.model`) once and the LM head on `LOGIT_SLICE` positions at a time: a 150k vocabulary
+    at 32k positions would not fit as one logits tensor."""
     device = next(lm.parameters()).device
-    out = []
-    for i in range(0, len(rows["input_ids"]), batch_size):
-        x = rows["input_ids"][i : i + batch_size].to(device)
-        m = rows["attention_mask"][i : i + batch_size].to(device)
-        hidden = lm.model(input_ids=x, attention_mask=m.long(), use_cache=False).last_hidden_state
-        loss = torch.zeros(x.shape, dtype=torch.float32, device=device)
-        for s in range(0, x.shape[1] - 1, LOGIT_SLICE):
-            e = min(s + LOGIT_SLICE, x.shape[1] - 1)
-            logits = lm.lm_head(hidden[:, s:e]).float()
-            loss[:, s + 1 : e + 1] = F.cross_entropy(logits.transpose(1, 2), x[:, s + 1 : e + 1], reduction="none")
-        out.append((loss * m).cpu())
-    return torch.cat(out)
+    x, m = x.to(device), m.to(device)
+    hidden = lm.model(input_ids=x, attention_mask=m.long(), use_cache=False).last_hidden_state
+    loss = torch.zeros(x.shape, dtype=torch.float32, device=device)
+    for s in range(0, x.shape[1] - 1, LOGIT_SLICE):
+        e = min(s + LOGIT_SLICE, x.shape[1] - 1)
+        logits = lm.lm_head(hidden[:, s:e]).float()
+        loss[:, s + 1 : e + 1] = F.cross_entropy(logits.transpose(1, 2), x[:, s + 1 : e + 1], reduction="none")
+    return (loss * m).cpu()
 
 
 def bin_means(losses: torch.Tensor, weights: torch.Tensor, edges: list[int]) -> list[float | None]:
@@ -303,11 +343,137 @@ def bin_means(losses: torch.Tensor, weights: torch.Tensor, edges: list[int]) -> 
     return means
 
 
+def bootstrap_difference(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor, edges: list[int],
+                         resamples: int = RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0) -> list[dict | None]:
+    """Per position bin: the token-weighted mean of `a - b` (N documents x L positions, where `weights` is set) and
+    its percentile bootstrap interval, documents resampled with replacement; None for an empty bin or < 2 documents.
+    """
+    n = a.shape[0]
+    draws = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed)) if n else None
+    quantiles = torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64)
+    out = []
+    for lo, hi in zip(edges, edges[1:]):
+        w = weights[:, lo:hi].double()
+        sums, counts = ((a - b)[:, lo:hi].double() * w).sum(1), w.sum(1)
+        if n < 2 or not counts.sum():
+            out.append(None)
+            continue
+        boot = sums[draws].sum(1) / counts[draws].sum(1)  # a resample without tokens in the bin: nan, left out
+        low, high = torch.nanquantile(boot, quantiles).tolist()
+        out.append({"mean": float(sums.sum() / counts.sum()), "low": low, "high": high})
+    return out
+
+
 def targets(rows: dict) -> torch.Tensor:
     """Positions whose token is predicted: real tokens except each row's first."""
     t = rows["attention_mask"].clone()
     t[:, 0] = False
     return t
+
+
+# ------------------------------------------------------------------------------------------------ swapped state
+
+
+def swap_partners(lengths: list[int]) -> list[int | None]:
+    """For each document, another one at least as long whose fast weights it reads in the swapped control (cut to
+    its length, so of the same length); None for the single longest document when no other is as long.
+
+    Documents are ordered by length (longest first, then by index); each reads its predecessor's state, the first
+    one its successor's."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    partners = [None] * len(lengths)
+    for k, i in enumerate(order):
+        if k > 0:
+            partners[i] = order[k - 1]
+        elif len(order) > 1 and lengths[order[1]] == lengths[i]:
+            partners[i] = order[1]
+    return partners
+
+
+@contextmanager
+def fast_weight_sources(model, sources: list[int | None] | None):
+    """Inside, every forward of `model` (a TTT model, no cache) reads fast weights per row as `sources` says:
+    `sources[r] == r` its own, `j` row j's (a row reading its own, and as long as row r), None none (the TTT MLPs
+    then compute plain `down_proj(h)`); `sources=None`: no row reads any.
+
+    Row r's chunk c reads `W_down + sum_{c' < c} dW_c'` of row j, chunk for chunk, while attention, h and everything
+    else come from row r itself. Row j's updates are computed by the TTT layer's own functions from row j's
+    activations in the same forward, so later TTT layers see row j's own-state activations."""
+    mlps = [m for m in _unwrap(model).modules() if isinstance(m, TTTMLP)]
+    if not mlps:
+        raise EvalError("the swapped-state control needs an In-Place TTT model (no TTT layer found)")
+    hooks = [m.register_forward_hook(lambda mlp, args, out: _read_sources(mlp, args[0], out, sources)) for m in mlps]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _read_sources(mlp, x, y, sources):
+    """The TTT MLP's output `y` with each row's fast-weight read replaced as `sources` says."""
+    ctx = mlp.ttt_context
+    if ctx is None or ctx.layer_states is not None or ctx.parallel is not None:
+        raise RuntimeError("fast_weight_sources: the TTT layer ran without its context, with a cache or under context "
+                           "parallelism; call the model with use_cache=False")
+    sources = [None] * x.shape[0] if sources is None else sources
+    if len(sources) != x.shape[0]:
+        raise RuntimeError(f"fast_weight_sources: {len(sources)} sources for a batch of {x.shape[0]} rows")
+    changed = [r for r, s in enumerate(sources) if s != r]
+    if not changed:
+        return y
+    swapped = [r for r in changed if sources[r] is not None]
+    lengths = [x.shape[1]] * x.shape[0] if ctx.valid is None else ctx.valid.sum(1).tolist()
+    if any(lengths[sources[r]] < lengths[r] for r in swapped):
+        raise RuntimeError("fast_weight_sources: a row may only read the fast weights of a row at least as long")
+    y = y.clone()
+    h = mlp.inner(x[changed])
+    y[changed] = mlp.down_proj(h)
+    if swapped:
+        donors = sorted({sources[r] for r in swapped})
+        if any(sources[j] != j for j in donors):
+            raise RuntimeError("fast_weight_sources: a row may only read the fast weights of a row that reads its own")
+        states, donor_seg = _states_after_each_chunk(mlp, x, ctx, donors)
+        first_unit = {j: donor_seg.rows.index(k) for k, j in enumerate(donors)}
+        pick = [changed.index(r) for r in swapped]
+        read = _read_states(mlp, h[pick], _rows(ctx.valid, swapped), states,
+                            [first_unit[sources[r]] for r in swapped])
+        y[swapped] = y[swapped] + read.to(y.dtype)
+    return y
+
+
+def _states_after_each_chunk(mlp, x, ctx, rows):
+    """(U, d, H): the fast-weight state after each chunk of `rows` (each row one document, from position 0), by the
+    layer's own target and scan functions; and the rows' Segments (unit u of row k: `rows[k]`'s chunk)."""
+    t = x if mlp.target == "hidden_states" else ctx.inputs_embeds
+    layout = FlatLayout(len(rows), x.shape[1], mlp.chunk_size, _rows(ctx.valid, rows), None, None, x.device)
+    seg = layout.seg
+    xf, tf = layout.flatten(x[rows]), layout.flatten(t[rows])
+    hf = layout.flatten(mlp.inner(x[rows]))
+    a = mlp.ttt.targets(tf, xf, hf, seg, mlp.clip_update_norm)
+    U = seg.num_units
+    every = dataclasses.replace(seg, num_rows=U, rows=list(range(U)), read=[False] * U, write=[True] * U,
+                                final=[True] * U, init_index=None)
+    _, after = fast_weight_scan(hf, a, every)
+    return after, seg
+
+
+def _read_states(mlp, h, valid, states, first_unit):
+    """Fast-weight read of rows whose chunk c reads `states[first_unit[row] + c - 1]` (chunk 0 reads nothing)."""
+    layout = FlatLayout(h.shape[0], h.shape[1], mlp.chunk_size, valid, None, None, h.device)
+    seg = layout.seg
+    chunk = [u - seg.rows.index(r) for u, r in enumerate(seg.rows)]  # chunk index of each unit in its row
+    index = [first_unit[r] + c - 1 for r, c in zip(seg.rows, chunk)]
+    U = seg.num_units
+    reads = dataclasses.replace(seg, start_state=[ZERO if c == 0 else INIT for c in chunk], read=[c > 0 for c in chunk],
+                                write=[False] * U, final=[False] * U, init_index=[max(i, 0) for i in index])
+    hf = layout.flatten(h)
+    out, _ = fast_weight_scan(hf, hf.new_zeros(hf.shape[0], states.shape[1]), reads, states)
+    return layout.unflatten(out)
+
+
+def _rows(valid, rows):
+    return None if valid is None else valid[rows]
 
 
 # ------------------------------------------------------------------------------------------------ synthetic tasks
@@ -527,9 +693,7 @@ def run_evaluation(settings: EvalSettings | dict, base, adapted, out_dir, *, tok
     def measure(name, model):
         log(f"evaluate: {name}: loss by position on {len(rows['input_ids'])} documents of <= {settings.seq_len} tokens")
         losses = token_losses(model, rows, settings.batch_size)
-        result = {"loss_by_position": bin_means(losses, weights["all"], edges)}
-        if weights["recall"].any():
-            result["recall_loss_by_position"] = bin_means(losses, weights["recall"], edges)
+        result = by_position(losses, weights, edges)
         if name != "converted" and samples:
             log(f"evaluate: {name}: {len(samples)} task prompts at lengths {settings.lengths}")
             generations[name] = generate(model, tokenizer, [s["input_ids"] for s in samples], settings.batch_size,
@@ -557,7 +721,8 @@ def run_evaluation(settings: EvalSettings | dict, base, adapted, out_dir, *, tok
                 log(f"evaluate: WARNING: the freshly converted model differs from the base "
                     f"(max |loss diff| {diff:.3g})")
             del converted
-        measure("adapted", adapted_model)
+        adapted_losses = measure("adapted", adapted_model)
+        report.update(state_controls(adapted_model, rows, adapted_losses, weights, settings, log))
     finally:
         adapted_model.train(was_training)
     report["seconds"] = round(time.time() - started, 1)
@@ -574,6 +739,35 @@ def run_evaluation(settings: EvalSettings | dict, base, adapted, out_dir, *, tok
             f.write(json.dumps(record) + "\n")
     log(f"evaluate: wrote {out / 'report.json'} ({report['seconds']} s)")
     return report
+
+
+def by_position(losses: torch.Tensor, weights: dict, edges: list[int]) -> dict:
+    """`loss_by_position` (all predicted tokens) and, when the corpus has query answers, `recall_loss_by_position`."""
+    result = {"loss_by_position": bin_means(losses, weights["all"], edges)}
+    if weights["recall"].any():
+        result["recall_loss_by_position"] = bin_means(losses, weights["recall"], edges)
+    return result
+
+
+def state_controls(model, rows: dict, own: torch.Tensor, weights: dict, settings: EvalSettings, log=print) -> dict:
+    """The fast-weight controls of the adapted model: `adapted_swapped_state` (each document read with the fast
+    weights of another, `swap_partners`), `adapted_no_state` (fast weights never written) and `own_minus_swapped`
+    (per bin, own - swapped loss with its bootstrap interval over the documents that have a partner)."""
+    edges = settings.bins
+    partners = swap_partners(rows["attention_mask"].sum(1).tolist())
+    paired = [i for i, p in enumerate(partners) if p is not None]
+    log(f"evaluate: adapted: swapped-state and no-state controls on {len(paired)} documents")
+    swapped = swapped_token_losses(model, rows, partners, settings.batch_size)[paired]
+    kept = {k: w[paired] for k, w in weights.items()}
+    difference = {"documents": len(paired), "resamples": RESAMPLES, "confidence": CONFIDENCE}
+    for key, w in (("loss_by_position", kept["all"]), ("recall_loss_by_position", kept["recall"])):
+        if key == "loss_by_position" or w.any():
+            difference[key] = bootstrap_difference(own[paired], swapped, w, edges, seed=settings.seed)
+    return {
+        "adapted_swapped_state": {"documents": len(paired), **by_position(swapped, kept, edges)},
+        "adapted_no_state": by_position(stateless_token_losses(model, rows, settings.batch_size), weights, edges),
+        "own_minus_swapped": difference,
+    }
 
 
 def settings_from_recipe(recipe, model_config=None) -> EvalSettings:
@@ -603,33 +797,73 @@ def evaluate_recipe(recipe, adapted, out_dir=None) -> dict:
 # ------------------------------------------------------------------------------------------------ outputs
 
 
+MODELS = {  # report entry -> column / legend label, in table order
+    "base": "base",
+    "adapted": "adapted",
+    "adapted_swapped_state": "adapted, swapped state",
+    "adapted_no_state": "adapted, no state",
+}
+
+
 def markdown_table(report: dict) -> str:
-    """One row per position bin (all tokens, then recall answers) and per task and length; base, adapted, difference."""
+    """The evaluation table (report.md and the model card): one row per position bin (all tokens, then recall
+    answers) and per task and length; a column per model of `MODELS` in the report, adapted - base, and own -
+    swapped with its bootstrap interval when the report has the swapped-state control."""
     edges = report["bins"]
-    header = "| metric | base | adapted | adapted - base |\n|---|---|---|---|\n"
+    models = [m for m in MODELS if isinstance(report.get(m), dict)]
+    control = report.get("own_minus_swapped")
+    header = ["metric", *(MODELS[m] for m in models), "adapted - base"]
+    if control:
+        header.append(f"own - swapped ({control['confidence']:.0%} CI)")
     rows = []
     for key, label in (("loss_by_position", "loss"), ("recall_loss_by_position", "recall-answer loss")):
         if key not in report["base"]:
             continue
         for k, (a, b) in enumerate(zip(edges, edges[1:])):
-            if report["base"][key][k] is None and report["adapted"][key][k] is None:
+            values = [(report[m].get(key) or [None] * len(edges))[k] for m in models]
+            if all(v is None for v in values):
                 continue  # no such tokens in this bin (e.g. no recall answer that early)
-            rows.append((f"{label}, positions {a}-{b}", report["base"][key][k], report["adapted"][key][k]))
+            interval = (control.get(key) or [None] * len(edges))[k] if control else None
+            rows.append([f"{label}, positions {a}-{b}", values, interval])
     for task, by_length in report["base"].get("tasks", {}).items():
-        for length, value in by_length.items():
-            rows.append((f"{task} @ {length} tokens (accuracy)", value, report["adapted"]["tasks"][task][length]))
-    lines = [f"| {m} | {_fmt(b)} | {_fmt(a)} | {_fmt(a - b, '+') if a is not None and b is not None else ''} |"
-             for m, b, a in rows]
+        for length in by_length:
+            values = [report[m].get("tasks", {}).get(task, {}).get(length) for m in models]
+            rows.append([f"{task} @ {length} tokens (accuracy)", values, None])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for metric, values, interval in rows:
+        by = dict(zip(models, values))
+        delta = _diff(by.get("adapted"), by.get("base"))
+        cells = [metric, *map(_fmt, values), delta] + ([_interval(interval)] if control else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + _notes(report)
+
+
+def _notes(report: dict) -> str:
+    notes = []
     converted = report.get("converted", {})
-    note = ""
     if "equals_base" in converted:
-        note = (f"\nFreshly converted model vs base: max |per-token loss difference| = "
-                f"{converted['max_abs_loss_diff']:.2g} ({'equal' if converted['equals_base'] else 'NOT equal'}).\n")
-    return header + "\n".join(lines) + "\n" + note
+        notes.append(f"Freshly converted model vs base: max |per-token loss difference| = "
+                     f"{converted['max_abs_loss_diff']:.2g} ({'equal' if converted['equals_base'] else 'NOT equal'}).")
+    control = report.get("own_minus_swapped")
+    if control:
+        notes.append(f"Swapped state: each of {control['documents']} documents read with the fast weights another "
+                     "held-out document of its length writes, chunk for chunk (attention still sees the document "
+                     "itself); no state: fast weights never written. own - swapped below 0, its interval too: the fast "
+                     "weights carry what the document itself said; the gain that survives the swap is adaptation.")
+    return "".join(f"\n{n}\n" for n in notes)
+
+
+def _diff(a, b) -> str:
+    return _fmt(a - b, "+") if a is not None and b is not None else ""
+
+
+def _interval(d) -> str:
+    return "" if d is None else f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
 
 
 def plot_loss_by_position(report: dict, path) -> None:
-    """PNG: loss per position bin (and recall-answer loss, when measured) for base, converted and adapted."""
+    """PNG: loss per position bin (and recall-answer loss, when measured) for base, converted, adapted and the
+    adapted model's state controls; then own - swapped with its interval, when measured."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -638,24 +872,46 @@ def plot_loss_by_position(report: dict, path) -> None:
     edges = report["bins"]
     x = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
     keys = [k for k in ("loss_by_position", "recall_loss_by_position") if k in report["base"]]
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+    control = report.get("own_minus_swapped")
+    fig, axes = plt.subplots(1, len(keys) + bool(control), figsize=(6 * (len(keys) + bool(control)), 4), squeeze=False)
+    styles = {"base": "o-", "converted": "x:", "adapted": "s-", "adapted_swapped_state": "d--", "adapted_no_state": "^:"}
     for ax, key in zip(axes[0], keys):
-        for name, style in (("base", "o-"), ("converted", "x:"), ("adapted", "s-")):
+        for name, style in styles.items():
             values = report.get(name, {}).get(key)
             if values:
-                ax.plot([xi for xi, v in zip(x, values) if v is not None], [v for v in values if v is not None],
-                        style, label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(x, [f"{a}-{b}" for a, b in zip(edges, edges[1:])], rotation=30, fontsize=8)
-        ax.minorticks_off()
-        ax.set_xlabel("position in document (tokens)")
-        ax.set_ylabel("loss (nats/token)")
-        ax.set_title("all tokens" if key == "loss_by_position" else "answers of long-range queries")
-        ax.grid(alpha=0.3)
-        ax.legend()
+                ax.plot(*_points(x, values), style, label=MODELS.get(name, name))
+        _axes(ax, x, edges, "loss (nats/token)",
+              "all tokens" if key == "loss_by_position" else "answers of long-range queries")
+    if control:
+        ax = axes[0][-1]
+        for key, style in (("loss_by_position", "s-"), ("recall_loss_by_position", "d--")):
+            intervals = [(xi, d) for xi, d in zip(x, control.get(key) or []) if d is not None]
+            if intervals:
+                mean = [d["mean"] for _, d in intervals]
+                err = [[m - d["low"] for m, (_, d) in zip(mean, intervals)],
+                       [d["high"] - m for m, (_, d) in zip(mean, intervals)]]
+                ax.errorbar([xi for xi, _ in intervals], mean, yerr=err, fmt=style, capsize=3,
+                            label="all tokens" if key == "loss_by_position" else "recall answers")
+        ax.axhline(0, color="grey", lw=0.8)
+        _axes(ax, x, edges, "own - swapped loss (nats/token)", f"own - swapped state ({control['confidence']:.0%} CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _points(x, values):
+    return [xi for xi, v in zip(x, values) if v is not None], [v for v in values if v is not None]
+
+
+def _axes(ax, x, edges, ylabel, title):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [f"{a}-{b}" for a, b in zip(edges, edges[1:])], rotation=30, fontsize=8)
+    ax.minorticks_off()
+    ax.set_xlabel("position in document (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
 
 
 LM_EVAL_UTILS = '''"""Scoring of the ttt-adapt synthetic tasks (written by ttt_adapt.evaluate.write_lm_eval_task)."""
@@ -736,6 +992,12 @@ __all__ = [
     "tokenize_documents",
     "token_losses",
     "bin_means",
+    "bootstrap_difference",
+    "swap_partners",
+    "fast_weight_sources",
+    "swapped_token_losses",
+    "stateless_token_losses",
+    "state_controls",
     "filler_sentences",
     "make_samples",
     "task_samples",

@@ -39,6 +39,7 @@ from safetensors import safe_open
 from ttt_adapt import modeling
 from ttt_adapt.config import HUB_REPO_ID, RecipeError, build_recipe, looks_like_local_path
 from ttt_adapt.checkpoints import STATE_FILE, CheckpointError, latest_checkpoint, load_checkpoint_model
+from ttt_adapt.evaluate import markdown_table
 from ttt_adapt.model_setup import load_tokenizer
 from ttt_adapt.modeling.configuration_ttt import TESTED_TRANSFORMERS
 
@@ -388,7 +389,7 @@ def render_model_card(config, recipe, state: dict, checkpoint: Path, *, report=N
         + "```\n\n</details>\n",
     ]
     if report:
-        parts += ["## Evaluation\n", eval_table(report)]
+        parts += ["## Evaluation\n", markdown_table(report)]
     load_from = repo_id or "path/to/this/folder"
     pin = f', revision="{revision}"' if revision else ""
     parts += [
@@ -404,57 +405,6 @@ def render_model_card(config, recipe, state: dict, checkpoint: Path, *, report=N
         "`revision` to the commit you read so later pushes cannot change the code you run.\n",
     ]
     return "\n".join(parts)
-
-
-def eval_table(report: dict) -> str:
-    """A markdown table of an evaluation report: one row per metric, one column per model (`base`, `adapted`,
-    any other entry holding metrics), plus adapted - base. Position bins are labelled from the report's
-    `bins` / `bin_edges` / `position_bins` list when it has one."""
-    models = [k for k in ("base", "converted", "adapted") if isinstance(report.get(k), dict)]
-    metadata = ("settings", "models")  # how the evaluation ran, not a model's results
-    models += [k for k, v in report.items() if isinstance(v, dict) and k not in models + list(metadata) and _flatten(v)]
-    labels = next((report[k] for k in ("bins", "position_bins", "bin_edges") if isinstance(report.get(k), list)), None)
-    flat = {m: _flatten(report[m], bins=labels) for m in models}
-    rows = list(dict.fromkeys(key for m in models for key in flat[m]))
-    delta = "base" in flat and "adapted" in flat
-    header = ["metric", *models] + (["adapted - base"] if delta else [])
-    body = []
-    for key in rows:
-        values = [flat[m].get(key) for m in models]
-        row = [key, *(_fmt(v) if v is not None else "" for v in values)]
-        if delta:
-            a, b = flat["adapted"].get(key), flat["base"].get(key)
-            row.append(f"{a - b:+.4g}" if a is not None and b is not None else "")
-        body.append(row)
-    return _table(header, body)
-
-
-def _flatten(value, prefix: str = "", bins=None) -> dict:
-    """Nested dicts/lists of numbers -> {"a / b": number}; lists as long as `bins` (or one shorter, for edges)
-    are labelled by bin."""
-    if isinstance(value, bool):
-        return {}
-    if isinstance(value, (int, float)):
-        return {prefix: value}
-    out = {}
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list):
-        items = [(_bin_label(bins, i, len(value)), v) for i, v in enumerate(value)]
-    else:
-        return out
-    for key, v in items:
-        out.update(_flatten(v, f"{prefix} / {key}" if prefix else str(key), bins))
-    return out
-
-
-def _bin_label(bins, i: int, n: int) -> str:
-    if bins and len(bins) == n:
-        b = bins[i]
-        return f"{b[0]}-{b[1]}" if isinstance(b, (list, tuple)) and len(b) == 2 else str(b)
-    if bins and len(bins) == n + 1:
-        return f"{bins[i]}-{bins[i + 1]}"
-    return str(i)
 
 
 def _table(header: list, rows: list[list]) -> str:
