@@ -92,6 +92,10 @@ RELOAD = BLOCK_TTT_ADAPT + textwrap.dedent(
             generate = pipeline("text-generation", model=case["folder"], trust_remote_code=True)
             text = generate("abc de", max_new_tokens=6, do_sample=False)[0]["generated_text"]
             assert text.startswith("abc de") and len(text) > len("abc de"), text
+            # the model card's usage, as a user copies it (stdin closed: a trust_remote_code prompt fails here)
+            card = open(case["folder"] + "/README.md").read()
+            usage = card.split("## Usage")[1].split("```python")[1].split("```")[0]
+            exec(usage.replace("path/to/this/folder", case["folder"]), {})
         print("ok", case["folder"])
     """
 )
@@ -118,9 +122,10 @@ def test_exports_reload_without_ttt_adapt_and_give_the_trained_logits(runs, expo
     (tmp_path / "reload.py").write_text(RELOAD)
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
     proc = subprocess.run([sys.executable, str(tmp_path / "reload.py"), json.dumps(cases)], capture_output=True,
-                          text=True, cwd=tmp_path, env=env, timeout=300)
+                          text=True, cwd=tmp_path, env=env, timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("ok ") == 3
+    assert "Do you wish to run the custom code?" not in proc.stdout  # transformers' prompt (15 s in a terminal)
 
 
 # ---------------------------------------------------------------------------------------------- the folder

@@ -396,7 +396,7 @@ def render_model_card(config, recipe, state: dict, checkpoint: Path, *, report=N
         code_note(),
         "## Usage\n",
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'tokenizer = AutoTokenizer.from_pretrained("{load_from}"{pin})\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{load_from}", trust_remote_code=True{pin})\n'
         f'model = AutoModelForCausalLM.from_pretrained("{load_from}", trust_remote_code=True{pin})\n'
         'inputs = tokenizer("A long document ...", return_tensors="pt")\n'
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))\n```\n",
