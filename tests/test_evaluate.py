@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from ttt_adapt import TTTConfig, convert
 from ttt_adapt.config import RecipeError, build_recipe
 from ttt_adapt.evaluate import (
+    HAYSTACK_CORPUS,
     TASKS,
     EvalError,
     EvalSettings,
@@ -403,6 +404,17 @@ def test_cli_runs_and_prints_the_table(files, tmp_path, cli_main, capsys):
     assert capsys.readouterr().out == (out / "report.md").read_text()
 
 
+def test_cli_lm_eval_task_needs_no_corpus(files, tmp_path, cli_main, capsys):
+    """--lm-eval-task evaluates nothing: without --corpus the haystacks come from the shipped held-out corpus."""
+    args = ["--lm-eval-task", tmp_path / "tasks", "--adapted", files["adapted"], "--lengths", "200",
+            "--tasks", "niah_single", "--num-samples", "2"]
+    assert cli_main([str(a) for a in args]) == 0
+    assert "wrote 1 tasks (ttt_niah_single_200)" in capsys.readouterr().out
+    prompts = [json.loads(line)["prompt"] for line in (tmp_path / "tasks" / "ttt_niah_single_200.jsonl").open()]
+    prose = set(filler_sentences([json.loads(line)["text"] for line in HAYSTACK_CORPUS.open()]))
+    assert len(prompts) == 2 and any(sentence in prompts[0] for sentence in prose)
+
+
 def test_lm_eval_task_matches_own_generation(files, tmp_path):
     """The exported model under lm-evaluation-harness on the local task: the same greedy answers as `generate`, and
     the same substring scoring (references made from our own generations: 2 of 3 must match)."""
@@ -458,3 +470,44 @@ def test_markdown_table_leaves_out_bins_without_tokens():
     assert "| recall-answer loss, positions 8-16 | 2.0000 | 1.5000 | 2.0000 |  | -0.5000 |  |" in table
     assert "| kv_retrieval @ 64 tokens (accuracy) | 0.5000 | 0.7500 |  |  | +0.2500 |  |" in table
     assert "each of 4 documents read with the fast weights another" in table
+
+
+RULER_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3")  # the RULER tasks that download nothing
+
+
+def test_lm_eval_ruler_runs_offline_on_an_export_at_small_lengths(tmp_path):
+    """lm-evaluation-harness's own RULER tasks against an exported TTT model with its local tokenizer, offline: the
+    lengths come from `--metadata '{"max_seq_lengths": [...]}'` (the spelling its task code reads), every prompt is
+    sized by the export's tokenizer, and nltk's punkt download (needed only for essay haystacks) is never tried."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("wonderwords")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shipped = REPO / "ttt_adapt" / "assets" / "tiny_qwen3_base"
+    tokenizer = AutoTokenizer.from_pretrained(shipped)
+    model = randomize_ttt(convert(AutoModelForCausalLM.from_pretrained(shipped), TTTConfig(layers=[1], chunk_size=64)),
+                          scale=0.02)
+    export = tmp_path / "export"
+    model.save_pretrained(export)
+    tokenizer.save_pretrained(export)
+    (tmp_path / "nltk" / "tokenizers" / "punkt_tab").mkdir(parents=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+         f"pretrained={export},trust_remote_code=True,dtype=float32", "--tasks", ",".join(RULER_TASKS),
+         "--metadata", json.dumps({"max_seq_lengths": [512]}), "--limit", "2", "--device", "cpu", "--batch_size", "2",
+         "--output_path", str(tmp_path / "results"), "--log_samples"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NLTK_DATA": str(tmp_path / "nltk")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "punkt" not in proc.stdout + proc.stderr
+    results = json.loads(next((tmp_path / "results").rglob("results_*.json")).read_text())["results"]
+    for task in RULER_TASKS:
+        assert 0 <= results[task]["512,none"] <= 1 and results[task]["4096,none"] == -1  # the default length unused
+        records = [json.loads(line) for line in next((tmp_path / "results").rglob(f"samples_{task}_*.jsonl")).open()]
+        assert len(records) == 2
+        for r in records:  # RULER sizes its input with our tokenizer, 128 tokens left for the answer
+            doc = r["doc"]
+            assert doc["max_length"] == 512 and 256 < doc["length"] <= 512
+            assert doc["length"] == len(tokenizer(doc["input"])["input_ids"]) + 128
+            assert doc["input"] in r["arguments"]["gen_args_0"]["arg_0"]

@@ -75,6 +75,7 @@ from ttt_adapt.modeling.ttt_layer import INIT, TTTMLP, ZERO, FlatLayout, fast_we
 TASKS = ("niah_single", "niah_multikey", "kv_retrieval", "variable_tracking")
 LOGIT_SLICE = 1024  # positions whose logits exist at once: (batch, 1024, vocab), not (batch, seq_len, vocab)
 EQUAL_ATOL = 1e-5  # converted vs base, per-token loss: the TTT path at step 0 must change nothing
+HAYSTACK_CORPUS = Path(__file__).parent / "assets" / "corpus" / "eval.jsonl"  # `--lm-eval-task`'s default prose
 RESAMPLES, CONFIDENCE = 1000, 0.95  # the bootstrap interval of own - swapped, over documents
 
 
