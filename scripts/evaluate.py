@@ -9,7 +9,7 @@ With --recipe, the defaults come from the recipe: --base its model.name_or_path,
 --corpus and the other settings its `eval` section (corpus default data.eval_path), --out <train.output_dir>/eval;
 options given on the command line win. --lm-eval-task writes the synthetic tasks as a local lm-evaluation-harness
 task folder (tokenised with the --adapted, else --base, tokenizer; haystacks from the prose of --corpus, default the
-shipped held-out corpus) and evaluates nothing; see ttt_adapt/evaluate.py.
+shipped held-out corpus) and evaluates nothing; see ttt_adapt/eval/.
 Bad input prints one line and exits 2.
 """
 
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
 
     hf_logging.disable_progress_bar()  # no weight-loading bars: the output is the table (or one error line)
     from ttt_adapt.config import RecipeError, load_recipe
-    from ttt_adapt.evaluate import HAYSTACK_CORPUS, EvalSettings, load_tokenizer, read_corpus, run_evaluation, \
+    from ttt_adapt.eval import HAYSTACK_CORPUS, EvalSettings, load_tokenizer, read_corpus, run_evaluation, \
         settings_from_recipe, task_samples, write_lm_eval_task
 
     try:

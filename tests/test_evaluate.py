@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from ttt_adapt import TTTConfig, convert
 from ttt_adapt.config import RecipeError, build_recipe
-from ttt_adapt.evaluate import (
+from ttt_adapt.eval import (
     HAYSTACK_CORPUS,
     TASKS,
     EvalError,
@@ -219,7 +219,7 @@ def test_swapped_state_control_tells_in_context_memory_from_a_fixed_bias(files, 
 def test_token_losses_match_full_logits(files, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import ttt_adapt.evaluate as evaluate
+    import ttt_adapt.eval.run as evaluate
 
     model = AutoModelForCausalLM.from_pretrained(files["adapted"]).eval()
     rows = tokenize_documents(files["tokenizer"], [document(1), document(2)[:50]], 96, pad_id=1)

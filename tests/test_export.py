@@ -23,7 +23,7 @@ from test_train import make_tiny_files, recipe_dict, write_recipe
 
 import ttt_adapt.export as export_module
 from ttt_adapt.config import load_recipe
-from ttt_adapt.evaluate import markdown_table
+from ttt_adapt.eval import markdown_table
 from ttt_adapt.export import ExportError, export_model, render_model_card
 from ttt_adapt.model_setup import build_model
 from ttt_adapt.train import train
@@ -180,7 +180,7 @@ def test_model_card_eval_table_license_and_hub_metadata(runs, tmp_path):
     raw["data"]["path"] = str(tmp_path / "deleted.jsonl")  # exporting needs no training data
     (checkpoint / "recipe.yaml").write_text(yaml.safe_dump(raw))
     (run / "eval").mkdir()
-    report = {  # the evaluation's report.json (ttt_adapt.evaluate): the card shows its one table
+    report = {  # the evaluation's report.json (ttt_adapt.eval): the card shows its one table
         "bins": [0, 32, 64, 96],
         "settings": {"seq_len": 96, "seed": 0},  # how the evaluation ran: not a model column
         "base": {"loss_by_position": [3.5, 3.25, 3.0], "tasks": {"niah_single": {"64": 0.25}}},

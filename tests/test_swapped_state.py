@@ -9,7 +9,7 @@ import torch
 from conftest import randomize_ttt
 
 from ttt_adapt import TTTConfig, convert
-from ttt_adapt.evaluate import bootstrap_difference, fast_weight_sources, swap_partners
+from ttt_adapt.eval import bootstrap_difference, fast_weight_sources, swap_partners
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CHUNK = 8

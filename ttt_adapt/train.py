@@ -4,7 +4,7 @@
 `ttt_adapt.model_setup`, pack the corpus with `ttt_adapt.data`, resume from the latest checkpoint in
 `train.output_dir`), then per step `train_step` (AdamW with warmup + cosine, gradient accumulation, clipping),
 logging to `metrics.jsonl` (and trackers), eval loss and checkpoints (`ttt_adapt.checkpoints`), and `finish`:
-the recipe's `eval` section (`ttt_adapt.evaluate`) and the export (`ttt_adapt.export`).
+the recipe's `eval` section (`ttt_adapt.eval`) and the export (`ttt_adapt.export`).
 
 The loss of a step is the mean over every real token of the global batch (all processes, all accumulation
 micro-batches): each micro-batch contributes `sum of its token losses / global token count`, times the number
@@ -96,7 +96,7 @@ def check_run(recipe: Recipe):
         except ValueError as e:
             raise RecipeError(f"ttt.layers: {e} ({name})" if "layer" in str(e) else f"ttt: {e}") from None
     if recipe.eval is not None:  # the eval section's keys, corpus and lengths (EvalError is a RecipeError)
-        from ttt_adapt.evaluate import settings_from_recipe
+        from ttt_adapt.eval import settings_from_recipe
 
         settings_from_recipe(recipe, config)
     cp_size = recipe.parallel.cp_size
@@ -297,13 +297,13 @@ def evaluate_loss(accelerator, model, eval_data: list[dict], recipe: Recipe, cp:
 
 def evaluate_after_training(accelerator, model, recipe: Recipe, exported: Path | None = None,
                             checkpoint: Path | None = None) -> Path | None:
-    """Run the recipe's `eval` section (`ttt_adapt.evaluate.evaluate_recipe`: base, converted base, adapted) on
+    """Run the recipe's `eval` section (`ttt_adapt.eval.evaluate_recipe`: base, converted base, adapted) on
     the main process, into `<train.output_dir>/eval/`. The adapted model is the one in memory; for a model
     sharded across processes, the one in the final `checkpoint` (loaded whole on the main process), or the export
     folder `exported` when given (DeepSpeed). None without `eval`."""
     if recipe.eval is None:
         return None
-    from ttt_adapt.evaluate import evaluate_recipe
+    from ttt_adapt.eval import evaluate_recipe
 
     if accelerator.is_main_process:
         if exported is not None:

@@ -1,6 +1,6 @@
 """Evaluation: what In-Place TTT buys over its base, measured offline.
 
-    from ttt_adapt.evaluate import EvalSettings, run_evaluation
+    from ttt_adapt.eval import EvalSettings, run_evaluation
     report = run_evaluation(EvalSettings(corpus="held_out.jsonl", lengths=[512, 1024]),
                             base="path/to/base", adapted="exports/my-ttt-model", out_dir="runs/x/eval")
 
@@ -75,7 +75,7 @@ from ttt_adapt.modeling.ttt_layer import INIT, TTTMLP, ZERO, FlatLayout, fast_we
 TASKS = ("niah_single", "niah_multikey", "kv_retrieval", "variable_tracking")
 LOGIT_SLICE = 1024  # positions whose logits exist at once: (batch, 1024, vocab), not (batch, seq_len, vocab)
 EQUAL_ATOL = 1e-5  # converted vs base, per-token loss: the TTT path at step 0 must change nothing
-HAYSTACK_CORPUS = Path(__file__).parent / "assets" / "corpus" / "eval.jsonl"  # `--lm-eval-task`'s default prose
+HAYSTACK_CORPUS = Path(__file__).parents[1] / "assets" / "corpus" / "eval.jsonl"  # `--lm-eval-task`'s default prose
 RESAMPLES, CONFIDENCE = 1000, 0.95  # the bootstrap interval of own - swapped, over documents
 
 
@@ -915,7 +915,7 @@ def _axes(ax, x, edges, ylabel, title):
     ax.legend()
 
 
-LM_EVAL_UTILS = '''"""Scoring of the ttt-adapt synthetic tasks (written by ttt_adapt.evaluate.write_lm_eval_task)."""
+LM_EVAL_UTILS = '''"""Scoring of the ttt-adapt synthetic tasks (written by ttt_adapt.eval.write_lm_eval_task)."""
 
 
 def process_results(doc, results):
@@ -985,6 +985,11 @@ def _first_line(e: BaseException) -> str:
 
 
 __all__ = [
+    "HAYSTACK_CORPUS",
+    "load_model",
+    "load_tokenizer",
+    "check_lengths",
+    "MODELS",
     "EvalError",
     "EvalSettings",
     "TASKS",
