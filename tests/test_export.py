@@ -23,7 +23,7 @@ from test_train import make_tiny_files, recipe_dict, write_recipe
 
 import ttt_adapt.export as export_module
 from ttt_adapt.config import load_recipe
-from ttt_adapt.eval import markdown_table
+from ttt_adapt.eval.report import markdown_table
 from ttt_adapt.export import ExportError, export_model, render_model_card
 from ttt_adapt.model_setup import build_model
 from ttt_adapt.train import train

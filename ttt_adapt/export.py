@@ -39,7 +39,7 @@ from safetensors import safe_open
 from ttt_adapt import modeling
 from ttt_adapt.config import HUB_REPO_ID, RecipeError, build_recipe, looks_like_local_path
 from ttt_adapt.checkpoints import STATE_FILE, CheckpointError, latest_checkpoint, load_checkpoint_model
-from ttt_adapt.eval import markdown_table
+from ttt_adapt.eval.report import markdown_table
 from ttt_adapt.model_setup import load_tokenizer
 from ttt_adapt.modeling.configuration_ttt import TESTED_TRANSFORMERS
 

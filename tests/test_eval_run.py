@@ -1,20 +1,18 @@
-"""Evaluation: position bins, the report (converted == base, adapted differs only after the first chunk), seeded
-synthetic tasks with their needles in place, scoring, left-padded generation, the plot, one-line errors and the
-CLI, and (when lm_eval is installed) the exported model under lm-evaluation-harness."""
+"""The evaluation run: position bins, token losses, the report (converted == base, adapted differs only after the
+first chunk, the state controls; the swapped-state control tells in-context memory from a fixed bias), the table,
+settings, one-line errors and the CLI."""
 
 import copy
 import json
-import os
 import random
 import string
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_ttt, script_main
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from conftest import script_main
+from eval_fixtures import CHUNK, REPO, document, files  # noqa: F401 (a fixture)
 
 from ttt_adapt import TTTConfig, convert
 from ttt_adapt.config import RecipeError, build_recipe
@@ -25,75 +23,14 @@ from ttt_adapt.eval import (
     EvalSettings,
     bin_means,
     filler_sentences,
-    generate,
-    make_samples,
     markdown_table,
     position_bins,
     run_evaluation,
-    score,
     settings_from_recipe,
     tokenize_documents,
-    write_lm_eval_task,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-CHUNK = 16
-PROSE = [
-    "The weather in Tolmar was grey, so Brissa stayed home.",
-    "At dawn, Kelvo carried the old lantern near the river.",
-    "Brissa asked Kelvo about the bell, and Kelvo said it was quiet.",
-    "Everyone in Tolmar said the bridge was narrow.",
-    "Kelvo and Brissa walked from Tolmar to Vessa.",
-    "In the afternoon, Brissa polished the silver kettle by the mill.",
-]
-
-
-def byte_tokenizer():
-    """Byte-level, no merges: every byte is one token, so decode -> encode gives the same ids back."""
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<eos>": 0, "<pad>": 1, **{c: i + 2 for i, c in enumerate(alphabet)}}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
-
-
-def document(i: int) -> str:
-    rng = random.Random(i)
-    prose = " ".join(rng.choice(PROSE) for _ in range(3))
-    return f"Vault Kor{i} holds code {4000 + i}.\n{prose}\nQ: What code opens vault Kor{i}? A: {4000 + i}.\n"
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A tiny random Qwen3 with a byte tokenizer, its TTT version with non-trivial TTT weights, and a corpus."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    root = tmp_path_factory.mktemp("evaluate")
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=512, tie_word_embeddings=True,
-        pad_token_id=1, eos_token_id=0,
-    )
-    base = Qwen3ForCausalLM(config).eval()
-    base.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    adapted = randomize_ttt(convert(base, TTTConfig(layers=[1], chunk_size=CHUNK)), scale=0.1)
-    adapted.save_pretrained(root / "adapted")
-    tokenizer.save_pretrained(root / "adapted")
-    with open(root / "eval.jsonl", "w") as f:
-        for i in range(5):
-            f.write(json.dumps({"text": document(i)}) + "\n")
-    (root / "empty.jsonl").write_text("")
-    return {"root": root, "base": root / "base", "adapted": root / "adapted", "corpus": root / "eval.jsonl",
-            "empty": root / "empty.jsonl", "tokenizer": tokenizer}
 
 
 SETTINGS = dict(seq_len=256, bin_edges=[0, CHUNK, 64, 128, 256], lengths=[200, 320], num_samples=3, batch_size=4,
@@ -219,12 +156,12 @@ def test_swapped_state_control_tells_in_context_memory_from_a_fixed_bias(files, 
 def test_token_losses_match_full_logits(files, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import ttt_adapt.eval.run as evaluate
+    import ttt_adapt.eval.loss_by_position as loss_by_position
 
     model = AutoModelForCausalLM.from_pretrained(files["adapted"]).eval()
     rows = tokenize_documents(files["tokenizer"], [document(1), document(2)[:50]], 96, pad_id=1)
-    monkeypatch.setattr(evaluate, "LOGIT_SLICE", 7)  # several slices, the last one partial
-    losses = evaluate.token_losses(model, rows, batch_size=2)
+    monkeypatch.setattr(loss_by_position, "LOGIT_SLICE", 7)  # several slices, the last one partial
+    losses = loss_by_position.token_losses(model, rows, batch_size=2)
     with torch.no_grad():
         logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"].long()).logits
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), rows["input_ids"][:, 1:],
@@ -247,67 +184,11 @@ def test_in_memory_models_as_training_passes_them(files, tmp_path):
     assert r["models"] == {"base": "Qwen3ForCausalLM (in memory)", "adapted": "TTTQwen3ForCausalLM (in memory)"}
 
 
-@pytest.mark.parametrize("task", TASKS)
-def test_task_samples_are_seeded_and_hold_the_answer_at_their_depth(files, task):
-    tokenizer = files["tokenizer"]
-    filler = [tokenizer(" " + s, add_special_tokens=False)["input_ids"] for s in PROSE]
-    samples = make_samples(task, 300, 4, tokenizer, filler, seed=0)
-    assert samples == make_samples(task, 300, 4, tokenizer, filler, seed=0)
-    assert samples != make_samples(task, 300, 4, tokenizer, filler, seed=1)
-    longest_piece = max(map(len, filler)) if task != "kv_retrieval" else 50  # tokens (= bytes here)
-    for s in samples:
-        ids, answer = s["input_ids"], s["answers"][0]
-        assert len(ids) == 300 and s["prompt"] == tokenizer.decode(ids) and s["prompt"].endswith("? A:")
-        question = s["prompt"].rsplit("\n\nQ: ", 1)[1]
-        # a needle sits at the haystack piece boundary nearest its depth; the haystack is the prompt less the needles
-        # (each its text and a space or newline, one token per byte) and the question
-        sizes = [len(n["text"]) + 1 for n in s["needles"]]
-        haystack = 300 - sum(sizes) - len("\n\nQ: " + question)
-        for needle in s["needles"]:
-            at = needle["position"]
-            assert tokenizer.decode(ids[at:]).lstrip().startswith(needle["text"])
-            before = sum(size for n, size in zip(s["needles"], sizes) if n["position"] < at)
-            assert abs(at - before - needle["depth"] * haystack) <= longest_piece / 2 + 1
-        holder = s["needles"][0]["text"] if task == "variable_tracking" else f"code {answer}."
-        assert answer in holder and s["prompt"].count(holder) == 1
-        if task == "variable_tracking":  # each chain's lines come in order; the question names chain 0's last variable
-            first, second = s["needles"][:4], s["needles"][4:]
-            assert all(a["position"] < b["position"] for chain in (first, second) for a, b in zip(chain, chain[1:]))
-            assert question == f"What is the value of {first[-1]['text'].split()[1]}? A:"
-        else:
-            key = question.split("vault ")[1].split("?")[0]
-            assert f"Vault {key} holds code {answer}." in s["prompt"]
-
-
-def test_filler_keeps_plain_prose_only():
-    text = ("The cat sat on the old mat by the door. Vault Dra holds code 1234. let x = 5; Q: What is it? A: 5.\n\n"
-            "Everyone in Tolmar said the bridge was narrow. Bressa repeated the motto: zo ka.")
-    assert filler_sentences([text, text]) == ["The cat sat on the old mat by the door.",
-                                              "Everyone in Tolmar said the bridge was narrow."]
-
-
-def test_score():
-    assert score(" 4821.\nQ: What", ["4821"]) == 1.0
-    assert score("the RED heron", ["a red heron", "red"]) == 0.5
-    assert score(" 4812.", ["4821"]) == 0.0
-
-
 def test_recall_tokens_are_the_answers(files):
     tokenizer = files["tokenizer"]
     rows = tokenize_documents(tokenizer, [document(7)], 256, pad_id=1)
     marked = rows["input_ids"][0][rows["recall"][0]].tolist()
     assert tokenizer.decode(marked) == "4007"
-
-
-def test_generate_left_padded_batch_matches_one_by_one(files):
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = files["tokenizer"]
-    prompts = [tokenizer(t)["input_ids"] for t in (document(1)[:90], document(2)[:37], document(3)[:61])]
-    for folder in (files["base"], files["adapted"]):
-        model = AutoModelForCausalLM.from_pretrained(folder).eval()
-        batched = generate(model, tokenizer, prompts, batch_size=3, max_new_tokens=6)
-        assert batched == [generate(model, tokenizer, [p], batch_size=1, max_new_tokens=6)[0] for p in prompts]
 
 
 def test_settings_are_checked():
@@ -415,38 +296,6 @@ def test_cli_lm_eval_task_needs_no_corpus(files, tmp_path, cli_main, capsys):
     assert len(prompts) == 2 and any(sentence in prompts[0] for sentence in prose)
 
 
-def test_lm_eval_task_matches_own_generation(files, tmp_path):
-    """The exported model under lm-evaluation-harness on the local task: the same greedy answers as `generate`, and
-    the same substring scoring (references made from our own generations: 2 of 3 must match)."""
-    pytest.importorskip("lm_eval")
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = files["tokenizer"]
-    filler = [tokenizer(" " + s, add_special_tokens=False)["input_ids"] for s in PROSE]
-    samples = make_samples("niah_multikey", 240, 3, tokenizer, filler, seed=0)
-    model = AutoModelForCausalLM.from_pretrained(files["adapted"]).eval()
-    ours = generate(model, tokenizer, [s["input_ids"] for s in samples], batch_size=2, max_new_tokens=5)
-    for s, answers in zip(samples, ([ours[0]], [ours[1] + "#"], [ours[2].upper()])):
-        s["answers"] = answers
-    assert write_lm_eval_task(tmp_path / "tasks", samples, max_new_tokens=5) == ["ttt_niah_multikey_240"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-         f"pretrained={files['adapted']},trust_remote_code=True,dtype=float32",
-         "--include_path", str(tmp_path / "tasks"),
-         "--tasks", "ttt_synthetic", "--device", "cpu", "--batch_size", "2", "--output_path", str(tmp_path / "results"),
-         "--log_samples"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    logged = next((tmp_path / "results").rglob("samples_ttt_niah_multikey_240_*.jsonl"))
-    records = [json.loads(line) for line in logged.read_text().splitlines()]
-    theirs = {r["doc"]["prompt"]: r["resps"][0][0] for r in records}
-    assert theirs == {s["prompt"]: g for s, g in zip(samples, ours)}
-    results = json.loads(next((tmp_path / "results").rglob("results_*.json")).read_text())["results"]
-    assert results["ttt_niah_multikey_240"]["contains,none"] == pytest.approx(2 / 3)
-
-
 def test_markdown_table_leaves_out_bins_without_tokens():
     report = {
         "bins": [0, 8, 16],
@@ -471,43 +320,3 @@ def test_markdown_table_leaves_out_bins_without_tokens():
     assert "| kv_retrieval @ 64 tokens (accuracy) | 0.5000 | 0.7500 |  |  | +0.2500 |  |" in table
     assert "each of 4 documents read with the fast weights another" in table
 
-
-RULER_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3")  # the RULER tasks that download nothing
-
-
-def test_lm_eval_ruler_runs_offline_on_an_export_at_small_lengths(tmp_path):
-    """lm-evaluation-harness's own RULER tasks against an exported TTT model with its local tokenizer, offline: the
-    lengths come from `--metadata '{"max_seq_lengths": [...]}'` (the spelling its task code reads), every prompt is
-    sized by the export's tokenizer, and nltk's punkt download (needed only for essay haystacks) is never tried."""
-    pytest.importorskip("lm_eval")
-    pytest.importorskip("wonderwords")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    shipped = REPO / "ttt_adapt" / "assets" / "tiny_qwen3_base"
-    tokenizer = AutoTokenizer.from_pretrained(shipped)
-    model = randomize_ttt(convert(AutoModelForCausalLM.from_pretrained(shipped), TTTConfig(layers=[1], chunk_size=64)),
-                          scale=0.02)
-    export = tmp_path / "export"
-    model.save_pretrained(export)
-    tokenizer.save_pretrained(export)
-    (tmp_path / "nltk" / "tokenizers" / "punkt_tab").mkdir(parents=True)
-    proc = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-         f"pretrained={export},trust_remote_code=True,dtype=float32", "--tasks", ",".join(RULER_TASKS),
-         "--metadata", json.dumps({"max_seq_lengths": [512]}), "--limit", "2", "--device", "cpu", "--batch_size", "2",
-         "--output_path", str(tmp_path / "results"), "--log_samples"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=900,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NLTK_DATA": str(tmp_path / "nltk")},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "punkt" not in proc.stdout + proc.stderr
-    results = json.loads(next((tmp_path / "results").rglob("results_*.json")).read_text())["results"]
-    for task in RULER_TASKS:
-        assert 0 <= results[task]["512,none"] <= 1 and results[task]["4096,none"] == -1  # the default length unused
-        records = [json.loads(line) for line in next((tmp_path / "results").rglob(f"samples_{task}_*.jsonl")).open()]
-        assert len(records) == 2
-        for r in records:  # RULER sizes its input with our tokenizer, 128 tokens left for the answer
-            doc = r["doc"]
-            assert doc["max_length"] == 512 and 256 < doc["length"] <= 512
-            assert doc["length"] == len(tokenizer(doc["input"])["input_ids"]) + 128
-            assert doc["input"] in r["arguments"]["gen_args_0"]["arg_0"]
