@@ -3,12 +3,13 @@
 
     python scripts/evaluate.py --base DIR --adapted DIR --corpus FILE.jsonl --out DIR [options]
     python scripts/evaluate.py --recipe RECIPE.yaml [options]
-    python scripts/evaluate.py --lm-eval-task DIR --adapted DIR --corpus FILE.jsonl [--lengths ...] [--tasks ...]
+    python scripts/evaluate.py --lm-eval-task DIR --adapted DIR [--corpus FILE.jsonl] [--lengths ...] [--tasks ...]
 
 With --recipe, the defaults come from the recipe: --base its model.name_or_path, --adapted its export.dir,
 --corpus and the other settings its `eval` section (corpus default data.eval_path), --out <train.output_dir>/eval;
 options given on the command line win. --lm-eval-task writes the synthetic tasks as a local lm-evaluation-harness
-task folder (tokenised with the --adapted, else --base, tokenizer) and evaluates nothing; see ttt_adapt/evaluate.py.
+task folder (tokenised with the --adapted, else --base, tokenizer; haystacks from the prose of --corpus, default the
+shipped held-out corpus) and evaluates nothing; see ttt_adapt/eval/.
 Bad input prints one line and exits 2.
 """
 
@@ -62,8 +63,8 @@ def main(argv=None) -> int:
 
     hf_logging.disable_progress_bar()  # no weight-loading bars: the output is the table (or one error line)
     from ttt_adapt.config import RecipeError, load_recipe
-    from ttt_adapt.evaluate import EvalSettings, load_tokenizer, read_corpus, run_evaluation, task_samples, \
-        write_lm_eval_task
+    from ttt_adapt.eval import HAYSTACK_CORPUS, EvalSettings, load_tokenizer, read_corpus, run_evaluation, \
+        task_samples, write_lm_eval_task
 
     try:
         raw, dtype = {}, args.dtype
@@ -84,14 +85,13 @@ def main(argv=None) -> int:
         if args.tasks is not None:
             raw["tasks"] = [] if args.tasks == "none" else [t.strip() for t in args.tasks.split(",") if t.strip()]
         settings = EvalSettings.from_dict(raw, prefix="settings")
-        if settings.corpus is None:
-            fail("--corpus is required (or --recipe with data.eval_path)")
 
         if args.lm_eval_task:
             if not (args.adapted or args.base):
                 fail("--lm-eval-task needs --adapted or --base (the tokenizer that counts the lengths)")
             tokenizer = load_tokenizer(args.adapted or args.base)
-            samples = task_samples(settings, tokenizer, read_corpus(settings.corpus, settings.text_field))
+            corpus = settings.corpus or str(HAYSTACK_CORPUS)  # only the haystack's prose comes from it
+            samples = task_samples(settings, tokenizer, read_corpus(corpus, settings.text_field))
             names = write_lm_eval_task(args.lm_eval_task, samples, settings.max_new_tokens)
             model = args.adapted or "DIR"
             print(f"wrote {len(names)} tasks ({', '.join(names)}) to {args.lm_eval_task}; run them with\n"
@@ -100,6 +100,8 @@ def main(argv=None) -> int:
                   f"--batch_size {settings.batch_size}")
             return 0
 
+        if settings.corpus is None:
+            fail("--corpus is required (or --recipe with data.eval_path)")
         for flag in ("base", "adapted", "out"):
             if not getattr(args, flag):
                 fail(f"--{flag} is required (or --recipe)")

@@ -24,6 +24,7 @@ import ttt_adapt.export.card as card_module
 import ttt_adapt.export.folder as folder_module
 import ttt_adapt.export.hub as hub_module
 from ttt_adapt.config import load_recipe
+from ttt_adapt.eval.report import markdown_table
 from ttt_adapt.export import ExportError, PushError
 from ttt_adapt.export.card import render_model_card
 from ttt_adapt.export.folder import export_model
@@ -94,6 +95,10 @@ RELOAD = BLOCK_TTT_ADAPT + textwrap.dedent(
             generate = pipeline("text-generation", model=case["folder"], trust_remote_code=True)
             text = generate("abc de", max_new_tokens=6, do_sample=False)[0]["generated_text"]
             assert text.startswith("abc de") and len(text) > len("abc de"), text
+            # the model card's usage, as a user copies it (stdin closed: a trust_remote_code prompt fails here)
+            card = open(case["folder"] + "/README.md").read()
+            usage = card.split("## Usage")[1].split("```python")[1].split("```")[0]
+            exec(usage.replace("path/to/this/folder", case["folder"]), {})
         print("ok", case["folder"])
     """
 )
@@ -120,9 +125,10 @@ def test_exports_reload_without_ttt_adapt_and_give_the_trained_logits(runs, expo
     (tmp_path / "reload.py").write_text(RELOAD)
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
     proc = subprocess.run([sys.executable, str(tmp_path / "reload.py"), json.dumps(cases)], capture_output=True,
-                          text=True, cwd=tmp_path, env=env, timeout=300)
+                          text=True, cwd=tmp_path, env=env, timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("ok ") == 3
+    assert "Do you wish to run the custom code?" not in proc.stdout  # transformers' prompt (15 s in a terminal)
 
 
 # ---------------------------------------------------------------------------------------------- the folder
@@ -177,19 +183,24 @@ def test_model_card_eval_table_license_and_hub_metadata(runs, tmp_path):
     raw["data"]["path"] = str(tmp_path / "deleted.jsonl")  # exporting needs no training data
     (checkpoint / "recipe.yaml").write_text(yaml.safe_dump(raw))
     (run / "eval").mkdir()
-    report = {
-        "bins": [[0, 32], [32, 64], [64, 96]],
+    report = {  # the evaluation's report.json (ttt_adapt.eval): the card shows its one table
+        "bins": [0, 32, 64, 96],
         "settings": {"seq_len": 96, "seed": 0},  # how the evaluation ran: not a model column
-        "base": {"loss_by_position": [3.5, 3.25, 3.0], "tasks": {"niah_single": 0.25, "kv_retrieval": 0.5}},
-        "adapted": {"loss_by_position": [3.5, 3.0, 2.5], "tasks": {"niah_single": 0.5, "kv_retrieval": 0.5}},
+        "base": {"loss_by_position": [3.5, 3.25, 3.0], "tasks": {"niah_single": {"64": 0.25}}},
+        "adapted": {"loss_by_position": [3.5, 3.0, 2.5], "tasks": {"niah_single": {"64": 0.5}}},
+        "adapted_swapped_state": {"documents": 8, "loss_by_position": [3.5, 3.125, 2.75]},
+        "adapted_no_state": {"loss_by_position": [3.5, 3.25, 3.0]},
+        "own_minus_swapped": {"documents": 8, "resamples": 1000, "confidence": 0.95, "loss_by_position": [
+            {"mean": 0.0, "low": 0.0, "high": 0.0}, {"mean": -0.125, "low": -0.25, "high": -0.0625},
+            {"mean": -0.25, "low": -0.5, "high": -0.125}]},
     }
     (run / "eval" / "report.json").write_text(json.dumps(report))
     out = export_model(checkpoint, tmp_path / "export", dtype="float32")
     card = (out / "README.md").read_text()
     assert metadata_load(out / "README.md")["license"] == "apache-2.0"
-    assert "| metric | base | adapted | adapted - base |" in card
-    assert "| loss_by_position / 64-96 | 3 | 2.5 | -0.5 |" in card
-    assert "| tasks / niah_single | 0.25 | 0.5 | +0.25 |" in card
+    assert markdown_table(report) in card
+    assert "| metric | base | adapted | adapted, swapped state | adapted, no state | adapted - base |" in card
+    assert "| loss, positions 64-96 | 3.0000 | 2.5000 | 2.7500 | 3.0000 | -0.5000 | -0.2500 [-0.5000, -0.1250] |" in card
     assert "| settings |" not in card and "| seq_len |" not in card
 
     from transformers import AutoConfig

@@ -248,7 +248,7 @@ TASKS = ("niah_single", "niah_multikey", "kv_retrieval", "variable_tracking")  #
 
 @dataclass
 class EvalSettings:
-    """What to evaluate (`ttt_adapt.evaluate`); the keys of a recipe's `eval` section.
+    """What to evaluate (`ttt_adapt.eval`); the keys of a recipe's `eval` section.
 
     Args:
         corpus: held-out documents, a .jsonl (one JSON object per line, text in `text_field`) or a .txt file (one

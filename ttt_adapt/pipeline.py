@@ -6,7 +6,7 @@
 
 Every process runs it. The checks (`ttt_adapt.preflight`) come before anything is built or written; the
 training loop (`ttt_adapt.training.loop`) resumes from the latest checkpoint in `train.output_dir`; then the
-recipe's `eval` section runs on the main process (`ttt_adapt.evaluate`) and the final checkpoint is exported
+recipe's `eval` section runs on the main process (`ttt_adapt.eval`) and the final checkpoint is exported
 (`ttt_adapt.export`). Evaluation comes first, so the export's model card shows the report.
 """
 
@@ -47,14 +47,14 @@ def adapt(recipe: Recipe) -> dict:
 
 
 def evaluate_after_training(run: Run) -> Path | None:
-    """Run the recipe's `eval` section (`ttt_adapt.evaluate.evaluate_recipe`: base, converted base, adapted) on
+    """Run the recipe's `eval` section (`ttt_adapt.eval.evaluate_recipe`: base, converted base, adapted) on
     the main process, into `<train.output_dir>/eval/`. The adapted model is the one in memory; for a model
     sharded across processes, the one in the final checkpoint (loaded whole on the main process). None without
     `eval`."""
     recipe, accelerator = run.recipe, run.accelerator
     if recipe.eval is None:
         return None
-    from ttt_adapt.evaluate import evaluate_recipe
+    from ttt_adapt.eval import evaluate_recipe
 
     if accelerator.is_main_process:
         if is_sharded(run.model):

@@ -119,7 +119,7 @@ def check_base(recipe: Recipe, config) -> None:
 
 def check_eval(recipe: Recipe, config) -> None:
     """The eval section's corpus exists and its lengths fit the base model's positions (EvalError)."""
-    from ttt_adapt.evaluate import check_lengths
+    from ttt_adapt.eval.settings import check_lengths
 
     if recipe.eval.corpus is None:
         raise EvalError("eval.corpus: not set, and the recipe has no data.eval_path to default to")

@@ -11,6 +11,7 @@ import yaml
 from huggingface_hub import hf_hub_download, metadata_load
 
 from ttt_adapt.config import looks_like_local_path
+from ttt_adapt.eval.report import markdown_table
 from ttt_adapt.modeling.configuration_ttt import TESTED_TRANSFORMERS
 
 CODE_NOTE = re.compile(r"<!-- ttt-adapt:code -->.*?<!-- /ttt-adapt:code -->\n?", re.DOTALL)
@@ -57,14 +58,14 @@ def render_model_card(config, recipe, state: dict, checkpoint: Path, *, report=N
         + "```\n\n</details>\n",
     ]
     if report:
-        parts += ["## Evaluation\n", eval_table(report)]
+        parts += ["## Evaluation\n", markdown_table(report)]
     load_from = repo_id or "path/to/this/folder"
     pin = f', revision="{revision}"' if revision else ""
     parts += [
         code_note(),
         "## Usage\n",
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'tokenizer = AutoTokenizer.from_pretrained("{load_from}"{pin})\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{load_from}", trust_remote_code=True{pin})\n'
         f'model = AutoModelForCausalLM.from_pretrained("{load_from}", trust_remote_code=True{pin})\n'
         'inputs = tokenizer("A long document ...", return_tensors="pt")\n'
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))\n```\n",
@@ -73,57 +74,6 @@ def render_model_card(config, recipe, state: dict, checkpoint: Path, *, report=N
         "`revision` to the commit you read so later pushes cannot change the code you run.\n",
     ]
     return "\n".join(parts)
-
-
-def eval_table(report: dict) -> str:
-    """A markdown table of an evaluation report: one row per metric, one column per model (`base`, `adapted`,
-    any other entry holding metrics), plus adapted - base. Position bins are labelled from the report's
-    `bins` / `bin_edges` / `position_bins` list when it has one."""
-    models = [k for k in ("base", "converted", "adapted") if isinstance(report.get(k), dict)]
-    metadata = ("settings", "models")  # how the evaluation ran, not a model's results
-    models += [k for k, v in report.items() if isinstance(v, dict) and k not in models + list(metadata) and _flatten(v)]
-    labels = next((report[k] for k in ("bins", "position_bins", "bin_edges") if isinstance(report.get(k), list)), None)
-    flat = {m: _flatten(report[m], bins=labels) for m in models}
-    rows = list(dict.fromkeys(key for m in models for key in flat[m]))
-    delta = "base" in flat and "adapted" in flat
-    header = ["metric", *models] + (["adapted - base"] if delta else [])
-    body = []
-    for key in rows:
-        values = [flat[m].get(key) for m in models]
-        row = [key, *(_fmt(v) if v is not None else "" for v in values)]
-        if delta:
-            a, b = flat["adapted"].get(key), flat["base"].get(key)
-            row.append(f"{a - b:+.4g}" if a is not None and b is not None else "")
-        body.append(row)
-    return _table(header, body)
-
-
-def _flatten(value, prefix: str = "", bins=None) -> dict:
-    """Nested dicts/lists of numbers -> {"a / b": number}; lists as long as `bins` (or one shorter, for edges)
-    are labelled by bin."""
-    if isinstance(value, bool):
-        return {}
-    if isinstance(value, (int, float)):
-        return {prefix: value}
-    out = {}
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list):
-        items = [(_bin_label(bins, i, len(value)), v) for i, v in enumerate(value)]
-    else:
-        return out
-    for key, v in items:
-        out.update(_flatten(v, f"{prefix} / {key}" if prefix else str(key), bins))
-    return out
-
-
-def _bin_label(bins, i: int, n: int) -> str:
-    if bins and len(bins) == n:
-        b = bins[i]
-        return f"{b[0]}-{b[1]}" if isinstance(b, (list, tuple)) and len(b) == 2 else str(b)
-    if bins and len(bins) == n + 1:
-        return f"{bins[i]}-{bins[i + 1]}"
-    return str(i)
 
 
 def _table(header: list, rows: list[list]) -> str:
@@ -182,4 +132,4 @@ def with_code_note(card: str) -> str:
     return card[:at] + code_note() + "\n" + card[at:] if at >= 0 else card.rstrip("\n") + "\n\n" + code_note()
 
 
-__all__ = ["render_model_card", "eval_table", "base_license", "code_note", "with_code_note", "CODE_NOTE"]
+__all__ = ["render_model_card", "base_license", "code_note", "with_code_note", "CODE_NOTE"]

@@ -1,95 +1,35 @@
-"""Evaluation: position bins, the report (converted == base, adapted differs only after the first chunk), seeded
-synthetic tasks with their needles in place, scoring, left-padded generation, the plot, one-line errors and the
-CLI, and (when lm_eval is installed) the exported model under lm-evaluation-harness."""
+"""The evaluation run: position bins, token losses, the report (converted == base, adapted differs only after the
+first chunk, the state controls; the swapped-state control tells in-context memory from a fixed bias), the table,
+settings, one-line errors and the CLI."""
 
+import copy
 import json
-import os
 import random
+import string
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_ttt, script_main
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from conftest import script_main
+from eval_fixtures import CHUNK, REPO, document, files  # noqa: F401 (a fixture)
 
 from ttt_adapt import TTTConfig, convert
 from ttt_adapt.config import RecipeError, build_recipe
-from ttt_adapt.evaluate import (
+from ttt_adapt.eval import (
+    HAYSTACK_CORPUS,
     TASKS,
     EvalError,
     EvalSettings,
     bin_means,
     filler_sentences,
-    generate,
-    make_samples,
     markdown_table,
     position_bins,
     run_evaluation,
-    score,
     tokenize_documents,
-    write_lm_eval_task,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-CHUNK = 16
-PROSE = [
-    "The weather in Tolmar was grey, so Brissa stayed home.",
-    "At dawn, Kelvo carried the old lantern near the river.",
-    "Brissa asked Kelvo about the bell, and Kelvo said it was quiet.",
-    "Everyone in Tolmar said the bridge was narrow.",
-    "Kelvo and Brissa walked from Tolmar to Vessa.",
-    "In the afternoon, Brissa polished the silver kettle by the mill.",
-]
-
-
-def byte_tokenizer():
-    """Byte-level, no merges: every byte is one token, so decode -> encode gives the same ids back."""
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<eos>": 0, "<pad>": 1, **{c: i + 2 for i, c in enumerate(alphabet)}}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
-
-
-def document(i: int) -> str:
-    rng = random.Random(i)
-    prose = " ".join(rng.choice(PROSE) for _ in range(3))
-    return f"Vault Kor{i} holds code {4000 + i}.\n{prose}\nQ: What code opens vault Kor{i}? A: {4000 + i}.\n"
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A tiny random Qwen3 with a byte tokenizer, its TTT version with non-trivial TTT weights, and a corpus."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    root = tmp_path_factory.mktemp("evaluate")
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=512, tie_word_embeddings=True,
-        pad_token_id=1, eos_token_id=0,
-    )
-    base = Qwen3ForCausalLM(config).eval()
-    base.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    adapted = randomize_ttt(convert(base, TTTConfig(layers=[1], chunk_size=CHUNK)), scale=0.1)
-    adapted.save_pretrained(root / "adapted")
-    tokenizer.save_pretrained(root / "adapted")
-    with open(root / "eval.jsonl", "w") as f:
-        for i in range(5):
-            f.write(json.dumps({"text": document(i)}) + "\n")
-    (root / "empty.jsonl").write_text("")
-    return {"root": root, "base": root / "base", "adapted": root / "adapted", "corpus": root / "eval.jsonl",
-            "empty": root / "empty.jsonl", "tokenizer": tokenizer}
 
 
 SETTINGS = dict(seq_len=256, bin_edges=[0, CHUNK, 64, 128, 256], lengths=[200, 320], num_samples=3, batch_size=4,
@@ -120,9 +60,16 @@ def test_report_schema_and_files(report):
     n_bins = len(r["bins"]) - 1
     assert len(r["tokens_per_bin"]) == n_bins and all(n > 0 for n in r["tokens_per_bin"])
     assert sum(r["recall_tokens_per_bin"]) > 0
-    for name in ("base", "converted", "adapted"):
+    for name in ("base", "converted", "adapted", "adapted_swapped_state", "adapted_no_state"):
         assert len(r[name]["loss_by_position"]) == n_bins
         assert len(r[name]["recall_loss_by_position"]) == n_bins
+    control = r["own_minus_swapped"]
+    # 5 documents of different lengths (< seq_len): the longest has no partner as long
+    assert control["documents"] == r["adapted_swapped_state"]["documents"] == 4
+    for key in ("loss_by_position", "recall_loss_by_position"):
+        assert len(control[key]) == n_bins
+        assert all(d is None or d["low"] <= d["mean"] <= d["high"] for d in control[key])
+    assert control["loss_by_position"][0] == {"mean": 0.0, "low": 0.0, "high": 0.0}  # the first chunk reads nothing
     for name in ("base", "adapted"):
         assert set(r[name]["tasks"]) == set(TASKS)
         for task in TASKS:
@@ -133,6 +80,8 @@ def test_report_schema_and_files(report):
     assert (out / "report.md").read_text() == markdown_table(r)
     table = markdown_table(r)
     assert "| loss, positions 0-16 |" in table and "| niah_single @ 320 tokens (accuracy) |" in table
+    assert table.startswith("| metric | base | adapted | adapted, swapped state | adapted, no state | adapted - base | "
+                            "own - swapped (95% CI) |\n")
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == len(TASKS) * 2 * 3 and {"base_generation", "adapted_generation"} <= set(samples[0])
 
@@ -146,15 +95,72 @@ def test_converted_equals_base_adapted_differs_after_first_chunk(report):
     assert all(abs(a - b) > 1e-4 for a, b in zip(adapted[1:], base[1:]))
 
 
+def repeating_document(i: int, period: int = 24, length: int = 200) -> str:
+    rng = random.Random(f"repeat/{i}")
+    unit = "".join(rng.choice(string.ascii_lowercase) for _ in range(period))
+    return (unit * (length // period + 1))[:length]
+
+
+def induction_memory(model, layer: int, lr: float = 20.0):
+    """Fast weights as an associative memory: each token writes the embedding of the token after it (conv tap +1 of
+    the input embeddings, identity target projection), keyed by its h; a later occurrence of the token reads it
+    back. A document's own fast weights then predict its repeats; another document's do not."""
+    mlp = model.model.ttt_modules()[layer]
+    with torch.no_grad():
+        mlp.ttt.conv.weight.zero_()
+        mlp.ttt.conv.weight[:, 0, mlp.ttt.conv.weight.shape[-1] // 2 + 1] = 1.0
+        mlp.ttt.target_proj.weight.copy_(torch.eye(mlp.hidden_size))
+        mlp.ttt.lr.fill_(lr)
+    return model
+
+
+def test_swapped_state_control_tells_in_context_memory_from_a_fixed_bias(files, tmp_path):
+    """Acceptance (issue 21): a model whose fast weights carry what the document said (an associative memory of its
+    tokens) and one whose TTT path is a fixed, document-independent change of down_proj. Both differ from the base;
+    the control's own - swapped interval excludes 0 for the first and includes it for the second."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = files["tokenizer"]
+    torch.manual_seed(0)
+    base = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=512, tie_word_embeddings=True,
+        pad_token_id=1, eos_token_id=0,
+    )).eval()
+    corpus = tmp_path / "repeats.jsonl"
+    corpus.write_text("".join(json.dumps({"text": repeating_document(i)}) + "\n" for i in range(16)))
+    config = TTTConfig(layers=[1], chunk_size=16, target="input_embed")
+    memory = induction_memory(convert(base, config), layer=1)
+    fixed = convert(copy.deepcopy(base), config)  # step-0 TTT weights: the fast weights are never written
+    with torch.no_grad():
+        down = fixed.model.layers[1].mlp.down_proj.weight
+        down += 0.05 * torch.randn(down.shape, generator=torch.Generator().manual_seed(3))
+    settings = EvalSettings(corpus=str(corpus), seq_len=192, bin_edges=[0, 16, 64, 192], tasks=[], batch_size=8)
+    reports = {name: run_evaluation(settings, base, model, tmp_path / name, tokenizer=tokenizer, log=lambda m: None)
+               for name, model in (("memory", memory), ("fixed", fixed))}
+    for r in reports.values():
+        assert r["own_minus_swapped"]["documents"] == 16
+        assert abs(r["adapted"]["loss_by_position"][-1] - r["base"]["loss_by_position"][-1]) > 1e-3
+    far = reports["memory"]["own_minus_swapped"]["loss_by_position"][-1]
+    assert far["low"] <= far["mean"] <= far["high"] < 0  # the own state helps: beyond the interval
+    assert reports["memory"]["adapted_no_state"]["loss_by_position"] == reports["memory"]["base"]["loss_by_position"]
+    far = reports["fixed"]["own_minus_swapped"]["loss_by_position"][-1]
+    assert far["low"] <= 0 <= far["high"]
+    r = reports["fixed"]
+    assert r["adapted_swapped_state"]["loss_by_position"] == r["adapted"]["loss_by_position"] \
+        == r["adapted_no_state"]["loss_by_position"]
+    assert "| adapted, swapped state | adapted, no state |" in (tmp_path / "memory" / "report.md").read_text()
+
+
 def test_token_losses_match_full_logits(files, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import ttt_adapt.evaluate as evaluate
+    import ttt_adapt.eval.loss_by_position as loss_by_position
 
     model = AutoModelForCausalLM.from_pretrained(files["adapted"]).eval()
     rows = tokenize_documents(files["tokenizer"], [document(1), document(2)[:50]], 96, pad_id=1)
-    monkeypatch.setattr(evaluate, "LOGIT_SLICE", 7)  # several slices, the last one partial
-    losses = evaluate.token_losses(model, rows, batch_size=2)
+    monkeypatch.setattr(loss_by_position, "LOGIT_SLICE", 7)  # several slices, the last one partial
+    losses = loss_by_position.token_losses(model, rows, batch_size=2)
     with torch.no_grad():
         logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"].long()).logits
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), rows["input_ids"][:, 1:],
@@ -177,67 +183,11 @@ def test_in_memory_models_as_training_passes_them(files, tmp_path):
     assert r["models"] == {"base": "Qwen3ForCausalLM (in memory)", "adapted": "TTTQwen3ForCausalLM (in memory)"}
 
 
-@pytest.mark.parametrize("task", TASKS)
-def test_task_samples_are_seeded_and_hold_the_answer_at_their_depth(files, task):
-    tokenizer = files["tokenizer"]
-    filler = [tokenizer(" " + s, add_special_tokens=False)["input_ids"] for s in PROSE]
-    samples = make_samples(task, 300, 4, tokenizer, filler, seed=0)
-    assert samples == make_samples(task, 300, 4, tokenizer, filler, seed=0)
-    assert samples != make_samples(task, 300, 4, tokenizer, filler, seed=1)
-    longest_piece = max(map(len, filler)) if task != "kv_retrieval" else 50  # tokens (= bytes here)
-    for s in samples:
-        ids, answer = s["input_ids"], s["answers"][0]
-        assert len(ids) == 300 and s["prompt"] == tokenizer.decode(ids) and s["prompt"].endswith("? A:")
-        question = s["prompt"].rsplit("\n\nQ: ", 1)[1]
-        # a needle sits at the haystack piece boundary nearest its depth; the haystack is the prompt less the needles
-        # (each its text and a space or newline, one token per byte) and the question
-        sizes = [len(n["text"]) + 1 for n in s["needles"]]
-        haystack = 300 - sum(sizes) - len("\n\nQ: " + question)
-        for needle in s["needles"]:
-            at = needle["position"]
-            assert tokenizer.decode(ids[at:]).lstrip().startswith(needle["text"])
-            before = sum(size for n, size in zip(s["needles"], sizes) if n["position"] < at)
-            assert abs(at - before - needle["depth"] * haystack) <= longest_piece / 2 + 1
-        holder = s["needles"][0]["text"] if task == "variable_tracking" else f"code {answer}."
-        assert answer in holder and s["prompt"].count(holder) == 1
-        if task == "variable_tracking":  # each chain's lines come in order; the question names chain 0's last variable
-            first, second = s["needles"][:4], s["needles"][4:]
-            assert all(a["position"] < b["position"] for chain in (first, second) for a, b in zip(chain, chain[1:]))
-            assert question == f"What is the value of {first[-1]['text'].split()[1]}? A:"
-        else:
-            key = question.split("vault ")[1].split("?")[0]
-            assert f"Vault {key} holds code {answer}." in s["prompt"]
-
-
-def test_filler_keeps_plain_prose_only():
-    text = ("The cat sat on the old mat by the door. Vault Dra holds code 1234. let x = 5; Q: What is it? A: 5.\n\n"
-            "Everyone in Tolmar said the bridge was narrow. Bressa repeated the motto: zo ka.")
-    assert filler_sentences([text, text]) == ["The cat sat on the old mat by the door.",
-                                              "Everyone in Tolmar said the bridge was narrow."]
-
-
-def test_score():
-    assert score(" 4821.\nQ: What", ["4821"]) == 1.0
-    assert score("the RED heron", ["a red heron", "red"]) == 0.5
-    assert score(" 4812.", ["4821"]) == 0.0
-
-
 def test_recall_tokens_are_the_answers(files):
     tokenizer = files["tokenizer"]
     rows = tokenize_documents(tokenizer, [document(7)], 256, pad_id=1)
     marked = rows["input_ids"][0][rows["recall"][0]].tolist()
     assert tokenizer.decode(marked) == "4007"
-
-
-def test_generate_left_padded_batch_matches_one_by_one(files):
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = files["tokenizer"]
-    prompts = [tokenizer(t)["input_ids"] for t in (document(1)[:90], document(2)[:37], document(3)[:61])]
-    for folder in (files["base"], files["adapted"]):
-        model = AutoModelForCausalLM.from_pretrained(folder).eval()
-        batched = generate(model, tokenizer, prompts, batch_size=3, max_new_tokens=6)
-        assert batched == [generate(model, tokenizer, [p], batch_size=1, max_new_tokens=6)[0] for p in prompts]
 
 
 def test_settings_are_checked():
@@ -336,36 +286,15 @@ def test_cli_runs_and_prints_the_table(files, tmp_path, cli_main, capsys):
     assert capsys.readouterr().out == (out / "report.md").read_text()
 
 
-def test_lm_eval_task_matches_own_generation(files, tmp_path):
-    """The exported model under lm-evaluation-harness on the local task: the same greedy answers as `generate`, and
-    the same substring scoring (references made from our own generations: 2 of 3 must match)."""
-    pytest.importorskip("lm_eval")
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = files["tokenizer"]
-    filler = [tokenizer(" " + s, add_special_tokens=False)["input_ids"] for s in PROSE]
-    samples = make_samples("niah_multikey", 240, 3, tokenizer, filler, seed=0)
-    model = AutoModelForCausalLM.from_pretrained(files["adapted"]).eval()
-    ours = generate(model, tokenizer, [s["input_ids"] for s in samples], batch_size=2, max_new_tokens=5)
-    for s, answers in zip(samples, ([ours[0]], [ours[1] + "#"], [ours[2].upper()])):
-        s["answers"] = answers
-    assert write_lm_eval_task(tmp_path / "tasks", samples, max_new_tokens=5) == ["ttt_niah_multikey_240"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-         f"pretrained={files['adapted']},trust_remote_code=True,dtype=float32",
-         "--include_path", str(tmp_path / "tasks"),
-         "--tasks", "ttt_synthetic", "--device", "cpu", "--batch_size", "2", "--output_path", str(tmp_path / "results"),
-         "--log_samples"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    logged = next((tmp_path / "results").rglob("samples_ttt_niah_multikey_240_*.jsonl"))
-    records = [json.loads(line) for line in logged.read_text().splitlines()]
-    theirs = {r["doc"]["prompt"]: r["resps"][0][0] for r in records}
-    assert theirs == {s["prompt"]: g for s, g in zip(samples, ours)}
-    results = json.loads(next((tmp_path / "results").rglob("results_*.json")).read_text())["results"]
-    assert results["ttt_niah_multikey_240"]["contains,none"] == pytest.approx(2 / 3)
+def test_cli_lm_eval_task_needs_no_corpus(files, tmp_path, cli_main, capsys):
+    """--lm-eval-task evaluates nothing: without --corpus the haystacks come from the shipped held-out corpus."""
+    args = ["--lm-eval-task", tmp_path / "tasks", "--adapted", files["adapted"], "--lengths", "200",
+            "--tasks", "niah_single", "--num-samples", "2"]
+    assert cli_main([str(a) for a in args]) == 0
+    assert "wrote 1 tasks (ttt_niah_single_200)" in capsys.readouterr().out
+    prompts = [json.loads(line)["prompt"] for line in (tmp_path / "tasks" / "ttt_niah_single_200.jsonl").open()]
+    prose = set(filler_sentences([json.loads(line)["text"] for line in HAYSTACK_CORPUS.open()]))
+    assert len(prompts) == 2 and any(sentence in prompts[0] for sentence in prose)
 
 
 def test_markdown_table_leaves_out_bins_without_tokens():
@@ -377,4 +306,18 @@ def test_markdown_table_leaves_out_bins_without_tokens():
     table = markdown_table(report)
     assert "recall-answer loss, positions 0-8" not in table
     assert "| recall-answer loss, positions 8-16 |" in table and "| loss, positions 0-8 |" in table
-    assert "| kv_retrieval @ 64 tokens (accuracy) |" in table
+    assert "| kv_retrieval @ 64 tokens (accuracy) | 0.5000 | 0.7500 | +0.2500 |" in table
+    assert table.startswith("| metric | base | adapted | adapted - base |\n")  # a report without the controls
+    report.update(
+        adapted_swapped_state={"loss_by_position": [3.0, 2.5], "recall_loss_by_position": [None, 2.0]},
+        adapted_no_state={"loss_by_position": [3.0, 2.5]},
+        own_minus_swapped={"documents": 4, "resamples": 10, "confidence": 0.95,
+                           "loss_by_position": [{"mean": 0.0, "low": 0.0, "high": 0.0},
+                                                {"mean": -0.25, "low": -0.375, "high": -0.125}]},
+    )
+    table = markdown_table(report)
+    assert "| loss, positions 8-16 | 2.5000 | 2.2500 | 2.5000 | 2.5000 | -0.2500 | -0.2500 [-0.3750, -0.1250] |" in table
+    assert "| recall-answer loss, positions 8-16 | 2.0000 | 1.5000 | 2.0000 |  | -0.5000 |  |" in table
+    assert "| kv_retrieval @ 64 tokens (accuracy) | 0.5000 | 0.7500 |  |  | +0.2500 |  |" in table
+    assert "each of 4 documents read with the fast weights another" in table
+

@@ -1,0 +1,136 @@
+"""Loss by position: held-out documents tokenised, per-token losses (with the model's own fast weights, another
+document's, or none), their means per position bin, and the bootstrap interval of a difference."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ttt_adapt.corpus import recall_spans
+from ttt_adapt._util import unwrap
+from ttt_adapt.eval.settings import EvalError
+from ttt_adapt.eval.swapped_state import fast_weight_sources
+
+
+LOGIT_SLICE = 1024  # positions whose logits exist at once: (batch, 1024, vocab), not (batch, seq_len, vocab)
+
+
+RESAMPLES, CONFIDENCE = 1000, 0.95  # the bootstrap interval of own - swapped, over documents
+
+
+def tokenize_documents(tokenizer, docs: list[str], seq_len: int, pad_id: int) -> dict:
+    """The first `seq_len` tokens of each document, right-padded: input_ids, attention_mask and `recall` (the tokens
+    that overlap a query answer of `ttt_adapt.corpus.recall_spans`; all False for other corpora)."""
+    fast = getattr(tokenizer, "is_fast", False)
+    enc = tokenizer(docs, return_offsets_mapping=fast, truncation=True, max_length=seq_len)
+    ids = torch.full((len(docs), seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(docs), seq_len, dtype=torch.bool)
+    recall = torch.zeros(len(docs), seq_len, dtype=torch.bool)
+    for i, doc in enumerate(docs):
+        row = enc["input_ids"][i]
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = True
+        if fast:
+            spans = recall_spans(doc)
+            for j, (s, e) in enumerate(enc["offset_mapping"][i]):
+                recall[i, j] = e > s and any(s < b and e > a for a, b in spans)
+    keep = mask.sum(1) >= 2  # a 1-token document has nothing to predict
+    if not keep.any():
+        raise EvalError("no held-out document has 2 or more tokens")
+    return {"input_ids": ids[keep], "attention_mask": mask[keep], "recall": recall[keep]}
+
+
+@torch.no_grad()
+def token_losses(model, rows: dict, batch_size: int) -> torch.Tensor:
+    """(N, L) loss of predicting token j from tokens < j (column 0 and padding: 0)."""
+    lm = unwrap(model)  # peft injects LoRA in place: the unwrapped modules still apply it
+    ids, mask = rows["input_ids"], rows["attention_mask"]
+    return torch.cat([_batch_losses(lm, ids[i : i + batch_size], mask[i : i + batch_size])
+                      for i in range(0, len(ids), batch_size)])
+
+
+@torch.no_grad()
+def swapped_token_losses(model, rows: dict, partners: list[int | None], batch_size: int) -> torch.Tensor:
+    """`token_losses` of each document read with the fast weights its partner (`swap_partners`) writes, chunk for
+    chunk; documents without a partner: 0. Each forward holds the documents and their partners (cut to the
+    documents' lengths), about `batch_size` rows."""
+    lm = unwrap(model)
+    ids, mask = rows["input_ids"], rows["attention_mask"]
+    out = torch.zeros(ids.shape)
+    docs = [i for i, p in enumerate(partners) if p is not None]
+    step = max(1, batch_size // 2)
+    for k in range(0, len(docs), step):
+        batch = docs[k : k + step]
+        donors = [partners[i] for i in batch]
+        n = len(batch)
+        with fast_weight_sources(lm, [n + i for i in range(n)] * 2):  # rows i read row n + i; those their own
+            losses = _batch_losses(lm, torch.cat([ids[batch], ids[donors]]), torch.cat([mask[batch], mask[batch]]))
+        out[batch] = losses[:n]
+    return out
+
+
+@torch.no_grad()
+def stateless_token_losses(model, rows: dict, batch_size: int) -> torch.Tensor:
+    """`token_losses` with the fast weights never written: every TTT MLP computes `down_proj(h)` alone."""
+    with fast_weight_sources(model, None):
+        return token_losses(model, rows, batch_size)
+
+
+def _batch_losses(lm, x, m):
+    """Runs the decoder (`lm.model`) once and the LM head on `LOGIT_SLICE` positions at a time: a 150k vocabulary
+    at 32k positions would not fit as one logits tensor."""
+    device = next(lm.parameters()).device
+    x, m = x.to(device), m.to(device)
+    hidden = lm.model(input_ids=x, attention_mask=m.long(), use_cache=False).last_hidden_state
+    loss = torch.zeros(x.shape, dtype=torch.float32, device=device)
+    for s in range(0, x.shape[1] - 1, LOGIT_SLICE):
+        e = min(s + LOGIT_SLICE, x.shape[1] - 1)
+        logits = lm.lm_head(hidden[:, s:e]).float()
+        loss[:, s + 1 : e + 1] = F.cross_entropy(logits.transpose(1, 2), x[:, s + 1 : e + 1], reduction="none")
+    return (loss * m).cpu()
+
+
+def bin_means(losses: torch.Tensor, weights: torch.Tensor, edges: list[int]) -> list[float | None]:
+    """Mean of `losses` where `weights` is set, per position bin [edges[k], edges[k+1]); None for an empty bin."""
+    means = []
+    for a, b in zip(edges, edges[1:]):
+        w = weights[:, a:b].double()
+        n = float(w.sum())
+        means.append(float((losses[:, a:b].double() * w).sum() / n) if n else None)
+    return means
+
+
+def bootstrap_difference(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor, edges: list[int],
+                         resamples: int = RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0) -> list[dict | None]:
+    """Per position bin: the token-weighted mean of `a - b` (N documents x L positions, where `weights` is set) and
+    its percentile bootstrap interval, documents resampled with replacement; None for an empty bin or < 2 documents.
+    """
+    n = a.shape[0]
+    draws = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed)) if n else None
+    quantiles = torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64)
+    out = []
+    for lo, hi in zip(edges, edges[1:]):
+        w = weights[:, lo:hi].double()
+        sums, counts = ((a - b)[:, lo:hi].double() * w).sum(1), w.sum(1)
+        if n < 2 or not counts.sum():
+            out.append(None)
+            continue
+        boot = sums[draws].sum(1) / counts[draws].sum(1)  # a resample without tokens in the bin: nan, left out
+        low, high = torch.nanquantile(boot, quantiles).tolist()
+        out.append({"mean": float(sums.sum() / counts.sum()), "low": low, "high": high})
+    return out
+
+
+def predicted_positions(rows: dict) -> torch.Tensor:
+    """Positions whose token is predicted: real tokens except each row's first."""
+    t = rows["attention_mask"].clone()
+    t[:, 0] = False
+    return t
+
+
+def by_position(losses: torch.Tensor, weights: dict, edges: list[int]) -> dict:
+    """`loss_by_position` (all predicted tokens) and, when the corpus has query answers, `recall_loss_by_position`."""
+    result = {"loss_by_position": bin_means(losses, weights["all"], edges)}
+    if weights["recall"].any():
+        result["recall_loss_by_position"] = bin_means(losses, weights["recall"], edges)
+    return result

@@ -1,0 +1,143 @@
+"""The evaluation report's outputs: its one markdown table (report.md and the model card), the plot, the files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+MODELS = {  # report entry -> column / legend label, in table order
+    "base": "base",
+    "adapted": "adapted",
+    "adapted_swapped_state": "adapted, swapped state",
+    "adapted_no_state": "adapted, no state",
+}
+
+
+def markdown_table(report: dict) -> str:
+    """The evaluation table (report.md and the model card): one row per position bin (all tokens, then recall
+    answers) and per task and length; a column per model of `MODELS` in the report, adapted - base, and own -
+    swapped with its bootstrap interval when the report has the swapped-state control."""
+    edges = report["bins"]
+    models = [m for m in MODELS if isinstance(report.get(m), dict)]
+    control = report.get("own_minus_swapped")
+    header = ["metric", *(MODELS[m] for m in models), "adapted - base"]
+    if control:
+        header.append(f"own - swapped ({control['confidence']:.0%} CI)")
+    rows = []
+    for key, label in (("loss_by_position", "loss"), ("recall_loss_by_position", "recall-answer loss")):
+        if key not in report["base"]:
+            continue
+        for k, (a, b) in enumerate(zip(edges, edges[1:])):
+            values = [(report[m].get(key) or [None] * len(edges))[k] for m in models]
+            if all(v is None for v in values):
+                continue  # no such tokens in this bin (e.g. no recall answer that early)
+            interval = (control.get(key) or [None] * len(edges))[k] if control else None
+            rows.append([f"{label}, positions {a}-{b}", values, interval])
+    for task, by_length in report["base"].get("tasks", {}).items():
+        for length in by_length:
+            values = [report[m].get("tasks", {}).get(task, {}).get(length) for m in models]
+            rows.append([f"{task} @ {length} tokens (accuracy)", values, None])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for metric, values, interval in rows:
+        by = dict(zip(models, values))
+        delta = _diff(by.get("adapted"), by.get("base"))
+        cells = [metric, *map(_fmt, values), delta] + ([_interval(interval)] if control else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + _notes(report)
+
+
+def _notes(report: dict) -> str:
+    notes = []
+    converted = report.get("converted", {})
+    if "equals_base" in converted:
+        notes.append(f"Freshly converted model vs base: max |per-token loss difference| = "
+                     f"{converted['max_abs_loss_diff']:.2g} ({'equal' if converted['equals_base'] else 'NOT equal'}).")
+    control = report.get("own_minus_swapped")
+    if control:
+        notes.append(f"Swapped state: each of {control['documents']} documents read with the fast weights another "
+                     "held-out document of its length writes, chunk for chunk (attention still sees the document "
+                     "itself); no state: fast weights never written. own - swapped below 0, its interval too: the fast "
+                     "weights carry what the document itself said; the gain that survives the swap is adaptation.")
+    return "".join(f"\n{n}\n" for n in notes)
+
+
+def _diff(a, b) -> str:
+    return _fmt(a - b, "+") if a is not None and b is not None else ""
+
+
+def _interval(d) -> str:
+    return "" if d is None else f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+
+
+def _fmt(v, sign: str = "") -> str:
+    return "" if v is None else f"{v:{sign}.4f}"
+
+
+def write_report(out_dir, report: dict, samples: list[dict], generations: dict) -> Path:
+    """Write report.json, report.md (`markdown_table`), loss_by_position.png and samples.jsonl (every prompt's answers
+    and each model's generation) into `out_dir` (created); return the report.json path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown_table(report))
+    plot_loss_by_position(report, out / "loss_by_position.png")
+    with open(out / "samples.jsonl", "w") as f:
+        for i, s in enumerate(samples):
+            record = {k: s[k] for k in ("task", "length", "answers", "needles")}
+            record.update({f"{m}_generation": generations[m][i] for m in generations})
+            f.write(json.dumps(record) + "\n")
+    return out / "report.json"
+
+
+def plot_loss_by_position(report: dict, path) -> None:
+    """PNG: loss per position bin (and recall-answer loss, when measured) for base, converted, adapted and the
+    adapted model's state controls; then own - swapped with its interval, when measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = report["bins"]
+    x = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
+    keys = [k for k in ("loss_by_position", "recall_loss_by_position") if k in report["base"]]
+    control = report.get("own_minus_swapped")
+    fig, axes = plt.subplots(1, len(keys) + bool(control), figsize=(6 * (len(keys) + bool(control)), 4), squeeze=False)
+    styles = {"base": "o-", "converted": "x:", "adapted": "s-", "adapted_swapped_state": "d--", "adapted_no_state": "^:"}
+    for ax, key in zip(axes[0], keys):
+        for name, style in styles.items():
+            values = report.get(name, {}).get(key)
+            if values:
+                ax.plot(*_points(x, values), style, label=MODELS.get(name, name))
+        _axes(ax, x, edges, "loss (nats/token)",
+              "all tokens" if key == "loss_by_position" else "answers of long-range queries")
+    if control:
+        ax = axes[0][-1]
+        for key, style in (("loss_by_position", "s-"), ("recall_loss_by_position", "d--")):
+            intervals = [(xi, d) for xi, d in zip(x, control.get(key) or []) if d is not None]
+            if intervals:
+                mean = [d["mean"] for _, d in intervals]
+                err = [[m - d["low"] for m, (_, d) in zip(mean, intervals)],
+                       [d["high"] - m for m, (_, d) in zip(mean, intervals)]]
+                ax.errorbar([xi for xi, _ in intervals], mean, yerr=err, fmt=style, capsize=3,
+                            label="all tokens" if key == "loss_by_position" else "recall answers")
+        ax.axhline(0, color="grey", lw=0.8)
+        _axes(ax, x, edges, "own - swapped loss (nats/token)", f"own - swapped state ({control['confidence']:.0%} CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _points(x, values):
+    return [xi for xi, v in zip(x, values) if v is not None], [v for v in values if v is not None]
+
+
+def _axes(ax, x, edges, ylabel, title):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [f"{a}-{b}" for a, b in zip(edges, edges[1:])], rotation=30, fontsize=8)
+    ax.minorticks_off()
+    ax.set_xlabel("position in document (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
