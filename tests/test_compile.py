@@ -108,14 +108,16 @@ def test_train_compile_key_compiles_each_decoder_layer(monkeypatch, tmp_path):
     inductor's compile of the whole loop takes minutes on 2 cores; it is checked on a layer above)."""
     from conftest import load, make_tiny_files, metrics
 
-    from ttt_adapt import sharding, train as loop
+    from ttt_adapt import model_setup
+    from ttt_adapt.pipeline import adapt
+    from ttt_adapt.training import loop
 
     files = make_tiny_files(tmp_path / "tiny")
     counter = CompileCounterWithBackend("aot_eager")
     compiled_layers = []
 
     def compile_decoder_layers(model):
-        for layer in sharding.decoder_layers(model):
+        for layer in model_setup.decoder_layers(model):
             layer.compile(backend=counter)
             compiled_layers.append(layer)
 
@@ -125,7 +127,7 @@ def test_train_compile_key_compiles_each_decoder_layer(monkeypatch, tmp_path):
     for name, on in (("eager", False), ("compiled", True)):
         (tmp_path / name).mkdir()
         recipe = load(files, tmp_path / name, train={"compile": on, "max_steps": 3})
-        loop.train(recipe)
+        adapt(recipe)
         runs.append(metrics(recipe))
     assert len(compiled_layers) == 4 and counter.frame_count > 0
     assert [m["step"] for m in runs[0]] == [m["step"] for m in runs[1]]
