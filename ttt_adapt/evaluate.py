@@ -55,8 +55,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from ttt_adapt._util import first_line, unwrap
-from ttt_adapt.config import TASKS, EvalError, EvalSettings, looks_like_local_path, position_bins
+from ttt_adapt._util import first_line, looks_like_local_path, unwrap
+from ttt_adapt.config import TASKS, EvalError, EvalSettings, position_bins
 from ttt_adapt.convert import convert
 from ttt_adapt.corpus import recall_spans
 from ttt_adapt.modeling.configuration_ttt import TTTConfig
@@ -97,13 +97,7 @@ def load_model(name_or_path, dtype: str = "float32", device=None):
     """A causal LM in eval mode (a TTT export loads through ttt_adapt's registered Auto classes); one-line errors."""
     from transformers import AutoModelForCausalLM
 
-    name = str(name_or_path)
-    if looks_like_local_path(name) and not Path(name).is_dir():
-        raise EvalError(f"no such model folder: {name}")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
-    except (OSError, ValueError, KeyError) as e:
-        raise EvalError(f"cannot load a model from {name}: {first_line(e, None)}") from None
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path, "a model", dtype=getattr(torch, dtype))
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
 
 
@@ -122,13 +116,13 @@ def load_tokenizer(name_or_path):
     return _from_pretrained(AutoTokenizer, name_or_path, "a tokenizer")
 
 
-def _from_pretrained(auto_class, name_or_path, what: str):
+def _from_pretrained(auto_class, name_or_path, what: str, **kwargs):
     """`auto_class.from_pretrained` with one-line errors for a missing folder or an unloadable one."""
     name = str(name_or_path)
     if looks_like_local_path(name) and not Path(name).is_dir():
         raise EvalError(f"no such model folder: {name}")
     try:
-        return auto_class.from_pretrained(name)
+        return auto_class.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise EvalError(f"cannot load {what} from {name}: {first_line(e, None)}") from None
 
@@ -205,7 +199,7 @@ def bin_means(losses: torch.Tensor, weights: torch.Tensor, edges: list[int]) -> 
     return means
 
 
-def targets(rows: dict) -> torch.Tensor:
+def predicted_positions(rows: dict) -> torch.Tensor:
     """Positions whose token is predicted: real tokens except each row's first."""
     t = rows["attention_mask"].clone()
     t[:, 0] = False
@@ -415,7 +409,7 @@ def run_evaluation(settings: EvalSettings | dict, base, adapted, out_dir, *, tok
 
     rows = tokenize_documents(tokenizer, docs[: settings.max_docs], settings.seq_len, pad_id)
     edges = settings.bins
-    weights = {"all": targets(rows), "recall": targets(rows) & rows["recall"]}
+    weights = {"all": predicted_positions(rows), "recall": predicted_positions(rows) & rows["recall"]}
 
     report = {
         "settings": dataclasses.asdict(settings),
