@@ -21,28 +21,59 @@ Several processes on a CPU-only machine (gloo): `accelerate launch --multi_gpu -
 One sequence split over N processes (context parallelism, exact): add `parallel.cp_size=N`.
 """
 
+import argparse
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-USAGE = "usage: adapt.py RECIPE.yaml [dotted.key=value ...]"
+from ttt_adapt._util import ArgumentParser, RecipeError, parse_size  # noqa: E402
+
+USAGE = "adapt.py RECIPE.yaml [dotted.key=value ...] [--plan [--device-memory SIZE] [--processes N] [--fsdp] " \
+        "[--device cuda|cpu]]"
+PLAN_DEFAULTS = {"device_memory": None, "processes": 1, "fsdp": False, "device": "cuda"}
+
+
+def size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = ArgumentParser(prog="adapt.py", usage=USAGE, description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", nargs="?", metavar="RECIPE.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="dotted.key=value")
+    parser.add_argument("--plan", action="store_true", help="print the memory plan of one device; train nothing")
+    parser.add_argument("--device-memory", type=size, metavar="SIZE", help="the device's memory, e.g. 80GB")
+    parser.add_argument("--processes", type=int, default=1, metavar="N", help="processes of the planned launch")
+    parser.add_argument("--fsdp", action="store_true", help="the planned launch shards with FSDP")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    args = parser.parse_intermixed_args(argv)  # overrides and --plan options in any order
+    if args.recipe is None:
+        parser.error("the following arguments are required: RECIPE.yaml")
+    given = [k for k, v in PLAN_DEFAULTS.items() if getattr(args, k) != v]
+    if given and not args.plan:
+        parser.error("--device-memory, --processes, --fsdp and --device go with --plan")
+    if args.processes < 1:
+        parser.error(f"--processes must be >= 1, got {args.processes}")
+    return args
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip() if argv else USAGE, file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
-    from ttt_adapt.config import RecipeError, load_recipe
     from ttt_adapt.training.stopping import Preempted, TrainingStopped
 
     main_process = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`: one line, not one per process
     try:
-        plan, argv = _plan_options(argv)
-        recipe = load_recipe(argv[0], argv[1:])
-        if plan is not None:
-            print(_plan(recipe, **plan))
+        args = parse_args(argv)
+        from ttt_adapt.config import load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.plan:
+            print(_plan(recipe, args.device_memory, args.processes, args.fsdp, args.device))
             return 0
         from ttt_adapt.pipeline import adapt
 
@@ -61,42 +92,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _plan_options(argv):
-    """Split `--plan` and its options off the arguments; (None, argv) without `--plan`."""
-    from ttt_adapt.config import RecipeError
-
-    rest, opts, i, plan = [], {"device_memory": None, "processes": 1, "fsdp": False, "device": "cuda"}, 0, False
-    while i < len(argv):
-        a = argv[i]
-        if a in ("--plan", "--fsdp"):
-            plan |= a == "--plan"
-            opts["fsdp"] |= a == "--fsdp"
-        elif a in ("--device-memory", "--processes", "--device"):
-            if i + 1 == len(argv):
-                raise RecipeError(f"{a} needs a value")
-            opts[a[2:].replace("-", "_")] = argv[i + 1]
-            i += 1
-        else:
-            rest.append(a)
-        i += 1
-    if not plan:
-        if any(v != d for v, d in zip(opts.values(), (None, 1, False, "cuda"))):
-            raise RecipeError("--device-memory, --processes, --fsdp and --device go with --plan")
-        return None, argv
-    from ttt_adapt._util import parse_size
-
-    try:
-        opts["processes"] = int(opts["processes"])
-        opts["device_memory"] = None if opts["device_memory"] is None else parse_size(opts["device_memory"])
-    except ValueError as e:
-        raise RecipeError(f"--plan: {e}") from None
-    if opts["processes"] < 1 or opts["device"] not in ("cuda", "cpu"):
-        raise RecipeError("--plan: --processes must be >= 1 and --device cuda or cpu")
-    return opts, rest
-
-
 def _plan(recipe, device_memory, processes, fsdp, device) -> str:
-    from ttt_adapt.config import RecipeError
     from ttt_adapt.memory_plan import plan_memory
     from ttt_adapt.preflight import base_config, check_files
 

@@ -22,10 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-
-def fail(message: str):
-    print(f"evaluate.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+from ttt_adapt._util import DTYPES, ArgumentParser, RecipeError, UsageError  # noqa: E402
 
 
 def int_list(text: str) -> list[int]:
@@ -36,8 +33,8 @@ def int_list(text: str) -> list[int]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", help="read defaults from this recipe (and its eval section)")
     p.add_argument("--base", help="the base model folder (or hub id)")
     p.add_argument("--adapted", help="the TTT model folder (an export)")
@@ -52,64 +49,67 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.error = fail  # one line, exit 2 (no usage dump)
+    p.add_argument("--dtype", default=None, choices=DTYPES)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        return evaluate(parse_args(argv))
+    except RecipeError as e:  # EvalError and UsageError are RecipeErrors
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def evaluate(args) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no weight-loading bars: the output is the table (or one error line)
-    from ttt_adapt.config import RecipeError, load_recipe
+    from ttt_adapt.config import load_recipe
     from ttt_adapt.eval import HAYSTACK_CORPUS, EvalSettings, load_tokenizer, read_corpus, run_evaluation, \
         task_samples, write_lm_eval_task
 
-    try:
-        raw, dtype = {}, args.dtype
-        if args.recipe:
-            recipe = load_recipe(args.recipe)
-            raw = dataclasses.asdict(recipe.eval_settings())
-            args.base = args.base or recipe.model.name_or_path
-            if not args.adapted:
-                if recipe.export.dir is None or not Path(recipe.export.dir).is_dir():
-                    fail(f"no exported model at the recipe's export.dir ({recipe.export.dir}): train and export "
-                         "first, or pass --adapted")
-                args.adapted = recipe.export.dir
-            args.out = args.out or str(Path(recipe.train.output_dir) / "eval")
-            dtype = dtype or recipe.model.dtype
-        for key in ("corpus", "seq_len", "lengths", "num_samples", "max_docs", "batch_size", "max_new_tokens", "seed"):
-            if getattr(args, key) is not None:
-                raw[key] = getattr(args, key)
-        if args.tasks is not None:
-            raw["tasks"] = [] if args.tasks == "none" else [t.strip() for t in args.tasks.split(",") if t.strip()]
-        settings = EvalSettings.from_dict(raw, prefix="settings")
+    raw, dtype = {}, args.dtype
+    if args.recipe:
+        recipe = load_recipe(args.recipe)
+        raw = dataclasses.asdict(recipe.eval_settings())
+        args.base = args.base or recipe.model.name_or_path
+        if not args.adapted:
+            if recipe.export.dir is None or not Path(recipe.export.dir).is_dir():
+                raise UsageError(f"no exported model at the recipe's export.dir ({recipe.export.dir}): train and "
+                                 "export first, or pass --adapted")
+            args.adapted = recipe.export.dir
+        args.out = args.out or str(Path(recipe.train.output_dir) / "eval")
+        dtype = dtype or recipe.model.dtype
+    for key in ("corpus", "seq_len", "lengths", "num_samples", "max_docs", "batch_size", "max_new_tokens", "seed"):
+        if getattr(args, key) is not None:
+            raw[key] = getattr(args, key)
+    if args.tasks is not None:
+        raw["tasks"] = [] if args.tasks == "none" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    settings = EvalSettings.from_dict(raw, prefix="settings")
 
-        if args.lm_eval_task:
-            if not (args.adapted or args.base):
-                fail("--lm-eval-task needs --adapted or --base (the tokenizer that counts the lengths)")
-            tokenizer = load_tokenizer(args.adapted or args.base)
-            corpus = settings.corpus or str(HAYSTACK_CORPUS)  # only the haystack's prose comes from it
-            samples = task_samples(settings, tokenizer, read_corpus(corpus, settings.text_field))
-            names = write_lm_eval_task(args.lm_eval_task, samples, settings.max_new_tokens)
-            model = args.adapted or "DIR"
-            print(f"wrote {len(names)} tasks ({', '.join(names)}) to {args.lm_eval_task}; run them with\n"
-                  f"  lm_eval --model hf --model_args pretrained={model},trust_remote_code=True "
-                  f"--include_path {args.lm_eval_task} --tasks ttt_synthetic --device cpu "
-                  f"--batch_size {settings.batch_size}")
-            return 0
+    if args.lm_eval_task:
+        if not (args.adapted or args.base):
+            raise UsageError("--lm-eval-task needs --adapted or --base (the tokenizer that counts the lengths)")
+        tokenizer = load_tokenizer(args.adapted or args.base)
+        corpus = settings.corpus or str(HAYSTACK_CORPUS)  # only the haystack's prose comes from it
+        samples = task_samples(settings, tokenizer, read_corpus(corpus, settings.text_field))
+        names = write_lm_eval_task(args.lm_eval_task, samples, settings.max_new_tokens)
+        model = args.adapted or "DIR"
+        print(f"wrote {len(names)} tasks ({', '.join(names)}) to {args.lm_eval_task}; run them with\n"
+              f"  lm_eval --model hf --model_args pretrained={model},trust_remote_code=True "
+              f"--include_path {args.lm_eval_task} --tasks ttt_synthetic --device cpu "
+              f"--batch_size {settings.batch_size}")
+        return 0
 
-        if settings.corpus is None:
-            fail("--corpus is required (or --recipe with data.eval_path)")
-        for flag in ("base", "adapted", "out"):
-            if not getattr(args, flag):
-                fail(f"--{flag} is required (or --recipe)")
-        run_evaluation(settings, args.base, args.adapted, args.out, dtype=dtype or "float32",
-                       log=lambda m: print(m, file=sys.stderr))
-        print((Path(args.out) / "report.md").read_text(), end="")
-    except RecipeError as e:  # EvalError is one
-        fail(str(e))
+    if settings.corpus is None:
+        raise UsageError("--corpus is required (or --recipe with data.eval_path)")
+    for flag in ("base", "adapted", "out"):
+        if not getattr(args, flag):
+            raise UsageError(f"--{flag} is required (or --recipe)")
+    run_evaluation(settings, args.base, args.adapted, args.out, dtype=dtype or "float32",
+                   log=lambda m: print(m, file=sys.stderr))
+    print((Path(args.out) / "report.md").read_text(), end="")
     return 0
 
 

@@ -19,20 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-DTYPES = ("bfloat16", "float16", "float32")
-
-
-class UsageError(Exception):
-    """A command-line mistake argparse found."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + message and exits; we want one line and exit 2
-        raise UsageError(message)
+from ttt_adapt._util import DTYPES, ArgumentParser, RecipeError  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = OneLineParser(prog="export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="training output_dir or checkpoint-N folder")
     parser.add_argument("--out", help="the export folder")
     parser.add_argument("--refresh-code", metavar="DIR", help="update an existing export's modeling code in place")
@@ -55,15 +46,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        args = parse_args(argv)
-    except UsageError as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
-        return 2
-    from ttt_adapt.export import ExportError, PushError
-    from ttt_adapt.export.folder import export_model, refresh_code
+    from ttt_adapt.export import PushError
 
     try:
+        args = parse_args(argv)
+        from ttt_adapt.export.folder import export_model, refresh_code
+
         if args.refresh_code is not None:
             out = refresh_code(args.refresh_code, push_to_hub=args.push_to_hub, private=args.private,
                                revision=args.revision, commit_message=args.commit_message)
@@ -76,7 +64,7 @@ def main(argv: list[str]) -> int:
     except PushError as e:
         print(f"export.py: error: {e}", file=sys.stderr)
         return 1
-    except ExportError as e:
+    except RecipeError as e:  # ExportError and UsageError are RecipeErrors
         print(f"export.py: error: {e}", file=sys.stderr)
         return 2
     print(f"refreshed the modeling code of {out}" if args.refresh_code is not None else f"exported to {out}")

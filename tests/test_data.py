@@ -16,7 +16,7 @@ from ttt_adapt.data import (
     build_datasets,
     load_documents,
     pack_documents,
-    tokenize_documents,
+    tokenize_corpus,
 )
 
 PAD, EOS, OFFSET = 1, 2, 3  # word "wK" has token id K + OFFSET
@@ -142,9 +142,9 @@ def test_tokenize_appends_eos_drops_empty_and_is_cached(tmp_path, tokenizer):
     texts = ["w1 w2", "", "w3", "   "]
     cfg = config(write_jsonl(tmp_path / "a.jsonl", texts), tmp_path)
     docs, _ = load_documents(cfg)
-    first = tokenize_documents(docs, tokenizer, cfg)
+    first = tokenize_corpus(docs, tokenizer, cfg)
     assert first["input_ids"] == [token_ids("w1 w2"), token_ids("w3")]
-    again = tokenize_documents(docs, tokenizer, cfg)
+    again = tokenize_corpus(docs, tokenizer, cfg)
     assert again._fingerprint == first._fingerprint and again.cache_files == first.cache_files
 
 
@@ -223,7 +223,7 @@ def test_streaming_matches_map_style(tmp_path, tokenizer):
     per_mode = {}
     for streaming in (False, True):
         cfg = config(path, tmp_path, streaming=streaming)
-        token_docs = [row["input_ids"] for row in tokenize_documents(load_documents(cfg)[0], tokenizer, cfg)]
+        token_docs = [row["input_ids"] for row in tokenize_corpus(load_documents(cfg)[0], tokenizer, cfg)]
         per_mode[streaming] = list(pack_documents(token_docs, cfg.seq_len, PAD))
     assert per_mode[True] == per_mode[False]
     # Shuffled end to end: a buffer shuffle orders documents differently, the tokens are the same.

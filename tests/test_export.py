@@ -232,7 +232,7 @@ def test_export_is_atomic_and_refuses_to_overwrite(runs, exports, tmp_path, monk
             (Path(folder) / "tokenizer.json").write_text("{")  # half written, then the disk fills up
             raise OSError("No space left on device")
 
-    monkeypatch.setattr(folder_module, "load_tokenizer", lambda recipe: BrokenTokenizer())
+    monkeypatch.setattr(folder_module, "recipe_tokenizer", lambda recipe: BrokenTokenizer())
     with pytest.raises(OSError, match="No space left"):
         export_model(run, out, overwrite=True)
     monkeypatch.undo()

@@ -93,9 +93,9 @@ def test_logged_loss_is_the_mean_over_the_global_batch_real_tokens(files, tmp_pa
     recipe = load(files, tmp_path, train={"max_steps": 1, "batch_size": 3, "grad_accum": 2})
     model = build_model(recipe)
     from ttt_adapt.data import build_datasets
-    from ttt_adapt.model_setup import load_tokenizer
+    from ttt_adapt.model_setup import recipe_tokenizer
 
-    rows, _ = build_datasets(recipe.data, load_tokenizer(recipe))
+    rows, _ = build_datasets(recipe.data, recipe_tokenizer(recipe))
     batch = collate(RowStream(rows, recipe.train.seed).take(0, 6), "cpu")
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits

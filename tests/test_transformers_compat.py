@@ -153,10 +153,10 @@ def test_declared_floor_is_the_oldest_tested_release():
 def test_every_family_config_checks_its_ttt_settings_on_construction():
     """transformers 5.0 configs are not dataclasses and never call `__post_init__`: the TTT checks and the
     auto_map must still happen there (each family's config, built directly as a user or from_pretrained would)."""
-    from ttt_adapt.modeling import MODEL_CLASSES
+    from ttt_adapt.modeling import FAMILIES
 
-    for model_cls, lm_cls in MODEL_CLASSES:
-        config_cls = lm_cls.config_class
+    for lm_cls in FAMILIES.values():
+        model_cls, config_cls = lm_cls.ttt_model, lm_cls.config_class
         config = config_cls(num_hidden_layers=8, ttt={"chunk_size": 4})
         assert config.ttt["layers"] == [0, 6] and config.ttt_code["transformers_tested"] == list(TESTED_TRANSFORMERS)
         assert config.auto_map == {

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from ttt_adapt import TTTConfig, convert
-from ttt_adapt.modeling import MODEL_CLASSES
+from ttt_adapt.modeling import FAMILIES
 from ttt_adapt.vllm_plugin import ARCHITECTURES
 
 try:
@@ -43,7 +43,7 @@ def test_plugin_registers_the_architecture_names_exports_write():
     entry point vLLM loads is `register`."""
     from importlib.metadata import entry_points
 
-    names = {lm.__name__ for _, lm in MODEL_CLASSES}
+    names = {lm.__name__ for lm in FAMILIES.values()}
     assert set(ARCHITECTURES) <= names and {"TTTQwen3ForCausalLM", "TTTLlamaForCausalLM"} <= set(ARCHITECTURES)
     plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
     assert plugins.get("ttt_adapt") == "ttt_adapt.vllm_plugin:register"

@@ -7,11 +7,11 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .convert import convert
-from .modeling import MODEL_CLASSES, TTTConfig, set_ttt_training_step, ttt_learning_rates
+from .modeling import FAMILIES, TTTConfig, set_ttt_training_step, ttt_learning_rates
 
-for _model, _lm in MODEL_CLASSES:
-    AutoConfig.register(_model.config_class.model_type, _model.config_class, exist_ok=True)
-    AutoModel.register(_model.config_class, _model, exist_ok=True)
-    AutoModelForCausalLM.register(_model.config_class, _lm, exist_ok=True)
+for _lm in FAMILIES.values():
+    AutoConfig.register(_lm.config_class.model_type, _lm.config_class, exist_ok=True)
+    AutoModel.register(_lm.config_class, _lm.ttt_model, exist_ok=True)
+    AutoModelForCausalLM.register(_lm.config_class, _lm, exist_ok=True)
 
 __all__ = ["TTTConfig", "convert", "set_ttt_training_step", "ttt_learning_rates"]

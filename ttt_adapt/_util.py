@@ -3,7 +3,9 @@ unwrap, sizes and dtypes."""
 
 from __future__ import annotations
 
+import argparse
 import re
+from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")  # the dtypes a recipe, an export or an evaluation may name
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)\s*$", re.IGNORECASE)
@@ -15,6 +17,19 @@ class RecipeError(ValueError):
     """Bad input: a recipe, override, run folder, checkpoint or export request. The message is one line naming
     the key or path; the scripts print it and exit 2. `CheckpointError`, `ExportError` and `EvalError` are
     RecipeErrors."""
+
+
+class UsageError(RecipeError):
+    """A command-line mistake (unknown option, missing or malformed argument); one line, exit 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts: a mistake raises `UsageError` (one line, the script exits 2) instead of printing
+    the usage block and exiting. A parser given a short `usage` names it in the line."""
+
+    def error(self, message):
+        hint = f" (usage: {self.usage})" if self.usage else ""
+        raise UsageError(f"{message}{hint}")
 
 
 def first_line(e: BaseException, limit: int | None = 300) -> str:
@@ -29,6 +44,16 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def looks_like_local_path(name: str) -> bool:
+    """True if `name` can't be a hub id (`org/name`), so it must be a local path."""
+    return (
+        Path(name).expanduser().exists()
+        or name.startswith(("/", ".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+    )
+
+
 def parse_size(size) -> int:
     """`"5GB"`, `"500MB"`, `"2GiB"`, `"1.5GB"` or a byte count -> bytes (GB = 10^9, GiB = 2^30); ValueError
     otherwise."""
@@ -40,4 +65,4 @@ def parse_size(size) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
 
 
-__all__ = ["DTYPES", "RecipeError", "first_line", "unwrap", "parse_size"]
+__all__ = ["DTYPES", "RecipeError", "UsageError", "ArgumentParser", "first_line", "unwrap", "parse_size", "looks_like_local_path"]

@@ -6,7 +6,7 @@ export keeps the recipe's own) instead reads the documents from `position_ids` (
 position is not the previous one + 1, transformers' packing rule) and runs SDPA on blocks of queries, each
 over the keys from the start of the earliest document still open at its first query (or the sliding window's
 reach) up to its last query, with a block x keys mask. Calls transformers would give a padding or cache mask
-to get exactly that mask and plain SDPA. Context parallelism (`ttt_adapt.parallel`) uses the same blocks over
+to get exactly that mask and plain SDPA. Context parallelism (`ttt_adapt.distributed.context_parallel`) uses the same blocks over
 its all-gathered keys.
 
 FlashAttention-2/3 (`model.attn_implementation`) already isolate packed documents without a mask through their

@@ -358,16 +358,6 @@ class Recipe:
 SECTIONS = {"model", "ttt", "data", "train", "parallel", "export", "eval"}
 
 
-def looks_like_local_path(name: str) -> bool:
-    """True if `name` can't be a hub id (`org/name`), so it must be a local path."""
-    return (
-        Path(name).expanduser().exists()
-        or name.startswith(("/", ".", "~"))
-        or "\\" in name
-        or name.count("/") > 1
-    )
-
-
 def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe; raise `RecipeError` (one line) for anything wrong."""
     path = str(path)

@@ -2,22 +2,25 @@
 
 import torch
 
-from .modeling import MODEL_CLASSES
+from .modeling import FAMILIES
 from .modeling.configuration_ttt import TTTConfig
 from .modeling.ttt_layer import TTTParams
-
-# stock causal LM class -> its TTT version (which subclasses it, last base); see modeling_ttt.ttt_family
-SUPPORTED = {lm.__bases__[-1]: lm for _, lm in MODEL_CLASSES}
 
 
 def supported_names() -> str:
     """The causal LM classes `convert` takes, with their model_types, for error messages."""
-    return ", ".join(f"{stock.__name__} ({lm.config_class.model_type.removeprefix('ttt_')})"
-                     for stock, lm in SUPPORTED.items())
+    return ", ".join(f"{lm.__bases__[-1].__name__} ({model_type})" for model_type, lm in FAMILIES.items())
+
+
+def ttt_class_of(model):
+    """The TTT causal LM class of a stock causal LM of a supported family (its TTT class subclasses it, last base),
+    or None."""
+    lm = FAMILIES.get(getattr(model.config, "model_type", None))
+    return lm if lm is not None and type(model) is lm.__bases__[-1] else None
 
 
 def convert(model, ttt_config: TTTConfig | None = None):
-    """Turn a pretrained causal LM of a supported family (`SUPPORTED`: Qwen3, Qwen2, Llama, Mistral, Gemma 3 text)
+    """Turn a pretrained causal LM of a supported family (`FAMILIES`: Qwen3, Qwen2, Llama, Mistral, Gemma 3 text)
     into its In-Place TTT version.
 
     The returned model holds the very same base parameter tensors (tied embeddings stay tied) plus new TTT
@@ -25,9 +28,10 @@ def convert(model, ttt_config: TTTConfig | None = None):
     Raises ValueError naming the problem for a model it cannot take or a bad `ttt_config`.
     """
     ttt_config = ttt_config if ttt_config is not None else TTTConfig()
-    if getattr(model.config, "model_type", "").startswith("ttt_") or isinstance(model, tuple(SUPPORTED.values())):
+    if getattr(model.config, "model_type", "").startswith("ttt_") or isinstance(model, tuple(FAMILIES.values())):
         raise ValueError(f"{type(model).__name__} is already an In-Place TTT model")
-    if type(model) not in SUPPORTED:
+    model_cls = ttt_class_of(model)
+    if model_cls is None:
         raise ValueError(f"{type(model).__name__} {_why_not(model)}; In-Place TTT takes {supported_names()}")
     if getattr(model.config, "use_bidirectional_attention", False):
         raise ValueError(f"{type(model).__name__} has bidirectional attention; In-Place TTT needs a causal model")
@@ -36,7 +40,6 @@ def convert(model, ttt_config: TTTConfig | None = None):
     num_layers = model.config.num_hidden_layers
     ttt_config.validate(num_layers)
 
-    model_cls = SUPPORTED[type(model)]
     config_cls = model_cls.config_class
     base_dict = model.config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):

@@ -27,7 +27,7 @@ from datasets import Dataset, Features, IterableDataset, List, Value, load_datas
 from datasets.exceptions import DatasetNotFoundError
 from datasets.fingerprint import Hasher
 
-from ttt_adapt._util import RecipeError
+from ttt_adapt._util import RecipeError, looks_like_local_path
 from ttt_adapt.loss import IGNORE_INDEX  # the label the loss skips
 
 ROW_FEATURES = Features(
@@ -108,14 +108,8 @@ def _builder_for(file: str) -> str | None:
 
 
 def _looks_local(path: str) -> bool:
-    """True for an existing path or one that cannot be a hub name (absolute, ./, ~, a file suffix)."""
-    expanded = os.path.expanduser(path)
-    return (
-        os.path.exists(expanded)
-        or path.startswith((".", "~"))
-        or os.path.isabs(expanded)
-        or _builder_for(path) is not None
-    )
+    """True for a path that cannot be a hub dataset name (`looks_like_local_path`, or a data file suffix)."""
+    return looks_like_local_path(path) or _builder_for(path) is not None
 
 
 def _data_files_in(folder: str) -> list[str]:
@@ -256,7 +250,7 @@ def _long_enough(input_ids: list[list[int]], min_doc_len: int) -> list[bool]:
     return [len(ids) > 0 and len(ids) >= min_doc_len for ids in input_ids]
 
 
-def tokenize_documents(ds: Dataset | IterableDataset, tokenizer, cfg: DataConfig) -> Dataset | IterableDataset:
+def tokenize_corpus(ds: Dataset | IterableDataset, tokenizer, cfg: DataConfig) -> Dataset | IterableDataset:
     """Tokenise the text column (the tokenizer's own special tokens, then eos per document) into a
     single `input_ids` column, dropping empty documents and those shorter than `min_doc_len`.
     Map-style datasets are processed with `num_proc` workers and cached by fingerprint."""
@@ -364,7 +358,7 @@ def build_datasets(cfg: DataConfig, tokenizer) -> tuple[Dataset | IterableDatase
         if docs is None:
             packed.append(None)
             continue
-        token_ds = tokenize_documents(docs, tokenizer, cfg)
+        token_ds = tokenize_corpus(docs, tokenizer, cfg)
         _check_not_empty(token_ds, cfg, which)
         packed.append(_pack_dataset(token_ds, cfg.seq_len, pad_token_id, cfg.cache_dir))
     return packed[0], packed[1]

@@ -16,10 +16,7 @@ from ttt_adapt._util import RecipeError, first_line, unwrap
 from ttt_adapt.compat import enable_activation_checkpointing
 from ttt_adapt.config import Recipe
 from ttt_adapt.convert import convert
-from ttt_adapt.modeling import BASE_MODEL_TYPES, TTT_MODEL_TYPES
-
-SUPPORTED_MODEL_TYPES = BASE_MODEL_TYPES  # the families `convert` takes (ttt_adapt.modeling_ttt.FAMILIES)
-CONVERTED_MODEL_TYPES = TTT_MODEL_TYPES
+from ttt_adapt.modeling import FAMILIES
 
 
 def is_ttt_param(name: str) -> bool:
@@ -27,7 +24,12 @@ def is_ttt_param(name: str) -> bool:
     return ".mlp.ttt." in name
 
 
-def load_tokenizer(recipe: Recipe):
+def is_converted(model_type) -> bool:
+    """True for the `ttt_*` model_type of a family in `FAMILIES` (a TTT model, trained on without converting)."""
+    return any(lm.config_class.model_type == model_type for lm in FAMILIES.values())
+
+
+def recipe_tokenizer(recipe: Recipe):
     """The base model's tokenizer; it must have an eos token (packing ends every document with it)."""
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path)
     if tokenizer.eos_token_id is None:
@@ -55,7 +57,7 @@ def build_model(recipe: Recipe, device: str | None = None, config=None):
         if config is not None:
             kwargs["config"] = config
         model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
-    if model.config.model_type not in CONVERTED_MODEL_TYPES:
+    if not is_converted(model.config.model_type):
         model = convert(model, recipe.ttt)
     model.config.use_cache = False
     t = recipe.train
@@ -103,4 +105,4 @@ def compile_decoder_layers(model) -> None:
         layer.compile()
 
 
-__all__ = ["build_model", "compile_decoder_layers", "decoder_layers", "load_tokenizer", "is_ttt_param", "SUPPORTED_MODEL_TYPES", "CONVERTED_MODEL_TYPES"]
+__all__ = ["build_model", "compile_decoder_layers", "decoder_layers", "recipe_tokenizer", "is_ttt_param", "is_converted"]

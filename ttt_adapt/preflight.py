@@ -15,11 +15,12 @@ from pathlib import Path
 import torch.distributed as dist
 from transformers import AutoConfig
 
-from ttt_adapt._util import RecipeError, first_line
-from ttt_adapt.config import EvalError, Recipe, looks_like_local_path
+from ttt_adapt._util import RecipeError, first_line, looks_like_local_path
+from ttt_adapt.config import EvalError, Recipe
 from ttt_adapt.distributed.context_parallel import check_cp_size
 from ttt_adapt.distributed.fsdp import FSDPRequest, fsdp_request
-from ttt_adapt.model_setup import CONVERTED_MODEL_TYPES, SUPPORTED_MODEL_TYPES, load_tokenizer
+from ttt_adapt.model_setup import is_converted, recipe_tokenizer
+from ttt_adapt.modeling import FAMILIES
 from ttt_adapt.training.checkpoints import latest_checkpoint
 
 
@@ -96,19 +97,19 @@ def check_base(recipe: Recipe, config) -> None:
     exist in it."""
     name = recipe.model.name_or_path
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES + CONVERTED_MODEL_TYPES:
+    if model_type not in FAMILIES and not is_converted(model_type):
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         what = f"a multimodal {model_type!r} model" if text is not config else f"a {model_type!r} model"
         raise RecipeError(
             f"model.name_or_path: {name!r} is {what}; In-Place TTT converts text-only causal LMs with a gated MLP "
-            f"of model_type {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"of model_type {', '.join(FAMILIES)}"
         )
     num_layers = config.num_hidden_layers
     outside = [i for i in recipe.ttt.layers or [] if i >= num_layers]
     if outside:
         raise RecipeError(f"ttt.layers: layer {outside[0]} is out of range: {name} has {num_layers} layers "
                           f"(0..{num_layers - 1})")
-    if model_type in CONVERTED_MODEL_TYPES:  # a TTT model keeps its layout: the recipe must describe it
+    if is_converted(model_type):  # a TTT model keeps its layout: the recipe must describe it
         have = dict(config.ttt)
         want = dict(recipe.ttt.to_dict(), layers=recipe.ttt.resolved_layers(num_layers))
         for key, value in want.items():
@@ -160,10 +161,10 @@ def check_run_folder(recipe: Recipe) -> None:
 
 
 def checked_tokenizer(recipe: Recipe, config):
-    """The base model's tokenizer (`model_setup.load_tokenizer`), checked to be a real one that fits the model."""
+    """The base model's tokenizer (`model_setup.recipe_tokenizer`), checked to be a real one that fits the model."""
     name = recipe.model.name_or_path
     try:
-        tokenizer = load_tokenizer(recipe)
+        tokenizer = recipe_tokenizer(recipe)
     except Exception as e:
         raise RecipeError(f"model.name_or_path: cannot load a tokenizer from {name!r}: {first_line(e, None)}") \
             from None

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ttt_adapt._util import first_line, unwrap
-from ttt_adapt.config import looks_like_local_path
+from ttt_adapt._util import first_line, looks_like_local_path, unwrap
 from ttt_adapt.eval.settings import EvalError
 
 
@@ -41,13 +40,7 @@ def load_model(name_or_path, dtype: str = "float32", device=None):
     """A causal LM in eval mode (a TTT export loads through ttt_adapt's registered Auto classes); one-line errors."""
     from transformers import AutoModelForCausalLM
 
-    name = str(name_or_path)
-    if looks_like_local_path(name) and not Path(name).is_dir():
-        raise EvalError(f"no such model folder: {name}")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
-    except (OSError, ValueError, KeyError) as e:
-        raise EvalError(f"cannot load a model from {name}: {first_line(e, None)}") from None
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path, "a model", dtype=getattr(torch, dtype))
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
 
 
@@ -66,13 +59,13 @@ def load_tokenizer(name_or_path):
     return _from_pretrained(AutoTokenizer, name_or_path, "a tokenizer")
 
 
-def _from_pretrained(auto_class, name_or_path, what: str):
+def _from_pretrained(auto_class, name_or_path, what: str, **kwargs):
     """`auto_class.from_pretrained` with one-line errors for a missing folder or an unloadable one."""
     name = str(name_or_path)
     if looks_like_local_path(name) and not Path(name).is_dir():
         raise EvalError(f"no such model folder: {name}")
     try:
-        return auto_class.from_pretrained(name)
+        return auto_class.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise EvalError(f"cannot load {what} from {name}: {first_line(e, None)}") from None
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ttt_adapt.config import looks_like_local_path
+from ttt_adapt._util import looks_like_local_path
 from ttt_adapt.convert import convert
 from ttt_adapt.eval.inputs import describe, load_model, load_tokenizer, model_config, read_corpus
 from ttt_adapt.eval.loss_by_position import (

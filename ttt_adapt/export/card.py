@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import hf_hub_download, metadata_load
 
-from ttt_adapt.config import looks_like_local_path
+from ttt_adapt._util import looks_like_local_path
 from ttt_adapt.eval.report import markdown_table
 from ttt_adapt.modeling.configuration_ttt import TESTED_TRANSFORMERS
 

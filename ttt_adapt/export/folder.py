@@ -38,7 +38,7 @@ from ttt_adapt.config import build_recipe
 from ttt_adapt.export import ExportError
 from ttt_adapt.export.card import base_license, render_model_card, with_code_note
 from ttt_adapt.export.hub import check_hub_target, push_folder
-from ttt_adapt.model_setup import load_tokenizer
+from ttt_adapt.model_setup import recipe_tokenizer
 from ttt_adapt.training.checkpoints import STATE_FILE, CheckpointError, latest_checkpoint, load_checkpoint_model
 
 REPORT = Path("eval") / "report.json"
@@ -93,7 +93,7 @@ def export_model(
     except CheckpointError as e:
         raise ExportError(str(e)) from None
     try:
-        tokenizer = load_tokenizer(recipe)
+        tokenizer = recipe_tokenizer(recipe)
     except (OSError, ValueError) as e:
         raise ExportError(f"cannot load the tokenizer of {recipe.model.name_or_path!r}: {first_line(e)}") from None
     model.to(torch_dtype)
@@ -156,7 +156,7 @@ def read_export_config(folder: Path):
     if not path.is_file():
         raise ExportError(f"{folder} is not an export: it holds no config.json")
     raw = _read_json(path)
-    classes = modeling.CAUSAL_LM_BY_TYPE
+    classes = _ttt_causal_lms()
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type not in classes:
         raise ExportError(
@@ -178,7 +178,7 @@ def check_weight_names(folder: Path, config) -> None:
         with safe_open(str(f), framework="pt") as weights:
             stored.update(weights.keys())
     with torch.device("meta"):
-        model = modeling.CAUSAL_LM_BY_TYPE[config.model_type](config)
+        model = _ttt_causal_lms()[config.model_type](config)
     expected = set(model.state_dict())
     tied = set(model._tied_weights_keys or {}) if config.tie_word_embeddings else set()
     missing, unexpected = expected - stored - tied, stored - expected
@@ -187,6 +187,11 @@ def check_weight_names(folder: Path, config) -> None:
             f"the weights in {folder} do not fit this version's model code: missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}; nothing was changed"
         )
+
+
+def _ttt_causal_lms() -> dict:
+    """{ttt_* model_type: TTT causal LM class} of every family (`ttt_adapt.modeling.FAMILIES`)."""
+    return {lm.config_class.model_type: lm for lm in modeling.FAMILIES.values()}
 
 
 def _link_or_copy(src, dst):

@@ -1,7 +1,8 @@
 """In-Place TTT versions of transformers' decoder families: thin subclasses, nothing copied.
 
-The `ttt_family(...)` lines at the end list every family and the stock classes its TTT classes subclass; each
-TTT class is "TTT" + the stock name (`TTTQwen3ForCausalLM`, `TTTGemma3TextModel`, ...).
+The classes at the end are every family's, written out: each TTT class is "TTT" + the stock class it subclasses
+(`class TTTQwen3ForCausalLM(TTTCausalLMMixin, Qwen3ForCausalLM)`, `TTTGemma3TextModel`, ...), and `FAMILIES`
+is the one registry of them (stock model_type -> TTT causal LM).
 
 The chosen decoder layers get a `TTTMLP`; the model builds a `TTTContext` (real tokens, document starts,
 input embeddings, generation state) once per forward and hands it to those layers. Generation state lives
@@ -19,13 +20,37 @@ import inspect
 import torch
 import transformers
 from torch import nn
-from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
-from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM, Gemma3TextModel
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
-from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralForCausalLM, MistralModel
-from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
-from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3Model
+from transformers.models.gemma3.modeling_gemma3 import (
+    Gemma3DecoderLayer,
+    Gemma3ForCausalLM,
+    Gemma3PreTrainedModel,
+    Gemma3TextModel,
+)
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaModel,
+    LlamaPreTrainedModel,
+)
+from transformers.models.mistral.modeling_mistral import (
+    MistralDecoderLayer,
+    MistralForCausalLM,
+    MistralModel,
+    MistralPreTrainedModel,
+)
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2DecoderLayer,
+    Qwen2ForCausalLM,
+    Qwen2Model,
+    Qwen2PreTrainedModel,
+)
+from transformers.models.qwen3.modeling_qwen3 import (
+    Qwen3DecoderLayer,
+    Qwen3ForCausalLM,
+    Qwen3Model,
+    Qwen3PreTrainedModel,
+)
 
 from .configuration_ttt import (
     TESTED_TRANSFORMERS,
@@ -212,7 +237,7 @@ class TTTPreTrainedMixin:
 class TTTModelMixin(TTTPreTrainedMixin):
     """Builds the `TTTContext` of a forward call, then runs the stock forward.
 
-    A `cp_shard` keyword (context-parallel training, `ttt_adapt.parallel`) reaches both the attention function
+    A `cp_shard` keyword (context-parallel training, `ttt_adapt.distributed.context_parallel`) reaches both the attention function
     and the TTT layers.
     """
 
@@ -315,58 +340,144 @@ def _ttt_mlps(model):
 
 
 # ----------------------------------------------------------------------------------------------- families
+# Every family In-Place TTT takes: its TTT decoder layer, model and causal LM, each "TTT" + the stock class it
+# subclasses. What a family needs: a gated MLP named `mlp` (`gate_proj`, `up_proj`, `down_proj`, `act_fn`) that
+# the decoder layer calls once, and a causal LM whose __init__ is the usual `model` + `lm_head` (see
+# `TTTCausalLMMixin`). Everything else (norms around the MLP, scaled embeddings, sliding windows, logit
+# softcapping) stays in the stock classes. Adding a family: its config in configuration_ttt.py, its three classes
+# and a `register_family` line here (plus its tiny config in tests/conftest.py, which runs the whole contract on it).
 
-FAMILIES = []  # (TTT model, TTT causal LM) of every family, in the order of the `ttt_family` calls below
+FAMILIES = {}  # the family registry: stock model_type -> TTT causal LM class, in the order registered below
 
 
-def ttt_family(config_class, stock_layer, stock_model, stock_causal_lm):
-    """The TTT decoder layer, model and causal LM of one family, registered for the auto classes and in `FAMILIES`.
-
-    What a family needs: a gated MLP named `mlp` (`gate_proj`, `up_proj`, `down_proj`, `act_fn`) that the decoder
-    layer calls once, and a causal LM whose __init__ is the usual `model` + `lm_head` (see `TTTCausalLMMixin`).
-    Everything else (norms around the MLP, scaled embeddings, sliding windows, logit softcapping) stays in the
-    stock classes.
-    """
-    layer = type(f"TTT{stock_layer.__name__}", (TTTDecoderLayerMixin, stock_layer), {"__module__": __name__})
-    common = {"__module__": __name__, "config_class": config_class,
-              "_no_split_modules": [stock_layer.__name__, layer.__name__]}
-    model = type(f"TTT{stock_model.__name__}", (TTTModelMixin, stock_model), {
-        **common,
-        "__doc__": f"`{stock_model.__name__}` with In-Place TTT MLPs in `config.ttt['layers']`.",
-        "ttt_decoder_layer": layer,
-        "_cache_argument": cache_argument(stock_model),
-    })
-    causal_lm = type(f"TTT{stock_causal_lm.__name__}", (TTTCausalLMMixin, stock_causal_lm), {
-        **common,
-        "__doc__": f"`{stock_causal_lm.__name__}` whose decoder is a `{model.__name__}`.",
-        "ttt_model": model,
-        "stock_pretrained": next(b for b in stock_causal_lm.__bases__ if issubclass(b, PreTrainedModel)),
-    })
-    for cls in (layer, model, causal_lm):
-        cls.__qualname__ = cls.__name__
+def register_family(causal_lm):
+    """Check a family's TTT classes against its config and register them for the auto classes and in `FAMILIES`."""
+    model, config_class = causal_lm.ttt_model, causal_lm.config_class
     if (model.__name__, causal_lm.__name__) != config_class.ttt_classes:  # the names the export's auto_map uses
         raise TypeError(f"{config_class.__name__}.ttt_classes {config_class.ttt_classes} does not name {model.__name__}")
     config_class.register_for_auto_class()
     model.register_for_auto_class("AutoModel")
     causal_lm.register_for_auto_class("AutoModelForCausalLM")
-    FAMILIES.append((model, causal_lm))
-    return model, causal_lm
+    FAMILIES[config_class.model_type.removeprefix("ttt_")] = causal_lm
+    return causal_lm
 
 
-# Every family In-Place TTT takes. Adding one: its config in configuration_ttt.py and one line here (plus its tiny
-# config in tests/conftest.py, which runs the whole contract on it).
-TTTQwen3Model, TTTQwen3ForCausalLM = ttt_family(TTTQwen3Config, Qwen3DecoderLayer, Qwen3Model, Qwen3ForCausalLM)
-TTTQwen2Model, TTTQwen2ForCausalLM = ttt_family(TTTQwen2Config, Qwen2DecoderLayer, Qwen2Model, Qwen2ForCausalLM)
-TTTLlamaModel, TTTLlamaForCausalLM = ttt_family(TTTLlamaConfig, LlamaDecoderLayer, LlamaModel, LlamaForCausalLM)
-TTTMistralModel, TTTMistralForCausalLM = ttt_family(
-    TTTMistralConfig, MistralDecoderLayer, MistralModel, MistralForCausalLM
-)
-TTTGemma3TextModel, TTTGemma3ForCausalLM = ttt_family(
-    TTTGemma3TextConfig, Gemma3DecoderLayer, Gemma3TextModel, Gemma3ForCausalLM
-)
+class TTTQwen3DecoderLayer(TTTDecoderLayerMixin, Qwen3DecoderLayer):
+    """`Qwen3DecoderLayer` whose MLP is a `TTTMLP`."""
+
+
+class TTTQwen3Model(TTTModelMixin, Qwen3Model):
+    """`Qwen3Model` with In-Place TTT MLPs in `config.ttt['layers']`."""
+
+    config_class = TTTQwen3Config
+    _no_split_modules = ["Qwen3DecoderLayer", "TTTQwen3DecoderLayer"]
+    _cache_argument = cache_argument(Qwen3Model)
+    ttt_decoder_layer = TTTQwen3DecoderLayer
+
+
+class TTTQwen3ForCausalLM(TTTCausalLMMixin, Qwen3ForCausalLM):
+    """`Qwen3ForCausalLM` whose decoder is a `TTTQwen3Model`."""
+
+    config_class = TTTQwen3Config
+    _no_split_modules = ["Qwen3DecoderLayer", "TTTQwen3DecoderLayer"]
+    ttt_model = TTTQwen3Model
+    stock_pretrained = Qwen3PreTrainedModel
+
+
+class TTTQwen2DecoderLayer(TTTDecoderLayerMixin, Qwen2DecoderLayer):
+    """`Qwen2DecoderLayer` whose MLP is a `TTTMLP`."""
+
+
+class TTTQwen2Model(TTTModelMixin, Qwen2Model):
+    """`Qwen2Model` with In-Place TTT MLPs in `config.ttt['layers']`."""
+
+    config_class = TTTQwen2Config
+    _no_split_modules = ["Qwen2DecoderLayer", "TTTQwen2DecoderLayer"]
+    _cache_argument = cache_argument(Qwen2Model)
+    ttt_decoder_layer = TTTQwen2DecoderLayer
+
+
+class TTTQwen2ForCausalLM(TTTCausalLMMixin, Qwen2ForCausalLM):
+    """`Qwen2ForCausalLM` whose decoder is a `TTTQwen2Model`."""
+
+    config_class = TTTQwen2Config
+    _no_split_modules = ["Qwen2DecoderLayer", "TTTQwen2DecoderLayer"]
+    ttt_model = TTTQwen2Model
+    stock_pretrained = Qwen2PreTrainedModel
+
+
+class TTTLlamaDecoderLayer(TTTDecoderLayerMixin, LlamaDecoderLayer):
+    """`LlamaDecoderLayer` whose MLP is a `TTTMLP`."""
+
+
+class TTTLlamaModel(TTTModelMixin, LlamaModel):
+    """`LlamaModel` with In-Place TTT MLPs in `config.ttt['layers']`."""
+
+    config_class = TTTLlamaConfig
+    _no_split_modules = ["LlamaDecoderLayer", "TTTLlamaDecoderLayer"]
+    _cache_argument = cache_argument(LlamaModel)
+    ttt_decoder_layer = TTTLlamaDecoderLayer
+
+
+class TTTLlamaForCausalLM(TTTCausalLMMixin, LlamaForCausalLM):
+    """`LlamaForCausalLM` whose decoder is a `TTTLlamaModel`."""
+
+    config_class = TTTLlamaConfig
+    _no_split_modules = ["LlamaDecoderLayer", "TTTLlamaDecoderLayer"]
+    ttt_model = TTTLlamaModel
+    stock_pretrained = LlamaPreTrainedModel
+
+
+class TTTMistralDecoderLayer(TTTDecoderLayerMixin, MistralDecoderLayer):
+    """`MistralDecoderLayer` whose MLP is a `TTTMLP`."""
+
+
+class TTTMistralModel(TTTModelMixin, MistralModel):
+    """`MistralModel` with In-Place TTT MLPs in `config.ttt['layers']`."""
+
+    config_class = TTTMistralConfig
+    _no_split_modules = ["MistralDecoderLayer", "TTTMistralDecoderLayer"]
+    _cache_argument = cache_argument(MistralModel)
+    ttt_decoder_layer = TTTMistralDecoderLayer
+
+
+class TTTMistralForCausalLM(TTTCausalLMMixin, MistralForCausalLM):
+    """`MistralForCausalLM` whose decoder is a `TTTMistralModel`."""
+
+    config_class = TTTMistralConfig
+    _no_split_modules = ["MistralDecoderLayer", "TTTMistralDecoderLayer"]
+    ttt_model = TTTMistralModel
+    stock_pretrained = MistralPreTrainedModel
+
+
+class TTTGemma3DecoderLayer(TTTDecoderLayerMixin, Gemma3DecoderLayer):
+    """`Gemma3DecoderLayer` whose MLP is a `TTTMLP`."""
+
+
+class TTTGemma3TextModel(TTTModelMixin, Gemma3TextModel):
+    """`Gemma3TextModel` with In-Place TTT MLPs in `config.ttt['layers']`."""
+
+    config_class = TTTGemma3TextConfig
+    _no_split_modules = ["Gemma3DecoderLayer", "TTTGemma3DecoderLayer"]
+    _cache_argument = cache_argument(Gemma3TextModel)
+    ttt_decoder_layer = TTTGemma3DecoderLayer
+
+
+class TTTGemma3ForCausalLM(TTTCausalLMMixin, Gemma3ForCausalLM):
+    """`Gemma3ForCausalLM` whose decoder is a `TTTGemma3TextModel`."""
+
+    config_class = TTTGemma3TextConfig
+    _no_split_modules = ["Gemma3DecoderLayer", "TTTGemma3DecoderLayer"]
+    ttt_model = TTTGemma3TextModel
+    stock_pretrained = Gemma3PreTrainedModel
+
+
+for _causal_lm in (TTTQwen3ForCausalLM, TTTQwen2ForCausalLM, TTTLlamaForCausalLM, TTTMistralForCausalLM,
+                   TTTGemma3ForCausalLM):
+    register_family(_causal_lm)
 
 __all__ = [
-    *(cls.__name__ for pair in FAMILIES for cls in pair),
+    *(name for lm in FAMILIES.values() for name in (lm.ttt_model.__name__, lm.__name__)),
     "FAMILIES",
     "ttt_learning_rates",
     "set_ttt_training_step",

@@ -31,7 +31,7 @@ def fast_weight_math(fn):
     `torch.promote_types(dtype, float32)`; activations (h, the targets) come in as autocast made them and results go
     back in the dtype the caller's autocast would have produced. Used by the scan (forward and backward), the
     decode-time read, the chunk flush (through the scan), the clipping norm and the cross-rank scan of context
-    parallelism (`ttt_adapt.parallel`).
+    parallelism (`ttt_adapt.distributed.context_parallel`).
     """
 
     @functools.wraps(fn)
@@ -520,7 +520,7 @@ class TTTMLP(nn.Module):
         t = x if self.target == "hidden_states" else ctx.inputs_embeds
         if t is None:
             raise ValueError("target='input_embed' needs the input embeddings: call the TTT model, not the MLP alone")
-        if ctx.parallel is not None:  # context parallelism (ttt_adapt.parallel): the state crosses ranks
+        if ctx.parallel is not None:  # context parallelism (distributed.context_parallel): the state crosses ranks
             return ctx.parallel.ttt_forward(self, x, h, t)
         state = ctx.layer_state(self.layer_idx)
         if state is not None:
@@ -664,7 +664,7 @@ class FlatLayout:
 class TTTContext:
     """What the TTT layers of one forward call share: real-token mask, document starts, embeddings, cache.
 
-    `parallel`, when set, is the context-parallel shard of this call (a `ttt_adapt.parallel.CPShard`): the TTT
+    `parallel`, when set, is the context-parallel shard of this call (a `ttt_adapt.distributed.context_parallel.CPShard`): the TTT
     layers then hand their tokens to its `ttt_forward`, which carries the fast weights across ranks.
     """
 
