@@ -16,6 +16,7 @@ from ttt_adapt.config import Recipe
 from ttt_adapt.distributed.fsdp import FSDPRequest, check_fsdp_run, fsdp_request
 from ttt_adapt.model_setup import CONVERTED_MODEL_TYPES, SUPPORTED_MODEL_TYPES, load_tokenizer
 from ttt_adapt.training.checkpoints import latest_checkpoint
+from ttt_adapt.training.resume import check_resume
 
 
 @dataclass
@@ -98,6 +99,7 @@ def check_run(recipe: Recipe) -> Base:
             f"train.output_dir: {recipe.train.output_dir} already holds a run (latest {latest.name}); "
             "set train.resume=true to continue it, or choose another train.output_dir"
         )
+    check_resume(recipe, latest)  # changes a resumed run cannot honour
     try:
         tokenizer = load_tokenizer(recipe)
     except Exception as e:

@@ -50,6 +50,7 @@ from ttt_adapt.modeling.modeling_ttt import set_ttt_training_step, ttt_learning_
 from ttt_adapt.preflight import Preflight
 from ttt_adapt.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from ttt_adapt.training.progress import MetricsFile, Progress, flat
+from ttt_adapt.training.resume import describe_changes
 from ttt_adapt.training.stopping import Diverged, Preempted, StopSignals
 
 ADAM_BETAS = (0.9, 0.95)  # the usual choice for LM pretraining; torch's default 0.999 adapts too slowly
@@ -61,21 +62,34 @@ NONFINITE_NAMES = {"loss": "the loss", "grad_norm": "the gradient norm"}
 
 def param_groups(model, recipe: Recipe) -> list[dict]:
     """AdamW groups: TTT vs the rest (separate learning rates), matrices decayed, vectors/scalars not."""
-    t = recipe.train
-    ttt_lr = t.ttt_lr if t.ttt_lr is not None else t.lr
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         kind = "ttt" if is_ttt_param(name) else "base"
-        decay = p.ndim >= 2
-        key = (kind, decay)
+        key = f"{kind}{'' if p.ndim >= 2 else '_no_decay'}"
         if key not in groups:
-            lr = ttt_lr if kind == "ttt" else t.lr
-            groups[key] = {"params": [], "lr": lr, "base_lr": lr, "weight_decay": t.weight_decay if decay else 0.0,
-                           "name": f"{kind}{'' if decay else '_no_decay'}"}
+            groups[key] = {"params": [], "name": key, **group_settings(key, recipe)}
         groups[key]["params"].append(p)
     return list(groups.values())
+
+
+def group_settings(name: str, recipe: Recipe) -> dict:
+    """The recipe's learning rate (`lr` = `base_lr`, the schedule's 1) and weight decay of the group `name`."""
+    t = recipe.train
+    lr = (t.ttt_lr if t.ttt_lr is not None else t.lr) if name.startswith("ttt") else t.lr
+    return {"lr": lr, "base_lr": lr, "weight_decay": 0.0 if name.endswith("_no_decay") else t.weight_decay}
+
+
+def apply_recipe_to_optimizer(optimizer, recipe: Recipe) -> None:
+    """Give every group the recipe's settings: a restored optimizer state brings back the ones it was saved with."""
+    for group in optimizer.param_groups:
+        group.update(group_settings(group["name"], recipe))
+
+
+def applied_lrs(optimizer) -> dict:
+    """{group name: the learning rate the last `optimizer.step()` used}."""
+    return {g["name"]: g["lr"] for g in optimizer.param_groups}
 
 
 def lr_factor(step: int, recipe: Recipe) -> float:
@@ -274,6 +288,10 @@ def set_up(recipe: Recipe, accelerator: Accelerator, checked: Preflight) -> Run:
     state = TrainState(num_rows=stream.num_rows)
     if checkpoint is not None:
         state = TrainState(**load_checkpoint(accelerator, checkpoint, model, optimizer))
+        apply_recipe_to_optimizer(optimizer, recipe)  # the recipe as given, not the checkpoint's settings
+        changes = describe_changes(checkpoint, recipe)
+        if changes:
+            accelerator.print(changes)
         if state.num_rows != stream.num_rows:
             accelerator.print(f"warning: the data changed since {checkpoint.name}: the data order differs")
             state.num_rows = stream.num_rows
@@ -409,11 +427,16 @@ def on_nonfinite(run: Run, step: int, result: StepResult):
 
 
 def log_progress(run: Run) -> None:
-    """The progress line of the steps since the last one, at the current step (`Progress.write_line`)."""
+    """The progress line of the steps since the last one, at the current step (`Progress.write_line`), with the
+    learning rates the optimizer applied (the recipe's times the schedule; `lr` of a group that trains nothing
+    is the recipe's)."""
     t, step = run.recipe.train, run.state.step
     factor = lr_factor(step, run.recipe)
+    applied = applied_lrs(run.optimizer)
+    lr = applied.get("base", applied.get("base_no_decay", t.lr * factor))
+    ttt_lr = applied.get("ttt", applied.get("ttt_no_decay", (t.ttt_lr if t.ttt_lr is not None else t.lr) * factor))
     run.progress.write_line(
-        step, run.state.tokens, lr=t.lr * factor, ttt_param_lr=(t.ttt_lr if t.ttt_lr is not None else t.lr) * factor,
+        step, run.state.tokens, lr=lr, ttt_param_lr=ttt_lr,
         ttt_learning_rates=lambda: ttt_learning_rates(run.accelerator.unwrap_model(run.model)),
     )
 
