@@ -13,7 +13,8 @@ Overrides take YAML values: `ttt.layers=[0,2] train.max_steps=3 train.lora.r=8`.
 are relative to the current directory. Rerunning the same command resumes from the last checkpoint.
 
 Exit status: 0 done; 2 a bad recipe, override or run folder (one line, before any work); 3 training diverged
-(a non-finite loss or gradient norm; one line naming the step and the last good checkpoint); 75 stopped by
+(a non-finite loss or gradient norm, or a loss spike: `train.on_spike`; one line naming the step and the last
+good checkpoint); 75 stopped by
 a signal in `train.preempt_signals` (default SIGTERM, SIGINT) after checkpointing the step in flight: rerun
 the same command to resume; 130 interrupted (Ctrl-C) before training started.
 

@@ -32,6 +32,7 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", 
 TRAINABLE = ("ttt", "full")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 ON_NONFINITE = ("stop", "skip")
+ON_SPIKE = ("stop", "skip", "warn")
 UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -115,7 +116,10 @@ class TrainConfig:
 
     A step whose loss or gradient norm is not finite never updates the weights. `on_nonfinite: stop` ends the run
     there; `skip` drops that step's update and goes on, up to `max_nonfinite_skips` steps in a row (one more
-    stops it). `preempt_signals` (default SIGTERM, SIGINT; add SIGUSR1 for SLURM's `--signal`) make the run
+    stops it). A step whose loss exceeds `spike_factor` times the median loss of the last `spike_window` steps
+    (once `spike_warmup` steps are known) is a spike: `on_spike: stop` ends the run there, before its update (exit
+    3), `skip` drops its update (up to `max_spike_skips` in a row), `warn` says so and trains on.
+    `preempt_signals` (default SIGTERM, SIGINT; add SIGUSR1 for SLURM's `--signal`) make the run
     finish the step in flight, checkpoint it and stop; rerunning the same command resumes from there.
     """
 
@@ -144,6 +148,11 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=list)
     on_nonfinite: str = "stop"
     max_nonfinite_skips: int = 10
+    on_spike: str = "stop"
+    spike_factor: float = 2.0
+    spike_window: int = 20
+    spike_warmup: int = 2
+    max_spike_skips: int = 10
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT"])
 
     def validate(self):
@@ -182,6 +191,13 @@ class TrainConfig:
             _fail("train.trackers", f"lists a tracker twice: {self.trackers}")
         _check_choice("train.on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         _check_int("train.max_nonfinite_skips", self.max_nonfinite_skips, 1)
+        _check_choice("train.on_spike", self.on_spike, ON_SPIKE)
+        if not self.spike_factor > 1:
+            _fail("train.spike_factor", f"must be > 1, got {self.spike_factor}")
+        for key in ("spike_window", "spike_warmup", "max_spike_skips"):
+            _check_int(f"train.{key}", getattr(self, key), 1)
+        if self.spike_warmup > self.spike_window:
+            _fail("train.spike_warmup", f"must be <= train.spike_window={self.spike_window}, got {self.spike_warmup}")
         for name in self.preempt_signals:
             if name not in signal.Signals.__members__ or name in UNCATCHABLE_SIGNALS:
                 _fail("train.preempt_signals", f"{name!r} is not a signal a process can catch (e.g. SIGTERM, SIGINT, "

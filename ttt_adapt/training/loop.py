@@ -16,8 +16,11 @@ Data order is a pure function of `train.seed`, the number of packed rows and a r
 checkpoint, so a resumed run reads exactly the rows the uninterrupted run would have read.
 
 A run stops early, cleanly, in two ways (`ttt_adapt.training.stopping`): a step whose loss or gradient norm is
-not finite on any process updates nothing and raises `Diverged` (`train.on_nonfinite: stop`) or is skipped
-(`skip`); a stop signal (`train.preempt_signals`) lets the step in flight finish, checkpoints it and raises
+not finite on any process, or whose loss spikes above `train.spike_factor` times the median of the recent steps,
+updates nothing and raises `Diverged` (`train.on_nonfinite` / `train.on_spike: stop`) or is skipped (`skip`);
+the checkpoint whose weights gave that loss is set aside (`checkpoint-N.diverged`) and retention never deletes
+the newest checkpoint a good step has vouched for (`TrainState.good_checkpoint`), so rerunning resumes from a
+good one; a stop signal (`train.preempt_signals`) lets the step in flight finish, checkpoints it and raises
 `Preempted`. One reduction per step makes every process agree on both.
 """
 
@@ -27,6 +30,8 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +53,11 @@ from ttt_adapt.loss import IGNORE_INDEX, loss_sum, shift_labels
 from ttt_adapt.model_setup import build_model, is_ttt_param
 from ttt_adapt.modeling.modeling_ttt import set_ttt_training_step, ttt_learning_rates
 from ttt_adapt.preflight import Preflight
-from ttt_adapt.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from ttt_adapt.training.checkpoints import (STATE_FILE, checkpoint_path, latest_checkpoint, load_checkpoint,
+                                            save_checkpoint)
 from ttt_adapt.training.progress import MetricsFile, Progress, flat
 from ttt_adapt.training.resume import describe_changes
-from ttt_adapt.training.stopping import Diverged, Preempted, StopSignals
+from ttt_adapt.training.stopping import Diverged, Preempted, StopSignals, spike_ratio
 
 ADAM_BETAS = (0.9, 0.95)  # the usual choice for LM pretraining; torch's default 0.999 adapts too slowly
 NONFINITE_NAMES = {"loss": "the loss", "grad_norm": "the gradient norm"}
@@ -221,6 +227,9 @@ class TrainState:
     rows: int = 0  # the data cursor: rows of the training order consumed
     num_rows: int | None = None  # packed training rows (None: streaming)
     nonfinite_in_a_row: int = 0
+    spikes_in_a_row: int = 0
+    recent_losses: list = dataclasses.field(default_factory=list)  # the spike guard's window (updated steps)
+    good_checkpoint: int | None = None  # newest checkpoint whose weights gave a finite, unspiked next step
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -240,6 +249,7 @@ class Run:
     state: TrainState
     checkpoint: Path | None  # the newest checkpoint: resumed from or written
     progress: Progress
+    resumed_step: int = 0  # the step this session started from
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
@@ -312,7 +322,8 @@ def set_up(recipe: Recipe, accelerator: Accelerator, checked: Preflight) -> Run:
     )
     if state.step >= t.max_steps:
         accelerator.print(f"nothing to train: {checkpoint.name} is at step {state.step} >= train.max_steps")
-    return Run(recipe, accelerator, model, optimizer, cp, stream, eval_data, state, checkpoint, Progress(metrics))
+    return Run(recipe, accelerator, model, optimizer, cp, stream, eval_data, state, checkpoint, Progress(metrics),
+               resumed_step=state.step)
 
 
 def load_data(accelerator, recipe: Recipe, tokenizer) -> tuple[RowStream, list | None]:
@@ -349,6 +360,13 @@ class StepResult:
     seconds: float
     nonfinite: list[str]  # "loss", "grad_norm": not finite, so the update was dropped
     stop: bool  # a stop signal reached some process: all stop after this step
+    spike: float | None = None  # the loss over the median of the recent ones when above train.spike_factor
+    on_spike: str = "stop"  # what a spike does (train.on_spike)
+
+    @property
+    def updated(self) -> bool:
+        """The optimizer applied this step's update (finite, and not a spike stopped or skipped)."""
+        return not self.nonfinite and (self.spike is None or self.on_spike == "warn")
 
 
 def train_step(run: Run, step: int, signals: StopSignals) -> StepResult:
@@ -396,10 +414,14 @@ def train_step(run: Run, step: int, signals: StopSignals) -> StepResult:
     summed_loss, bad_grads, stops = accelerator.reduce(flags, reduction="sum").tolist()
     loss = summed_loss / max(labelled, 1.0)
     nonfinite = (["loss"] if not math.isfinite(loss) else []) + (["grad_norm"] if bad_grads else [])
-    if not nonfinite:
+    # the loss is the reduced one, identical on every process: all take the same decision
+    ratio = None if nonfinite else spike_ratio(loss, run.state.recent_losses, t.spike_warmup)
+    result = StepResult(loss, grad_norm, labelled, int(tokens), time.perf_counter() - started, nonfinite, stops > 0,
+                        ratio if ratio is not None and ratio > t.spike_factor else None, t.on_spike)
+    if result.updated:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, labelled, int(tokens), time.perf_counter() - started, nonfinite, stops > 0)
+    return result
 
 
 def rows_per_step(recipe: Recipe, cp: ContextParallel) -> int:
@@ -422,8 +444,51 @@ def on_nonfinite(run: Run, step: int, result: StepResult):
     if stop:
         if t.on_nonfinite == "skip":
             what += f" ({in_a_row} steps in a row, train.max_nonfinite_skips={t.max_nonfinite_skips})"
-        raise Diverged(step, what, run.checkpoint)
+        diverge(run, step, what)
     run.accelerator.print(f"step {step}: {what}; its update is skipped ({in_a_row} in a row)")
+
+
+def on_spike(run: Run, step: int, result: StepResult):
+    """Step `step`'s loss spiked: log it, then raise `Diverged` (`train.on_spike: stop`, or `skip` after too many
+    skipped steps in a row), skip its update (`skip`) or only say so (`warn`)."""
+    t = run.recipe.train
+    median = result.loss / result.spike
+    what = (f"the loss spiked to {result.loss:.4g}, {result.spike:.2f} x the median {median:.4g} of the last "
+            f"{len(run.state.recent_losses)} steps (train.spike_factor={t.spike_factor:g})")
+    if t.on_spike == "warn":
+        run.accelerator.print(f"warning: step {step}: {what}; training on (train.on_spike=warn)")
+        return
+    run.state.spikes_in_a_row += 1
+    in_a_row = run.state.spikes_in_a_row
+    stop = t.on_spike == "stop" or in_a_row > t.max_spike_skips
+    if stop:
+        log_progress(run)
+    run.progress.metrics.write({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
+                                "spike_ratio": result.spike, "skipped": not stop, "diverged": stop})
+    if stop:
+        if t.on_spike == "skip":
+            what += f" ({in_a_row} steps in a row, train.max_spike_skips={t.max_spike_skips})"
+        diverge(run, step, what, remedy="lower train.lr, set train.clip_grad_norm, or raise train.spike_factor "
+                                        "if such losses are expected")
+    run.accelerator.print(f"step {step}: {what}; its update is skipped ({in_a_row} in a row)")
+
+
+def diverge(run: Run, step: int, what: str, **kwargs):
+    """Raise `Diverged` for step `step`. The weights that gave its loss are those after step `step - 1`: a
+    checkpoint of them (written this session, not verified by a good step after it) is renamed
+    `checkpoint-N.diverged`, so that rerunning resumes from the last good one instead."""
+    accelerator, out = run.accelerator, Path(run.recipe.train.output_dir)
+    good = run.state.good_checkpoint
+    bad = checkpoint_path(out, step - 1)
+    set_aside = None
+    if step - 1 >= run.resumed_step and step - 1 != good and (bad / STATE_FILE).is_file():
+        set_aside = bad.with_name(f"{bad.name}.diverged")
+        if accelerator.is_main_process:
+            if set_aside.exists():
+                shutil.rmtree(set_aside)
+            os.replace(bad, set_aside)
+        accelerator.wait_for_everyone()
+    raise Diverged(step, what, latest_checkpoint(out), set_aside, **kwargs)
 
 
 def log_progress(run: Run) -> None:
@@ -461,8 +526,17 @@ def train(run: Run) -> list[dict]:
             result = train_step(run, step, signals)
             if result.nonfinite:
                 on_nonfinite(run, step, result)
-            else:
+            elif result.spike is not None:
+                on_spike(run, step, result)
+            if not result.nonfinite:
                 state.nonfinite_in_a_row = 0
+            if result.spike is None:
+                state.spikes_in_a_row = 0
+            if result.updated:
+                state.recent_losses = [*state.recent_losses, result.loss][-t.spike_window:]
+            if not result.nonfinite and result.spike is None and run.checkpoint is not None \
+                    and run.checkpoint.name == f"checkpoint-{step - 1}":
+                state.good_checkpoint = step - 1  # its weights gave this good step
             run.progress.add(result)
             state.step, state.tokens = step, state.tokens + result.tokens
             state.rows += rows_per_step(run.recipe, run.cp)
@@ -476,8 +550,9 @@ def train(run: Run) -> list[dict]:
             ):
                 run.progress.metrics.write({"step": step, **evaluate_loss(run)})
             if (t.save_every and step % t.save_every == 0) or step == t.max_steps or result.stop:
+                keep = () if state.good_checkpoint is None else (state.good_checkpoint,)
                 run.checkpoint = save_checkpoint(run.accelerator, run.model, run.optimizer, run.recipe,
-                                                 state.to_dict())
+                                                 state.to_dict(), keep=keep)
             if result.stop:
                 raise Preempted(step, signals.received or "a stop signal to another process", run.checkpoint)
     return run.progress.history

@@ -84,7 +84,7 @@ class Window:
         """Add one step's `StepResult` (`ttt_adapt.training.loop`)."""
         self.tokens += result.tokens
         self.seconds += result.seconds
-        if not result.nonfinite:
+        if result.updated:
             self.updates += 1
             self.loss += result.loss * result.labelled
             self.labelled += result.labelled
