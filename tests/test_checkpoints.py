@@ -114,3 +114,40 @@ def test_resume_with_a_huge_lr_diverges_cleanly(files, tmp_path, capsys):
     assert f"the last good checkpoint is {run / 'checkpoint-2'}" in last
     assert [p.name for p in run.iterdir() if p.is_dir()] == ["checkpoint-2"]
     assert nonfinite_tensors(run) == [] and not (tmp_path / "export").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the best checkpoint
+
+
+def test_the_best_checkpoint_survives_retention_and_is_exported(files, tmp_path, capsys):
+    """lr 1 on every weight, no clipping (spikes only warned): the eval loss is lowest after step 1 and rises. With
+    keep_last 1, checkpoint-1 is kept as the best; `export.checkpoint: best` and `export.py --best` export it and
+    the model card names its step."""
+    from conftest import adapt_main, recipe_dict, script_main, write_recipe
+    from safetensors.torch import load_file
+
+    raw = recipe_dict(files, tmp_path)
+    raw["export"] = {"dir": str(tmp_path / "export"), "dtype": "float32", "checkpoint": "best"}
+    path = write_recipe(tmp_path / "tiny.yaml", raw)
+    overrides = ["train.trainable=full", "train.lr=1", "ttt.clip_update_norm=null", "train.clip_grad_norm=null",
+                 "train.max_steps=4", "train.save_every=1", "train.keep_last=1", "train.on_spike=warn"]
+    assert adapt_main()([str(path), *overrides]) == 0
+    run = tmp_path / "run"
+    states = {p.name: json.loads((p / "trainer_state.json").read_text()) for p in run.iterdir() if p.is_dir()}
+    evals = {m["step"]: m["eval_loss"] for m in metrics(load(files, tmp_path)) if "eval_loss" in m}
+    assert sorted(evals) == [1, 2, 3, 4]  # every checkpoint is evaluated (keep_best: on, as the run has eval data)
+    best = min(evals, key=evals.get)
+    assert best < 4 and f"checkpoint-{best}" in states and "checkpoint-4" in states
+    assert states["checkpoint-4"]["best_checkpoint"] == best and states[f"checkpoint-{best}"]["eval_loss"] == evals[best]
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    trained = load_file(run / f"checkpoint-{best}" / "model.safetensors")
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert f"| checkpoint | checkpoint-{best} (step {best}, the lowest eval loss of the run) |" in card
+
+    export = script_main("export")
+    capsys.readouterr()
+    assert export(["--checkpoint", str(run), "--best", "--out", str(tmp_path / "cli"), "--dtype", "float32"]) == 0
+    assert f"step {best}, the lowest eval loss" in (tmp_path / "cli" / "README.md").read_text()
+    assert export(["--checkpoint", str(run / "checkpoint-4"), "--best", "--out", str(tmp_path / "x")]) == 2
+    assert "--best picks a checkpoint of a run" in capsys.readouterr().err

@@ -33,6 +33,7 @@ TRAINABLE = ("ttt", "full")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 ON_NONFINITE = ("stop", "skip")
 ON_SPIKE = ("stop", "skip", "warn")
+EXPORT_CHECKPOINTS = ("last", "best")  # export.checkpoint: the final one, or the lowest eval loss
 UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -111,7 +112,8 @@ class TrainConfig:
     packed rows. `lr` applies to the non-TTT parameters that are trained (`full`, or the LoRA adapters);
     `ttt_lr` to the TTT parameters (null: same as `lr`). The learning rate warms up linearly over
     `warmup_steps` (or `warmup_ratio * max_steps`), then follows a cosine down to `min_lr_ratio * lr`.
-    `save_every: 0` saves only at the end; `eval_every: 0` evaluates only at the end (if there is eval data).
+    Retention keeps the last `keep_last` checkpoints and, with `keep_best` (null: on when there is eval data),
+    the one with the lowest eval loss (every checkpoint is then evaluated). `save_every: 0` saves only at the end; `eval_every: 0` evaluates only at the end (if there is eval data).
     The eval loss covers the first `eval_batches * batch_size` held-out rows, whatever the number of processes.
 
     A step whose loss or gradient norm is not finite never updates the weights. `on_nonfinite: stop` ends the run
@@ -140,6 +142,7 @@ class TrainConfig:
     mixed_precision: str = "no"
     save_every: int = 0
     keep_last: int = 2
+    keep_best: bool | None = None
     resume: bool = True
     log_every: int = 10
     eval_every: int = 0
@@ -228,11 +231,13 @@ class ParallelConfig:
 class ExportConfig:
     """The exported model written at the end of training (`dir: null` skips the export; see `ttt_adapt.export`).
 
+    `checkpoint: best` exports the checkpoint with the lowest eval loss (`train.keep_best`) instead of the last.
     `push_to_hub` (ORG/NAME) uploads it to `revision` (a branch; null: main) with `commit_message`; `license`
     goes into the model card (null: the base model's).
     """
 
     dir: str | None = None
+    checkpoint: str = "last"
     dtype: str = "bfloat16"
     max_shard_size: str = "5GB"
     push_to_hub: str | None = None
@@ -243,6 +248,7 @@ class ExportConfig:
     overwrite: bool = False
 
     def validate(self):
+        _check_choice("export.checkpoint", self.checkpoint, EXPORT_CHECKPOINTS)
         _check_choice("export.dtype", self.dtype, DTYPES)
         try:
             parse_size(self.max_shard_size)

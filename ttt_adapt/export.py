@@ -41,7 +41,8 @@ from ttt_adapt._util import DTYPES, RecipeError, first_line, parse_size
 from ttt_adapt.config import HUB_REPO_ID, build_recipe, looks_like_local_path
 from ttt_adapt.model_setup import load_tokenizer
 from ttt_adapt.modeling.configuration_ttt import TESTED_TRANSFORMERS
-from ttt_adapt.training.checkpoints import STATE_FILE, CheckpointError, latest_checkpoint, load_checkpoint_model
+from ttt_adapt.training.checkpoints import (STATE_FILE, CheckpointError, latest_checkpoint, list_checkpoints,
+                                            load_checkpoint_model)
 
 REPORT = Path("eval") / "report.json"
 BRANCH = re.compile(r"^(?!-)(?!.*\.\.)[\w.\-/]+(?<![./])$")
@@ -69,6 +70,7 @@ def export_model(
     commit_message: str | None = None,
     license: str | None = None,
     eval_report=None,
+    best: bool = False,
 ) -> Path:
     """Write the model of a run's checkpoint to `out` (atomically) and optionally push it; return `out`.
 
@@ -82,9 +84,11 @@ def export_model(
         revision: the Hub branch to push to (created from main if needed); `None` is main.
         commit_message: the Hub commit message.
         license: the card's license; default the recipe's `export.license`, else the base model's, else "other".
-        eval_report: an evaluation `report.json`; default `<output_dir>/eval/report.json` if present.
+        eval_report: an evaluation `report.json`; default `<output_dir>/eval/report.json` if it describes this
+            checkpoint.
+        best: export the run's checkpoint with the lowest eval loss (`checkpoint_or_run_dir` is a run folder).
     """
-    checkpoint = resolve_checkpoint(checkpoint_or_run_dir)
+    checkpoint = resolve_checkpoint(checkpoint_or_run_dir, best)
     torch_dtype = parse_dtype(dtype)
     try:
         shard_bytes = parse_size(max_shard_size)
@@ -99,6 +103,9 @@ def export_model(
     if eval_report is not None and not report_path.is_file():
         raise ExportError(f"no such evaluation report: {report_path}")
     report = _read_json(report_path) if report_path.is_file() else None
+    if eval_report is None and report is not None and report.get("checkpoint", latest_checkpoint(checkpoint.parent)
+                                                                  .name) != checkpoint.name:
+        report = None  # the run's report describes another checkpoint
 
     try:
         model = load_checkpoint_model(checkpoint, recipe)
@@ -112,7 +119,7 @@ def export_model(
     model.config.dtype = torch_dtype
     model.config.use_cache = True  # training turned it off; generation wants it
     card = render_model_card(
-        model.config, recipe, state, checkpoint, report=report,
+        model.config, recipe, state, checkpoint, report=report, best=best,
         license=license or recipe_license or base_license(recipe.model.name_or_path) or "other",
         repo_id=push_to_hub, revision=revision,
     )
@@ -233,19 +240,38 @@ def _link_or_copy(src, dst):
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def resolve_checkpoint(path) -> Path:
-    """The checkpoint folder to export: `path` itself if it is one, else the latest checkpoint of a run."""
+def resolve_checkpoint(path, best: bool = False) -> Path:
+    """The checkpoint folder to export: `path` itself if it is one, else the latest checkpoint of a run, or with
+    `best` the run's checkpoint with the lowest eval loss recorded in its `trainer_state.json`."""
     path = Path(path)
     if not path.exists():
         raise ExportError(f"no such checkpoint or run folder: {path}")
     if not path.is_dir():
         raise ExportError(f"not a folder: {path} (give a training output_dir or a checkpoint-N folder)")
     if (path / STATE_FILE).is_file():
+        if best:
+            raise ExportError(f"--best picks a checkpoint of a run: give the run folder {path.parent}, not {path.name}")
         return path
     latest = latest_checkpoint(path)
     if latest is None:
         raise ExportError(f"{path} holds no run: no checkpoint-N folder with a {STATE_FILE} in it")
-    return latest
+    if not best:
+        return latest
+    scored = [(state["eval_loss"], c) for c in list_checkpoints(path)
+              if (state := _read_json(c / STATE_FILE)).get("eval_loss") is not None]
+    if not scored:
+        raise ExportError(f"{path} holds no checkpoint with an eval loss (a run without eval data, or with "
+                          "train.keep_best=false): export the last one (without --best)")
+    return min(scored, key=lambda x: x[0])[1]
+
+
+def name_report_checkpoint(report: Path, checkpoint: Path) -> None:
+    """Record in an evaluation `report.json` the checkpoint it evaluated (the export's card shows it only then)."""
+    data = _read_json(report)
+    data["checkpoint"] = Path(checkpoint).name
+    tmp = report.with_name(f".{report.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, report)
 
 
 def parse_dtype(dtype) -> torch.dtype:
@@ -338,7 +364,7 @@ def staging(out: Path, overwrite: bool):
 
 
 def render_model_card(config, recipe, state: dict, checkpoint: Path, *, report=None, license="other",
-                      repo_id=None, revision=None) -> str:
+                      repo_id=None, revision=None, best: bool = False) -> str:
     """The README.md: Hub metadata, TTT settings, training summary, evaluation table, usage."""
     base = recipe.model.name_or_path
     family = config.model_type.removeprefix("ttt_")
@@ -371,7 +397,9 @@ def render_model_card(config, recipe, state: dict, checkpoint: Path, *, report=N
             ["sequence length", _fmt(recipe.data.seq_len)],
             ["rows per step", f"{t.batch_size} x {t.grad_accum} (x data-parallel processes)"],
             ["learning rate", f"{_fmt(t.lr)} (TTT parameters {_fmt(t.ttt_lr if t.ttt_lr is not None else t.lr)})"],
-            ["checkpoint", Path(checkpoint).name],
+            ["checkpoint", f"{Path(checkpoint).name} (step {_fmt(state.get('step'))}"
+                           + (", the lowest eval loss of the run)" if best else ")")],
+            *([["eval loss at that step", _fmt(state["eval_loss"])]] if state.get("eval_loss") is not None else []),
         ]),
         "<details><summary>Recipe</summary>\n\n```yaml\n"
         + yaml.safe_dump(_public({k: v for k, v in recipe.to_dict().items() if k != "export"}), sort_keys=False)
@@ -514,4 +542,4 @@ def _push_reason(e: Exception) -> str:
     return reason.replace(token, "***") if token else reason
 
 
-__all__ = ["export_model", "refresh_code", "push_folder", "render_model_card", "ExportError", "PushError"]
+__all__ = ["export_model", "refresh_code", "resolve_checkpoint", "name_report_checkpoint", "push_folder", "render_model_card", "ExportError", "PushError"]

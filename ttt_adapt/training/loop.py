@@ -230,6 +230,9 @@ class TrainState:
     spikes_in_a_row: int = 0
     recent_losses: list = dataclasses.field(default_factory=list)  # the spike guard's window (updated steps)
     good_checkpoint: int | None = None  # newest checkpoint whose weights gave a finite, unspiked next step
+    eval_loss: float | None = None  # measured at this step (None: not evaluated)
+    best_checkpoint: int | None = None  # the checkpoint with the lowest eval loss (train.keep_best)
+    best_eval_loss: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -516,6 +519,7 @@ def train(run: Run) -> list[dict]:
     (the step in flight is finished and checkpointed first).
     """
     t, state = run.recipe.train, run.state
+    keep_best = t.keep_best if t.keep_best is not None else bool(run.eval_data)  # on when the run evaluates
     with StopSignals(t.preempt_signals) as signals, tqdm(
         total=t.max_steps, initial=state.step, disable=not run.accelerator.is_main_process, desc="adapt",
         dynamic_ncols=True,
@@ -545,12 +549,20 @@ def train(run: Run) -> list[dict]:
 
             if step % t.log_every == 0 or step == t.max_steps or result.stop:
                 log_progress(run)
+            saving = (t.save_every and step % t.save_every == 0) or step == t.max_steps or result.stop
+            state.eval_loss = None
             if run.eval_data and not result.stop and (
-                (t.eval_every and step % t.eval_every == 0) or step == t.max_steps
+                (t.eval_every and step % t.eval_every == 0) or step == t.max_steps or (saving and keep_best)
             ):
-                run.progress.metrics.write({"step": step, **evaluate_loss(run)})
-            if (t.save_every and step % t.save_every == 0) or step == t.max_steps or result.stop:
-                keep = () if state.good_checkpoint is None else (state.good_checkpoint,)
+                evaluated = evaluate_loss(run)
+                run.progress.metrics.write({"step": step, **evaluated})
+                state.eval_loss = evaluated["eval_loss"]
+            if saving:
+                if keep_best and state.eval_loss is not None and (
+                        state.best_eval_loss is None or state.eval_loss < state.best_eval_loss):
+                    state.best_checkpoint, state.best_eval_loss = step, state.eval_loss
+                keep = tuple(s for s in (state.good_checkpoint, state.best_checkpoint if keep_best else None)
+                             if s is not None)
                 run.checkpoint = save_checkpoint(run.accelerator, run.model, run.optimizer, run.recipe,
                                                  state.to_dict(), keep=keep)
             if result.stop:
