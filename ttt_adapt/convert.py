@@ -56,7 +56,7 @@ def convert(model, ttt_config: TTTConfig | None = None):
             module.to(param.dtype)
             module.reset_parameters(config.ttt["lr_init"], config.initializer_range)
     missing = [n for n, p in ttt_model.named_parameters() if p.is_meta]
-    if missing:
+    if missing and not param.is_meta:  # a base on the meta device (a sharded model's skeleton) stays there
         raise ValueError(f"the base model lacks weights the TTT model needs: {', '.join(missing[:3])}")
     ttt_model.tie_weights()
     ttt_model.generation_config = model.generation_config

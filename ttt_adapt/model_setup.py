@@ -6,6 +6,7 @@ Training (`ttt_adapt.training.loop`) builds the model here and so does loading a
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -35,17 +36,27 @@ def load_tokenizer(recipe: Recipe):
     return tokenizer
 
 
-def build_model(recipe: Recipe):
+def build_model(recipe: Recipe, meta_config=None):
     """The model to train: base loaded, converted, trainable parameters chosen (LoRA via peft if asked).
 
-    Seeded with `train.seed`, so the same recipe always builds the same initial TTT (and LoRA) weights.
+    Seeded with `train.seed`, so the same recipe always builds the same initial TTT (and LoRA) weights. With
+    `meta_config` (the base's config) nothing is read or allocated: the same model is built on the meta device,
+    for the FSDP processes that receive their shards of the weights from another (`ttt_adapt.distributed.fsdp`).
     """
+    with torch.device("meta") if meta_config is not None else contextlib.nullcontext():
+        return _build_model(recipe, meta_config)
+
+
+def _build_model(recipe: Recipe, meta_config):
     set_seed(recipe.train.seed)
     m = recipe.model
     kwargs = {"dtype": getattr(torch, m.dtype)}
     if m.attn_implementation is not None:
         kwargs["attn_implementation"] = m.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
+    if meta_config is not None:
+        model = AutoModelForCausalLM.from_config(meta_config, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
     if model.config.model_type not in CONVERTED_MODEL_TYPES:
         model = convert(model, recipe.ttt)
     model.config.use_cache = False

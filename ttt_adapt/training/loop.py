@@ -48,7 +48,7 @@ from ttt_adapt.compat import enable_activation_checkpointing
 from ttt_adapt.config import Recipe
 from ttt_adapt.data import build_datasets
 from ttt_adapt.distributed.context_parallel import ContextParallel, prepare_model
-from ttt_adapt.distributed.fsdp import clip_grad_norm, fsdp_mesh, gradient_sync, is_sharded, shard_model
+from ttt_adapt.distributed.fsdp import build_sharded_model, clip_grad_norm, fsdp_mesh, gradient_sync, is_sharded
 from ttt_adapt.loss import IGNORE_INDEX, loss_sum, shift_labels
 from ttt_adapt.model_setup import build_model, is_ttt_param
 from ttt_adapt.modeling.modeling_ttt import set_ttt_training_step, ttt_learning_rates
@@ -276,22 +276,30 @@ def set_up(recipe: Recipe, accelerator: Accelerator, checked: Preflight) -> Run:
     out = Path(t.output_dir)
     checkpoint = latest_checkpoint(out)
 
-    model = build_model(recipe)
     cp = ContextParallel(recipe.parallel.cp_size, accelerator.device.type)
-    if cp.enabled:
-        prepare_model(model)
-        if recipe.model.attn_implementation not in (None, "sdpa"):
-            accelerator.print(f"parallel.cp_size={cp.cp_size}: attention runs as all-gather SDPA "
-                              f"(model.attn_implementation={recipe.model.attn_implementation} is not used)")
-    elif recipe.model.attn_implementation in (None, "sdpa", "eager"):  # flash/flex isolate documents themselves
-        use_packed_attention(model)  # packed rows without the dense L x L mask transformers builds for these
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    if fsdp is not None:  # sharded before the optimizer exists: it must hold the sharded parameters
-        if fsdp.activation_checkpointing and not t.gradient_checkpointing:
+    counts = {}
+
+    def prepare(model):
+        if cp.enabled:
+            prepare_model(model)
+        elif recipe.model.attn_implementation in (None, "sdpa", "eager"):  # flash/flex isolate documents themselves
+            use_packed_attention(model)  # packed rows without the dense L x L mask transformers builds for these
+        counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        counts["total"] = sum(p.numel() for p in model.parameters())
+        if fsdp is not None and fsdp.activation_checkpointing and not t.gradient_checkpointing:
             enable_activation_checkpointing(model)
-        shard_model(model, fsdp_mesh(accelerator.device.type), accelerator.mixed_precision,
-                    fsdp.reshard_after_forward)
+
+    if cp.enabled and recipe.model.attn_implementation not in (None, "sdpa"):
+        accelerator.print(f"parallel.cp_size={cp.cp_size}: attention runs as all-gather SDPA "
+                          f"(model.attn_implementation={recipe.model.attn_implementation} is not used)")
+    if fsdp is not None:  # sharded before the optimizer exists: it must hold the sharded parameters
+        model = build_sharded_model(recipe, checked.config, fsdp_mesh(accelerator.device.type), accelerator.device,
+                                    prepare, mixed_precision=accelerator.mixed_precision,
+                                    reshard_after_forward=fsdp.reshard_after_forward)
+    else:
+        model = build_model(recipe)
+        prepare(model)
+    n_trainable, n_total = counts["trainable"], counts["total"]
     fused = accelerator.device.type in ("cpu", "cuda")  # torch's one-kernel AdamW where it has one
     optimizer = torch.optim.AdamW(param_groups(model, recipe), betas=ADAM_BETAS, eps=1e-8, fused=fused)
     stream, eval_data = load_data(accelerator, recipe, checked.tokenizer)
