@@ -241,3 +241,70 @@ def test_spike_skip_drops_the_update_and_warn_trains_on(files, tmp_path, capsys)
     assert adapt(recipe)["step"] == 4
     assert "warning: step 3: the loss spiked to " in capsys.readouterr().out
     assert changed_keys(checkpoint_weights(recipe, 2), checkpoint_weights(recipe, 3))  # step 3's update applied
+
+
+# ---------------------------------------------------------------------------------------------- stops outside the steps
+
+
+STOP_AT = """
+import contextlib, importlib.util, os, signal, sys
+sys.path.insert(0, {repo!r})
+import ttt_adapt.export as export_module
+import ttt_adapt.training.loop as train_module
+
+if {phase!r} == "set-up":  # while the corpus is packed
+    build = train_module.build_datasets
+    def build_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return build(*args, **kwargs)
+    train_module.build_datasets = build_then_signal
+else:  # the export's files written, not yet renamed into place
+    staging = export_module.staging
+    @contextlib.contextmanager
+    def staging_then_signal(out, overwrite):
+        with staging(out, overwrite) as tmp:
+            yield tmp
+            os.kill(os.getpid(), signal.SIGTERM)
+    export_module.staging = staging_then_signal
+
+spec = importlib.util.spec_from_file_location("adapt", os.path.join({repo!r}, "scripts", "adapt.py"))
+adapt = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(adapt)
+sys.exit(adapt.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("phase", ["set-up", "export"])
+def test_a_stop_signal_outside_the_steps_stops_cleanly_and_the_same_command_finishes(files, tmp_path, phase):
+    """SIGTERM while the corpus is packed: exit 75, one line, nothing written. SIGTERM during the export: exit 75,
+    no export and no half-written folder, the run resumable; the same command then exports without training."""
+    raw = recipe_dict(files, tmp_path)
+    raw["export"] = {"dir": str(tmp_path / "export"), "dtype": "float32"}
+    path = write_recipe(tmp_path / "tiny.yaml", raw)
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_AT.format(repo=str(REPO), phase=phase))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    stopped = subprocess.run([sys.executable, str(script), str(path)], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+    run = tmp_path / "run"
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in stopped.stderr
+    if phase == "set-up":
+        assert last == "adapt.py: stopped by SIGTERM during set-up: nothing was trained or written; rerun the same " \
+                       "command"
+        assert not run.exists() or not any(p.is_dir() for p in run.iterdir())
+    else:
+        assert last == (f"adapt.py: stopped by SIGTERM during the final evaluation or export: training is complete in "
+                        f"{run / 'checkpoint-2'}; rerun the same command to evaluate and export it")
+        assert sorted(p.name for p in tmp_path.iterdir() if "export" in p.name) == []  # nothing half-written
+    trained = [m["step"] for m in strict_metrics(run) if "loss" in m] if (run / "metrics.jsonl").exists() else []
+    assert trained == ([] if phase == "set-up" else [1, 2])
+    before = load_file(run / "checkpoint-2" / "model.safetensors") if phase == "export" else None
+
+    assert adapt_main()([str(path)]) == 0  # the same command
+    assert [m["step"] for m in strict_metrics(run) if "loss" in m] == [1, 2]  # each step trained once
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    if before is not None:  # not retrained: the checkpoint is the one written before the stop
+        after = load_file(run / "checkpoint-2" / "model.safetensors")
+        assert all(torch.equal(before[k], after[k]) for k in before)

@@ -20,6 +20,7 @@ from ttt_adapt.export import REPORT, export_model, name_report_checkpoint
 from ttt_adapt.preflight import preflight
 from ttt_adapt.training.checkpoints import checkpoint_path, load_checkpoint_model
 from ttt_adapt.training.loop import Run, make_accelerator, set_up, train
+from ttt_adapt.training.stopping import StopAtOnce
 
 
 def adapt(recipe: Recipe) -> dict:
@@ -27,20 +28,26 @@ def adapt(recipe: Recipe) -> dict:
     final checkpoint, the export and eval folders, the progress lines).
 
     Raises `RecipeError` for bad input (before any work), `Diverged` when the run diverges (nothing non-finite
-    is saved) and `Preempted` after a stop signal (the step in flight is finished and checkpointed first).
+    is saved), `Preempted` after a stop signal during training (the step in flight is finished and checkpointed
+    first) and `Interrupted` after one during set-up, the final evaluation or the export (at once; the run is
+    left resumable).
     """
-    accelerator = make_accelerator(recipe)
-    checked = preflight(recipe, accelerator)
-    run = set_up(recipe, accelerator, checked)
-    try:
-        history = train(run)
-        report = evaluate_after_training(run)
-        exported = export_after_training(run)
-        if exported is not None:
-            accelerator.print(f"exported to {exported}")
-    finally:
-        if recipe.train.trackers:
-            accelerator.end_training()
+    with StopAtOnce(recipe.train.preempt_signals, "during set-up: nothing was trained or written; rerun the same "
+                                                  "command") as stop:
+        accelerator = make_accelerator(recipe)
+        checked = preflight(recipe, accelerator)
+        run = set_up(recipe, accelerator, checked)
+        try:
+            history = train(run)  # stop signals: the step in flight finishes and is checkpointed (Preempted)
+            stop.during = (f"during the final evaluation or export: training is complete in {run.checkpoint}; rerun "
+                           "the same command to evaluate and export it")
+            report = evaluate_after_training(run)
+            exported = export_after_training(run)
+            if exported is not None:
+                accelerator.print(f"exported to {exported}")
+        finally:
+            if recipe.train.trackers:
+                accelerator.end_training()
     return {"step": run.state.step, "tokens": run.state.tokens, "checkpoint": str(run.checkpoint),
             "export": None if exported is None else str(exported), "eval": None if report is None else str(report),
             "metrics": history}

@@ -55,7 +55,7 @@ from ttt_adapt.modeling.modeling_ttt import set_ttt_training_step, ttt_learning_
 from ttt_adapt.preflight import Preflight
 from ttt_adapt.training.checkpoints import (STATE_FILE, checkpoint_path, latest_checkpoint, load_checkpoint,
                                             save_checkpoint)
-from ttt_adapt.training.progress import MetricsFile, Progress, flat
+from ttt_adapt.training.progress import MetricsFile, Progress, flat, write_atomically
 from ttt_adapt.training.resume import describe_changes
 from ttt_adapt.training.stopping import Diverged, Preempted, StopSignals, spike_ratio
 
@@ -321,7 +321,7 @@ def set_up(recipe: Recipe, accelerator: Accelerator, checked: Preflight) -> Run:
     metrics = MetricsFile(accelerator, out)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        write_atomically(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     metrics.truncate(after_step=state.step)  # drop the lines of steps being redone
     if t.trackers:
         accelerator.init_trackers(out.name, config=flat(recipe.to_dict()))

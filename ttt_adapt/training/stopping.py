@@ -4,7 +4,9 @@
 `skip` after too many skipped steps in a row), when its loss spikes above `train.spike_factor` times the median
 of the recent steps (`train.on_spike`), or when weights about to be saved are not finite, and
 `Preempted` after a stop signal, once the step in flight is finished and checkpointed. Each carries the
-exit status `scripts/adapt.py` returns, so a job script can tell "rerun me" from "fix me".
+exit status `scripts/adapt.py` returns, so a job script can tell "rerun me" from "fix me". Outside the training
+steps (`StopAtOnce`: set-up, the final evaluation and export) a stop signal raises `Interrupted` at once, with
+nothing half-written: rerunning the same command resumes (after training: evaluates and exports only).
 """
 
 from __future__ import annotations
@@ -55,6 +57,40 @@ class Preempted(TrainingStopped):
                          "rerun the same command to resume")
 
 
+class Interrupted(BaseException):
+    """A stop signal outside the training steps (set-up, final evaluation, export) stops at once; the message (one
+    line) says what is left and that rerunning the same command continues. A BaseException, like
+    KeyboardInterrupt: no `except Exception` on the way may swallow it."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class StopAtOnce:
+    """While active, the signals named raise `Interrupted` where the program is (its `during` text describes
+    the phase: `"during set-up: ..."`). The training loop's `StopSignals` take precedence inside it, and the
+    previous handlers come back on exit. Outside the main thread signals keep their usual effect."""
+
+    def __init__(self, names, during: str = ""):
+        self.signals = [signal.Signals[name] for name in names]
+        self.during = during
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        raise Interrupted(f"stopped by {signal.Signals(signum).name} {self.during}")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+        return False
+
+
 def spike_ratio(loss: float, recent: list[float], warmup: int) -> float | None:
     """`loss` over the median of the `recent` step losses; None while fewer than `warmup` are known."""
     if len(recent) < warmup:
@@ -99,5 +135,5 @@ class StopSignals:
         return False
 
 
-__all__ = ["TrainingStopped", "Diverged", "spike_ratio", "Preempted", "StopSignals", "EXIT_DIVERGED", "EXIT_PREEMPTED",
+__all__ = ["TrainingStopped", "Diverged", "Interrupted", "StopAtOnce", "spike_ratio", "Preempted", "StopSignals", "EXIT_DIVERGED", "EXIT_PREEMPTED",
            "tensors_finite"]
