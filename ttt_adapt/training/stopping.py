@@ -65,32 +65,6 @@ class Interrupted(BaseException):
     exit_code = EXIT_PREEMPTED
 
 
-class StopAtOnce:
-    """While active, the signals named raise `Interrupted` where the program is (its `during` text describes
-    the phase: `"during set-up: ..."`). The training loop's `StopSignals` take precedence inside it, and the
-    previous handlers come back on exit. Outside the main thread signals keep their usual effect."""
-
-    def __init__(self, names, during: str = ""):
-        self.signals = [signal.Signals[name] for name in names]
-        self.during = during
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        raise Interrupted(f"stopped by {signal.Signals(signum).name} {self.during}")
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        self._previous = {}
-        return False
-
-
 def spike_ratio(loss: float, recent: list[float], warmup: int) -> float | None:
     """`loss` over the median of the `recent` step losses; None while fewer than `warmup` are known."""
     if len(recent) < warmup:
@@ -133,6 +107,19 @@ class StopSignals:
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
         self._previous = {}
         return False
+
+
+class StopAtOnce(StopSignals):
+    """While active, the signals named raise `Interrupted` where the program is (its `during` text describes
+    the phase: `"during set-up: ..."`). The training loop's `StopSignals` take precedence inside it, and the
+    previous handlers come back on exit. Outside the main thread signals keep their usual effect."""
+
+    def __init__(self, names, during: str = ""):
+        super().__init__(names)
+        self.during = during
+
+    def _handle(self, signum, frame):
+        raise Interrupted(f"stopped by {signal.Signals(signum).name} {self.during}")
 
 
 __all__ = ["TrainingStopped", "Diverged", "Interrupted", "StopAtOnce", "spike_ratio", "Preempted", "StopSignals", "EXIT_DIVERGED", "EXIT_PREEMPTED",
