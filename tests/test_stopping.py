@@ -36,7 +36,7 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(files
     assert [p.name for p in run.iterdir() if p.is_dir()] == ["checkpoint-1.diverged"]  # nothing diverged saved
     assert not (tmp_path / "export").exists()
     assert nonfinite_tensors(run) == [] and len(list(run.rglob("*.safetensors"))) == 1
-    lines = strict_metrics(run)
+    lines = [m for m in strict_metrics(run) if "eval_loss" not in m]  # checkpoint-1 was evaluated (keep_best)
     assert [m["step"] for m in lines] == [1, 2]
     assert lines[1]["diverged"] is True and lines[1]["nonfinite"] and all(lines[1][k] is None
                                                                           for k in lines[1]["nonfinite"])
@@ -104,9 +104,11 @@ def test_skip_mode_stops_after_too_many_skips_in_a_row(files, tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("adapt.py: error: training diverged at step 4: ") and "3 steps in a row" in last
     run = tmp_path / "run"
-    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-3.diverged"]
+    # checkpoint-1, the lowest eval loss, is kept besides the last 2 (train.keep_best: on with eval data)
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoint-1", "checkpoint-2",
+                                                                   "checkpoint-3.diverged"]
     assert nonfinite_tensors(run) == []
-    lines = strict_metrics(run)
+    lines = [m for m in strict_metrics(run) if "eval_loss" not in m]
     assert [(m["step"], m.get("skipped")) for m in lines if m["step"] > 1] == [(2, True), (3, True), (4, False)]
 
 

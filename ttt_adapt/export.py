@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -258,7 +259,8 @@ def resolve_checkpoint(path, best: bool = False) -> Path:
     if not best:
         return latest
     scored = [(state["eval_loss"], c) for c in list_checkpoints(path)
-              if (state := _read_json(c / STATE_FILE)).get("eval_loss") is not None]
+              if isinstance((state := _read_json(c / STATE_FILE)).get("eval_loss"), (int, float))
+              and math.isfinite(state["eval_loss"])]
     if not scored:
         raise ExportError(f"{path} holds no checkpoint with an eval loss (a run without eval data, or with "
                           "train.keep_best=false): export the last one (without --best)")

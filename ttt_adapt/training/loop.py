@@ -566,7 +566,7 @@ def train(run: Run) -> list[dict]:
                 run.progress.metrics.write({"step": step, **evaluated})
                 state.eval_loss = evaluated["eval_loss"]
             if saving:
-                if keep_best and state.eval_loss is not None and (
+                if keep_best and state.eval_loss is not None and math.isfinite(state.eval_loss) and (
                         state.best_eval_loss is None or state.eval_loss < state.best_eval_loss):
                     state.best_checkpoint, state.best_eval_loss = step, state.eval_loss
                 keep = tuple(s for s in (state.good_checkpoint, state.best_checkpoint if keep_best else None)
