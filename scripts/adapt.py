@@ -13,9 +13,11 @@ Overrides take YAML values: `ttt.layers=[0,2] train.max_steps=3 train.lora.r=8`.
 are relative to the current directory. Rerunning the same command resumes from the last checkpoint.
 
 Exit status: 0 done; 2 a bad recipe, override or run folder (one line, before any work); 3 training diverged
-(a non-finite loss or gradient norm; one line naming the step and the last good checkpoint); 75 stopped by
-a signal in `train.preempt_signals` (default SIGTERM, SIGINT) after checkpointing the step in flight: rerun
-the same command to resume; 130 interrupted (Ctrl-C) before training started.
+(a non-finite loss or gradient norm, or a loss spike: `train.on_spike`; one line naming the step and the last
+good checkpoint); 75 stopped by
+a signal in `train.preempt_signals` (default SIGTERM, SIGINT) after checkpointing the step in flight, or at
+once during set-up, the final evaluation or the export: rerun the same command to resume (or to finish the
+evaluation and export without retraining); 130 interrupted (Ctrl-C) before training started.
 
 Several processes on a CPU-only machine (gloo): `accelerate launch --multi_gpu --num_processes 2 scripts/adapt.py ...`
 One sequence split over N processes (context parallelism, exact): add `parallel.cp_size=N`.
@@ -64,7 +66,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    from ttt_adapt.training.stopping import Preempted, TrainingStopped
+    from ttt_adapt.training.stopping import Interrupted, Preempted, TrainingStopped
 
     main_process = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`: one line, not one per process
     try:
@@ -85,6 +87,10 @@ def main(argv: list[str]) -> int:
     except TrainingStopped as e:
         if main_process:
             print(f"adapt.py: {'' if isinstance(e, Preempted) else 'error: '}{e}", file=sys.stderr)
+        return e.exit_code
+    except Interrupted as e:
+        if main_process:
+            print(f"adapt.py: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("adapt.py: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)

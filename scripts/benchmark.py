@@ -7,7 +7,7 @@
     python scripts/benchmark.py gpu [--toy]
     python scripts/benchmark.py generate [--prompt 1024 --new-tokens 128 --batches 1,8 --chunk 64]
     python scripts/benchmark.py cp [--length 4096 --ranks 2 --chunk 512 --repeats 3]
-    python scripts/benchmark.py fsdp [--length 512 --ranks 2 --chunk 512 --repeats 3]
+    python scripts/benchmark.py fsdp [--length 512 --processes 1,2,4 --chunk 512 --steps 3]
     python scripts/benchmark.py serve [--requests 16 --prompt 512 --new-tokens 128 --chunk 64]   (needs vLLM)
 
 `layer`: forward+backward of one MLP on a (1, L, d) fp32 input, CPU: the plain Qwen3 MLP, our TTT MLP, the
@@ -30,10 +30,12 @@ of a row of N x L tokens split over N gloo ranks, against L tokens on 1 rank (an
 parallelism avoids). Every rank is a fresh process; per-rank peak memory as above (the largest rank), step time
 the median of repeats (the CPU cores are shared out among the ranks).
 
-`fsdp`: full fine-tuning of that TTT model (45M parameters: weights, gradients and AdamW states dominate memory)
-on N gloo ranks, one row of L tokens per rank per step (fwd+bwd+fused AdamW), as plain data parallelism (DDP)
-and sharded (`ttt_adapt.distributed.fsdp.shard_model`: FSDP2 per decoder layer). Every rank is a fresh process; the
-peak resident set (VmHWM) of the largest rank, whole and above the process after imports, and the step time.
+`fsdp`: full fine-tuning of the mid-size Qwen3 (weights, gradients and AdamW states dominate memory) as
+`scripts/adapt.py` runs it: the base read from safetensors, converted, the shipped corpus packed, 3 steps of one
+row of L tokens per process, on 1, 2 and 4 processes, as plain data parallelism (DDP) and sharded (FSDP2:
+process 0 reads the weights, the others build the model on the meta device and receive their shards). Every
+process is fresh; the peak resident set (VmHWM) of the largest process after set-up (loading) and after
+training (3 steps and the final checkpoint), and the largest relative difference of the logged losses from DDP's.
 
 `serve`: the mid-size model's TTT export and its base export served by vLLM (the ttt-adapt plugin), one after
 the other in the same run, each in a fresh engine process: N concurrent requests (random prompts, greedy, a fixed
@@ -49,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -681,75 +684,92 @@ def bench_gpu(args):
 
 
 def fsdp_rank(args):
-    """One rank of the `fsdp` benchmark (a fresh process): peak memory of full fine-tuning, DDP or FSDP."""
-    import torch.distributed as dist
+    """One process of the `fsdp` benchmark: the real run (`ttt_adapt.pipeline`'s set-up, then `train`), with the
+    peak resident set (VmHWM) after set-up (the model loaded, sharded, the data packed) and after training."""
+    from ttt_adapt.config import load_recipe
+    from ttt_adapt.distributed.fsdp import local_parameter_bytes
+    from ttt_adapt.preflight import preflight
+    from ttt_adapt.training.loop import make_accelerator, set_up, train
 
-    from ttt_adapt.distributed.fsdp import fsdp_mesh, local_parameter_bytes, shard_model
-    from ttt_adapt.loss import loss_sum
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.ranks))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
-    dist.init_process_group("gloo", rank=args.rank, world_size=args.ranks)
+    recipe = load_recipe(args.recipe, args.overrides)
+    accelerator = make_accelerator(recipe)
     baseline = _rss_kib("VmRSS")
-    model = make_lm(True, args.chunk).train()
-    params = sum(p.numel() for p in model.parameters())
-    if args.mode == "fsdp":
-        shard_model(model, fsdp_mesh("cpu"))
-        wrapped = model
-    else:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    g = torch.Generator().manual_seed(args.rank)
-    times = []
-    for _ in range(args.repeats + 1):  # the first step allocates the optimizer state
-        ids = torch.randint(0, 4096, (1, args.length), generator=g)
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum(wrapped, {"input_ids": ids, "position_ids": torch.arange(args.length)[None], "labels": ids},
-                 None).backward()
-        optimizer.step()
-        times.append(time.perf_counter() - t0)
-    peak = _rss_kib("VmHWM")
-    print(json.dumps({"rank": args.rank, "params": params, "local_param_mib": local_parameter_bytes(model) / 2**20,
-                      "peak_mib": peak / 1024, "peak_above_imports_mib": (peak - baseline) / 1024,
-                      "seconds": statistics.median(times[1:])}))
-    dist.destroy_process_group()
+    run = set_up(recipe, accelerator, preflight(recipe, accelerator))
+    loading = _rss_kib("VmHWM")
+    t0 = time.perf_counter()
+    train(run)
+    seconds = (time.perf_counter() - t0) / recipe.train.max_steps
+    print(json.dumps({"rank": accelerator.process_index, "params": sum(p.numel() for p in run.model.parameters()),
+                      "local_param_mib": local_parameter_bytes(run.model) / 2**20, "imports_mib": baseline / 1024,
+                      "loading_peak_mib": loading / 1024, "training_peak_mib": _rss_kib("VmHWM") / 1024,
+                      "seconds_per_step": seconds}))
 
 
-def run_fsdp(mode, args):
-    """Launch `args.ranks` fresh processes of `fsdp_rank`; the largest rank's numbers."""
-    import socket
+def run_fsdp(mode, processes, folder, args):
+    """Train the benchmark recipe on `processes` fresh processes (plain data parallelism or FSDP); per-process
+    numbers and the logged losses."""
+    out = folder / f"{mode}-{processes}"
+    overrides = [f"model.name_or_path={folder / 'base'}", f"train.output_dir={out}", f"data.seq_len={args.length}",
+                 f"ttt.chunk_size={args.chunk}", f"train.max_steps={args.steps}", f"parallel.fsdp={mode == 'fsdp'}",
+                 f"data.cache_dir={folder / 'cache'}"]
+    recipe = folder / "recipe.yaml"
+    if not recipe.is_file():
+        recipe.write_text(FSDP_RECIPE.format(corpus=Path(REPO) / "ttt_adapt" / "assets" / "corpus" / "train.jsonl"))
+    launch = [] if processes == 1 else [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                                        "--num_processes", str(processes), "--num_machines", "1",
+                                        "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = (launch or [sys.executable]) + [__file__, "_fsdp_rank", str(recipe), *overrides]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1)
+                                                                                          // processes)))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if done.returncode:
+        raise RuntimeError(f"fsdp run failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")
+    ranks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"rank"')]
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line and "eval_loss" not in line]
+    return {"setup": mode, "processes": processes, "ranks": sorted(ranks, key=lambda r: r["rank"]), "losses": losses}
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
-    procs = [subprocess.Popen([sys.executable, __file__, "_fsdp_rank", "--mode", mode, "--ranks", str(args.ranks),
-                               "--rank", str(r), "--port", str(port), "--length", str(args.length), "--chunk",
-                               str(args.chunk), "--repeats", str(args.repeats)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for r in range(args.ranks)]
-    results = []
-    for p in procs:
-        out, err = p.communicate()
-        if p.returncode:
-            raise RuntimeError(f"fsdp rank failed: {err.strip().splitlines()[-1] if err.strip() else p.returncode}")
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    worst = max(results, key=lambda r: r["peak_mib"])
-    return dict(worst, seconds=max(r["seconds"] for r in results))
+
+FSDP_RECIPE = """
+model: {{name_or_path: unused, dtype: float32}}
+ttt: {{layers: [0, 6], chunk_size: 512}}
+data: {{path: {corpus}, seq_len: 512, eval_fraction: 0.05}}
+train: {{output_dir: unused, max_steps: 3, batch_size: 1, trainable: full, lr: 1.0e-4, warmup_steps: 0,
+         log_every: 1, eval_batches: 1, keep_last: 1}}
+export: {{dir: null}}
+"""
 
 
 def bench_fsdp(args):
-    rows = [dict(run_fsdp(mode, args), setup=mode) for mode in ("ddp", "fsdp")]
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_fsdp_"))
+    base = make_lm(False, args.chunk, vocab=args.vocab)  # the recipe converts it, as a user's run would
+    base.save_pretrained(folder / "base")
+    AutoTokenizer.from_pretrained(Path(REPO) / "ttt_adapt" / "assets" / "tiny_qwen3_base").save_pretrained(folder / "base")
+    del base
+    rows = []
+    for n in args.processes:
+        for mode in ("ddp", "fsdp") if n > 1 else ("ddp",):
+            row = run_fsdp(mode, n, folder, args)
+            worst = {k: max(r[k] for r in row["ranks"]) for k in ("loading_peak_mib", "training_peak_mib")}
+            rows.append(dict(row, **worst, peak_mib=max(worst.values())))
     for r in rows:
-        r["peak_vs_ddp"] = r["peak_mib"] / rows[0]["peak_mib"]
-        r["above_imports_vs_ddp"] = r["peak_above_imports_mib"] / rows[0]["peak_above_imports_mib"]
-    print(f"fsdp: full fine-tuning, TTT Qwen3 hidden 512 x 12 layers ({rows[0]['params'] / 1e6:.0f}M parameters), "
-          f"{args.ranks} gloo ranks x 1 row of {args.length} tokens, fwd+bwd+fused AdamW, fp32 CPU")
-    print(f"{'setup':>5} {'params MiB/rank':>15} {'peak MiB/rank':>13} {'x DDP':>6} {'above imports':>13} "
-          f"{'x DDP':>6} {'step s':>7}")
+        ddp = next(x for x in rows if x["processes"] == r["processes"] and x["setup"] == "ddp")
+        r["peak_vs_ddp"] = r["peak_mib"] / ddp["peak_mib"]
+        r["max_loss_rel_diff_vs_ddp"] = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ddp["losses"]))
+    params = rows[0]["ranks"][0]["params"]
+    print(f"fsdp: full fine-tuning of a TTT Qwen3 (hidden 512 x 12 layers, vocab {args.vocab}: {params / 1e6:.1f}M "
+          f"parameters) read from safetensors by scripts/adapt.py's set-up, {args.steps} steps of 1 row x "
+          f"{args.length} tokens per process, fp32 CPU (gloo); VmHWM of the largest process")
+    print(f"{'setup':>5} {'procs':>5} {'params MiB/proc':>15} {'loading MiB':>11} {'training MiB':>12} {'x DDP':>6} "
+          f"{'loss rel diff':>13}")
     for r in rows:
-        print(f"{r['setup']:>5} {r['local_param_mib']:15.0f} {r['peak_mib']:13.0f} {r['peak_vs_ddp']:6.2f} "
-              f"{r['peak_above_imports_mib']:13.0f} {r['above_imports_vs_ddp']:6.2f} {r['seconds']:7.2f}")
+        print(f"{r['setup']:>5} {r['processes']:5d} {max(x['local_param_mib'] for x in r['ranks']):15.0f} "
+              f"{r['loading_peak_mib']:11.0f} {r['training_peak_mib']:12.0f} {r['peak_vs_ddp']:6.2f} "
+              f"{r['max_loss_rel_diff_vs_ddp']:13.1e}")
     return {"benchmark": "fsdp", "machine": machine(), "settings": vars(args) | {"func": None}, "rows": rows}
 
 
@@ -816,22 +836,21 @@ def main(argv=None):
         p.add_argument("--out", default="exports/benchmark_cp.json")
         p.add_argument("--rank", type=int, default=0)
         p.add_argument("--port", type=int, default=0)
-    for name in ("fsdp", "_fsdp_rank"):
-        p = sub.add_parser(name)
-        p.add_argument("--length", type=int, default=512, help="tokens per rank and step")
-        p.add_argument("--ranks", type=int, default=2)
-        p.add_argument("--chunk", type=int, default=512)
-        p.add_argument("--repeats", type=int, default=3)
-        p.add_argument("--out", default="exports/benchmark_fsdp.json")
-        p.add_argument("--mode", choices=("ddp", "fsdp"), default="fsdp")
-        p.add_argument("--rank", type=int, default=0)
-        p.add_argument("--port", type=int, default=0)
+    p = sub.add_parser("fsdp")
+    p.add_argument("--length", type=int, default=512, help="tokens per process and step")
+    p.add_argument("--processes", type=_ints, default=[1, 2, 4])
+    p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--out", default="exports/benchmark_fsdp.json")
+    p = sub.add_parser("_fsdp_rank")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    if args.command in ("fsdp", "_fsdp_rank"):
-        if min(args.length, args.chunk, args.repeats) < 1 or args.ranks < 2:
-            parser.exit(2, "benchmark: sizes must be positive and --ranks at least 2\n")
-        if args.command == "_fsdp_rank":
-            return fsdp_rank(args)
+    if args.command == "fsdp" and min(args.length, args.chunk, args.steps) < 1:
+        parser.exit(2, "benchmark: sizes must be positive\n")
+    if args.command == "_fsdp_rank":
+        return fsdp_rank(args)
     if args.command in ("cp", "_cp_rank"):
         if min(args.length, args.ranks, args.chunk, args.repeats) < 1 or args.length % args.chunk:
             parser.exit(2, "benchmark: sizes must be positive and --length a multiple of --chunk\n")

@@ -273,3 +273,54 @@ def test_fsdp_requests_that_cannot_be_honoured_are_refused(tmp_path, monkeypatch
         err = capsys.readouterr().err.strip()
         assert match in err and "\n" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _load_without_a_full_copy(rank, world, recipe_path):
+    """Process 1 reads no weights and allocates none before its shards arrive; after loading every process
+    holds exactly its shards of the model process 0 built, and the sharded model computes its logits."""
+    import transformers
+    from torch.distributed.tensor import DTensor
+
+    from ttt_adapt.config import load_recipe
+    from ttt_adapt.distributed.fsdp import fsdp_mesh, load_from_rank0, local_parameter_bytes, sharded_skeleton
+    from ttt_adapt.model_setup import build_model
+
+    recipe = load_recipe(recipe_path)
+    config = transformers.AutoConfig.from_pretrained(recipe.model.name_or_path)
+    reference = build_model(recipe)  # what process 0 builds, for comparison (every process, in this test only)
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    if rank:
+        def refuse(*args, **kwargs):
+            raise AssertionError("process 1 read the weights")
+        transformers.AutoModelForCausalLM.from_pretrained = refuse
+    try:
+        model, full = sharded_skeleton(recipe, config, fsdp_mesh("cpu"))
+        if rank:
+            assert full == {}
+            params = list(model.parameters())
+            assert params and all(isinstance(p, DTensor) and p.to_local().is_meta for p in params)
+            assert all(b.is_meta for b in model.buffers())
+        load_from_rank0(model, full, torch.device("cpu"))
+    finally:
+        transformers.AutoModelForCausalLM.from_pretrained = real
+    full_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
+    assert abs(local_parameter_bytes(model) / full_bytes - 1 / world) < 0.02
+    for name, p in model.named_parameters():
+        assert not p.to_local().is_meta and torch.equal(p.full_tensor(), reference.get_parameter(name)), name
+    for name, b in reference.named_buffers():
+        assert torch.equal(model.get_buffer(name), b), name
+    ids = torch.randint(3, 60, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fsdp_processes_other_than_the_first_never_hold_the_whole_model(tmp_path):
+    from conftest import make_tiny_files, recipe_dict, write_recipe
+
+    files = make_tiny_files(tmp_path)
+    for trainable, lora in (("full", 0), ("ttt", 2)):
+        raw = recipe_dict(files, tmp_path, trainable=trainable, lora={"r": lora})
+        run_on_ranks(2, _load_without_a_full_copy, str(write_recipe(tmp_path / f"{trainable}.yaml", raw)))

@@ -28,11 +28,15 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(files
     last = err.strip().splitlines()[-1]
     run = tmp_path / "run"
     assert last.startswith("adapt.py: error: training diverged at step 2: ") and "Traceback" not in err
-    assert f"the last good checkpoint is {run / 'checkpoint-1'}" in last
-    assert [p.name for p in run.iterdir() if p.is_dir()] == ["checkpoint-1"]  # kept; nothing diverged saved
+    # checkpoint-1's weights (lr 5e36 at step 1) gave step 2's loss: set aside, so a rerun does not resume from it,
+    # and the message does not tell the user to resume from a checkpoint that does not exist
+    assert f"its weights came from a checkpoint now set aside as {run / 'checkpoint-1.diverged'}" in last
+    assert last.endswith("no good checkpoint was written before it (lower train.lr or set train.clip_grad_norm, "
+                         "then rerun to start over)") and "resume" not in last
+    assert [p.name for p in run.iterdir() if p.is_dir()] == ["checkpoint-1.diverged"]  # nothing diverged saved
     assert not (tmp_path / "export").exists()
     assert nonfinite_tensors(run) == [] and len(list(run.rglob("*.safetensors"))) == 1
-    lines = strict_metrics(run)
+    lines = [m for m in strict_metrics(run) if "eval_loss" not in m]  # checkpoint-1 was evaluated (keep_best)
     assert [m["step"] for m in lines] == [1, 2]
     assert lines[1]["diverged"] is True and lines[1]["nonfinite"] and all(lines[1][k] is None
                                                                           for k in lines[1]["nonfinite"])
@@ -42,7 +46,7 @@ def test_weights_are_checked_finite_before_every_save(files, tmp_path):
     """lr 1e39 overflows the fp32 update: step 1's loss and gradients are finite, the weights after it not."""
     recipe = load(files, tmp_path, [*DIVERGE, "train.lr=1e39"])
     with pytest.raises(Diverged, match=r"^training diverged at step 1: the weights or optimizer state are not "
-                                       r"finite; no checkpoint was written"):
+                                       r"finite; no good checkpoint was written before it \(.*then rerun to start over\)$"):
         adapt(recipe)
     assert [p.name for p in Path(recipe.train.output_dir).iterdir()] == ["metrics.jsonl", "recipe.yaml"]
 
@@ -88,7 +92,8 @@ def test_skip_mode_drops_the_update_of_a_nonfinite_step_and_goes_on(files, tmp_p
     (tmp_path / "stop").mkdir()
     stop = load(files, tmp_path / "stop", ["train.save_every=1", "train.max_steps=3"])  # on_nonfinite: stop
     with pytest.raises(Diverged, match=r"^training diverged at step 2: the loss \(nan\) and the gradient norm "
-                                       r"\(nan\) are not finite; the last good checkpoint is .*checkpoint-1 "):
+                                       r"\(nan\) are not finite; its weights came from a checkpoint now set aside "
+                                       r"as .*checkpoint-1.diverged; no good checkpoint"):
         adapt(stop)
 
 
@@ -99,9 +104,11 @@ def test_skip_mode_stops_after_too_many_skips_in_a_row(files, tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("adapt.py: error: training diverged at step 4: ") and "3 steps in a row" in last
     run = tmp_path / "run"
-    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-3"]
+    # checkpoint-1, the lowest eval loss, is kept besides the last 2 (train.keep_best: on with eval data)
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoint-1", "checkpoint-2",
+                                                                   "checkpoint-3.diverged"]
     assert nonfinite_tensors(run) == []
-    lines = strict_metrics(run)
+    lines = [m for m in strict_metrics(run) if "eval_loss" not in m]
     assert [(m["step"], m.get("skipped")) for m in lines if m["step"] > 1] == [(2, True), (3, True), (4, False)]
 
 
@@ -172,3 +179,134 @@ def test_every_process_stops_at_the_same_step_when_one_gets_the_signal(files, tm
     assert [p.name for p in run.iterdir() if p.is_dir()] == ["checkpoint-3"]
     assert json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())["step"] == 3
     assert [m["step"] for m in strict_metrics(run)] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------- loss spikes
+
+
+def test_the_default_spike_guard_fires_on_the_issues_blow_up_and_not_before():
+    """Full fine-tuning without clipping, as reported: 2.07 -> 5.4 -> 7.2 -> 13.6 -> 15.0, all finite."""
+    from ttt_adapt.config import TrainConfig
+    from ttt_adapt.training.stopping import spike_ratio
+
+    t = TrainConfig(output_dir="unused", max_steps=5)
+    recent, fired = [], []
+    for step, loss in enumerate([2.07, 5.4, 7.2, 13.6, 15.0], start=1):
+        ratio = spike_ratio(loss, recent, t.spike_warmup)
+        if ratio is not None and ratio > t.spike_factor:
+            fired.append(step)
+            break
+        recent = [*recent, loss][-t.spike_window:]
+    assert fired == [4]  # 13.6 > 2 x median(2.07, 5.4, 7.2)
+
+
+BLOW_UP = ["train.trainable=full", "train.lr=1", "ttt.clip_update_norm=null", "train.clip_grad_norm=null",
+           "train.grad_accum=1", "train.max_steps=8", "train.save_every=1", "train.keep_last=1"]
+
+
+def test_a_finite_loss_blow_up_stops_the_run_and_keeps_the_last_good_checkpoint(files, tmp_path, capsys):
+    """lr 1, every weight trained, no clipping: loss 4.19 -> 5.98 -> 12.8 (finite). The default guard stops at
+    step 3 before its update; checkpoint-2 (whose weights gave 12.8) is set aside, and checkpoint-1, the last good
+    one, survives `keep_last: 1`; nothing is exported."""
+    raw = recipe_dict(files, tmp_path)
+    raw["export"] = {"dir": str(tmp_path / "export"), "dtype": "float32"}
+    path = write_recipe(tmp_path / "tiny.yaml", raw)
+    assert adapt_main()([str(path), *BLOW_UP]) == 3
+    err = capsys.readouterr().err
+    last, run = err.strip().splitlines()[-1], tmp_path / "run"
+    assert last.startswith("adapt.py: error: training diverged at step 3: the loss spiked to ") and \
+        "x the median" in last and "Traceback" not in err, err
+    assert f"set aside as {run / 'checkpoint-2.diverged'}; the last good checkpoint is {run / 'checkpoint-1'}" in last
+    assert last.endswith("then rerun to resume from it)")
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoint-1", "checkpoint-2.diverged"]
+    assert not (tmp_path / "export").exists()
+    lines = strict_metrics(run)
+    assert lines[-1]["step"] == 3 and lines[-1]["diverged"] is True and lines[-1]["spike_ratio"] > 2
+    # rerunning with a lower learning rate resumes from checkpoint-1
+    assert adapt_main()([str(path), *BLOW_UP, "train.lr=1e-3", "train.max_steps=3", "export.dir=null"]) == 0
+    assert "resuming from " + str(run / "checkpoint-1") in capsys.readouterr().out
+
+
+def test_spike_skip_drops_the_update_and_warn_trains_on(files, tmp_path, capsys):
+    (tmp_path / "skip").mkdir()
+    recipe = load(files, tmp_path / "skip", [*BLOW_UP, "train.on_spike=skip", "train.max_steps=4",
+                                             "train.keep_last=5"])
+    assert adapt(recipe)["step"] == 4
+    skipped = [m["step"] for m in strict_metrics(Path(recipe.train.output_dir)) if m.get("skipped")]
+    assert skipped and skipped[0] == 3
+    before, after = checkpoint_weights(recipe, 2), checkpoint_weights(recipe, 3)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # step 3 changed nothing
+    (tmp_path / "warn").mkdir()
+    recipe = load(files, tmp_path / "warn", [*BLOW_UP, "train.on_spike=warn", "train.max_steps=4",
+                                             "train.keep_last=5"])
+    capsys.readouterr()
+    assert adapt(recipe)["step"] == 4
+    assert "warning: step 3: the loss spiked to " in capsys.readouterr().out
+    assert changed_keys(checkpoint_weights(recipe, 2), checkpoint_weights(recipe, 3))  # step 3's update applied
+
+
+# ---------------------------------------------------------------------------------------------- stops outside the steps
+
+
+STOP_AT = """
+import contextlib, importlib.util, os, signal, sys
+sys.path.insert(0, {repo!r})
+import ttt_adapt.export.folder as export_module
+import ttt_adapt.training.loop as train_module
+
+if {phase!r} == "set-up":  # while the corpus is packed
+    build = train_module.build_datasets
+    def build_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return build(*args, **kwargs)
+    train_module.build_datasets = build_then_signal
+else:  # the export's files written, not yet renamed into place
+    staging = export_module.staging
+    @contextlib.contextmanager
+    def staging_then_signal(out, overwrite):
+        with staging(out, overwrite) as tmp:
+            yield tmp
+            os.kill(os.getpid(), signal.SIGTERM)
+    export_module.staging = staging_then_signal
+
+spec = importlib.util.spec_from_file_location("adapt", os.path.join({repo!r}, "scripts", "adapt.py"))
+adapt = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(adapt)
+sys.exit(adapt.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("phase", ["set-up", "export"])
+def test_a_stop_signal_outside_the_steps_stops_cleanly_and_the_same_command_finishes(files, tmp_path, phase):
+    """SIGTERM while the corpus is packed: exit 75, one line, nothing written. SIGTERM during the export: exit 75,
+    no export and no half-written folder, the run resumable; the same command then exports without training."""
+    raw = recipe_dict(files, tmp_path)
+    raw["export"] = {"dir": str(tmp_path / "export"), "dtype": "float32"}
+    path = write_recipe(tmp_path / "tiny.yaml", raw)
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_AT.format(repo=str(REPO), phase=phase))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    stopped = subprocess.run([sys.executable, str(script), str(path)], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+    run = tmp_path / "run"
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in stopped.stderr
+    if phase == "set-up":
+        assert last == "adapt.py: stopped by SIGTERM during set-up: nothing was trained or written; rerun the same " \
+                       "command"
+        assert not run.exists() or not any(p.is_dir() for p in run.iterdir())
+    else:
+        assert last == (f"adapt.py: stopped by SIGTERM during the final evaluation or export: training is complete in "
+                        f"{run / 'checkpoint-2'}; rerun the same command to evaluate and export it")
+        assert sorted(p.name for p in tmp_path.iterdir() if "export" in p.name) == []  # nothing half-written
+    trained = [m["step"] for m in strict_metrics(run) if "loss" in m] if (run / "metrics.jsonl").exists() else []
+    assert trained == ([] if phase == "set-up" else [1, 2])
+    before = load_file(run / "checkpoint-2" / "model.safetensors") if phase == "export" else None
+
+    assert adapt_main()([str(path)]) == 0  # the same command
+    assert [m["step"] for m in strict_metrics(run) if "loss" in m] == [1, 2]  # each step trained once
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    if before is not None:  # not retrained: the checkpoint is the one written before the stop
+        after = load_file(run / "checkpoint-2" / "model.safetensors")
+        assert all(torch.equal(before[k], after[k]) for k in before)

@@ -34,6 +34,8 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", 
 TRAINABLE = ("ttt", "full")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 ON_NONFINITE = ("stop", "skip")
+ON_SPIKE = ("stop", "skip", "warn")
+EXPORT_CHECKPOINTS = ("last", "best")  # export.checkpoint: the final one, or the lowest eval loss
 UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -114,13 +116,17 @@ class TrainConfig:
     packed rows. `lr` applies to the non-TTT parameters that are trained (`full`, or the LoRA adapters);
     `ttt_lr` to the TTT parameters (null: same as `lr`). The learning rate warms up linearly over
     `warmup_steps` (or `warmup_ratio * max_steps`), then follows a cosine down to `min_lr_ratio * lr`.
-    `save_every: 0` saves only at the end; `eval_every: 0` evaluates only at the end (if there is eval data).
+    Retention keeps the last `keep_last` checkpoints and, with `keep_best` (null: on when there is eval data),
+    the one with the lowest eval loss (every checkpoint is then evaluated). `save_every: 0` saves only at the end; `eval_every: 0` evaluates only at the end (if there is eval data).
     The eval loss covers the first `eval_batches * batch_size` held-out rows, whatever the number of processes.
     `compile: true` compiles each decoder layer with torch.compile (as torchtitan and torchtune do).
 
     A step whose loss or gradient norm is not finite never updates the weights. `on_nonfinite: stop` ends the run
     there; `skip` drops that step's update and goes on, up to `max_nonfinite_skips` steps in a row (one more
-    stops it). `preempt_signals` (default SIGTERM, SIGINT; add SIGUSR1 for SLURM's `--signal`) make the run
+    stops it). A step whose loss exceeds `spike_factor` times the median loss of the last `spike_window` steps
+    (once `spike_warmup` steps are known) is a spike: `on_spike: stop` ends the run there, before its update (exit
+    3), `skip` drops its update (up to `max_spike_skips` in a row), `warn` says so and trains on.
+    `preempt_signals` (default SIGTERM, SIGINT; add SIGUSR1 for SLURM's `--signal`) make the run
     finish the step in flight, checkpoint it and stop; rerunning the same command resumes from there.
     """
 
@@ -142,6 +148,7 @@ class TrainConfig:
     compile: bool = False
     save_every: int = 0
     keep_last: int = 2
+    keep_best: bool | None = None
     resume: bool = True
     log_every: int = 10
     eval_every: int = 0
@@ -150,6 +157,11 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=list)
     on_nonfinite: str = "stop"
     max_nonfinite_skips: int = 10
+    on_spike: str = "stop"
+    spike_factor: float = 2.0
+    spike_window: int = 20
+    spike_warmup: int = 2
+    max_spike_skips: int = 10
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT"])
 
     def validate(self):
@@ -186,6 +198,13 @@ class TrainConfig:
             _fail("train.trackers", f"lists a tracker twice: {self.trackers}")
         _check_choice("train.on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         _check_int("train.max_nonfinite_skips", self.max_nonfinite_skips, 1)
+        _check_choice("train.on_spike", self.on_spike, ON_SPIKE)
+        if not self.spike_factor > 1:
+            _fail("train.spike_factor", f"must be > 1, got {self.spike_factor}")
+        for key in ("spike_window", "spike_warmup", "max_spike_skips"):
+            _check_int(f"train.{key}", getattr(self, key), 1)
+        if self.spike_warmup > self.spike_window:
+            _fail("train.spike_warmup", f"must be <= train.spike_window={self.spike_window}, got {self.spike_warmup}")
         for name in self.preempt_signals:
             if name not in signal.Signals.__members__ or name in UNCATCHABLE_SIGNALS:
                 _fail("train.preempt_signals", f"{name!r} is not a signal a process can catch (e.g. SIGTERM, SIGINT, "
@@ -216,11 +235,13 @@ class ParallelConfig:
 class ExportConfig:
     """The exported model written at the end of training (`dir: null` skips the export; see `ttt_adapt.export`).
 
+    `checkpoint: best` exports the checkpoint with the lowest eval loss (`train.keep_best`) instead of the last.
     `push_to_hub` (ORG/NAME) uploads it to `revision` (a branch; null: main) with `commit_message`; `license`
     goes into the model card (null: the base model's).
     """
 
     dir: str | None = None
+    checkpoint: str = "last"
     dtype: str = "bfloat16"
     max_shard_size: str = "5GB"
     push_to_hub: str | None = None
@@ -231,6 +252,7 @@ class ExportConfig:
     overwrite: bool = False
 
     def validate(self):
+        _check_choice("export.checkpoint", self.checkpoint, EXPORT_CHECKPOINTS)
         _check_choice("export.dtype", self.dtype, DTYPES)
         try:
             parse_size(self.max_shard_size)

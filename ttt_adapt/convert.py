@@ -58,7 +58,7 @@ def convert(model, ttt_config: TTTConfig | None = None):
             module.to_empty(device=param.device)
             module.to(param.dtype)
             module.reset_parameters(config.ttt["lr_init"], config.initializer_range)
-    # a base built on the meta device (the memory plan) stays there; any other must fill every parameter
+    # a base on the meta device (the memory plan, a sharded model's skeleton) stays there; any other fills all
     missing = [n for n, p in ttt_model.named_parameters() if p.is_meta] if not param.is_meta else []
     if missing:
         raise ValueError(f"the base model lacks weights the TTT model needs: {', '.join(missing[:3])}")

@@ -6,6 +6,7 @@ Training (`ttt_adapt.training.loop`) builds the model here and so does loading a
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -42,8 +43,14 @@ def build_model(recipe: Recipe, device: str | None = None, config=None):
 
     Seeded with `train.seed`, so the same recipe always builds the same initial TTT (and LoRA) weights.
     `config`: the base config when already loaded (`ttt_adapt.preflight`). `device="meta"` builds the very same
-    model without memory or weights, from the config alone: what the memory plan counts.
+    model without reading or allocating anything, from the config alone: what the memory plan counts, and the
+    skeleton of FSDP processes that receive their shards of the weights from another (`ttt_adapt.distributed.fsdp`).
     """
+    with torch.device("meta") if device == "meta" else contextlib.nullcontext():
+        return _build_model(recipe, device, config)
+
+
+def _build_model(recipe: Recipe, device, config):
     set_seed(recipe.train.seed)
     m = recipe.model
     kwargs = {"dtype": getattr(torch, m.dtype)}
@@ -51,8 +58,7 @@ def build_model(recipe: Recipe, device: str | None = None, config=None):
         kwargs["attn_implementation"] = m.attn_implementation
     if device == "meta":
         config = config if config is not None else AutoConfig.from_pretrained(m.name_or_path)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, **kwargs)
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
         if config is not None:
             kwargs["config"] = config

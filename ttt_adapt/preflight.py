@@ -22,6 +22,7 @@ from ttt_adapt.distributed.fsdp import FSDPRequest, fsdp_request
 from ttt_adapt.model_setup import is_converted, recipe_tokenizer
 from ttt_adapt.modeling import FAMILIES
 from ttt_adapt.training.checkpoints import latest_checkpoint
+from ttt_adapt.training.resume import check_resume
 
 
 @dataclass
@@ -158,6 +159,7 @@ def check_run_folder(recipe: Recipe) -> None:
             f"train.output_dir: {recipe.train.output_dir} already holds a run (latest {latest.name}); "
             "set train.resume=true to continue it, or choose another train.output_dir"
         )
+    check_resume(recipe, latest)  # changes a resumed run cannot honour
 
 
 def checked_tokenizer(recipe: Recipe, config):

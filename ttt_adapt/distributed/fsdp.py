@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ttt_adapt._util import RecipeError
 from ttt_adapt.config import Recipe
-from ttt_adapt.model_setup import decoder_layers
+from ttt_adapt.model_setup import build_model, decoder_layers
 
 ACCELERATE_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch --use_fsdp` and FSDP config files
 
@@ -83,6 +83,72 @@ def shard_model(model, mesh, mixed_precision: str = "no", reshard_after_forward:
     return model
 
 
+def build_sharded_model(recipe: Recipe, base_config, mesh, device, prepare=None, **shard_kwargs):
+    """The recipe's model sharded over `mesh` without a full copy of the weights in every process: process 0
+    builds it (`ttt_adapt.model_setup.build_model`: reads the weights, initialises the TTT ones), the others on
+    the meta device; after sharding each process receives its shards from process 0, one tensor at a time.
+    `prepare(model)` runs before sharding (e.g. activation checkpointing); `shard_kwargs` go to `shard_model`."""
+    model, full = sharded_skeleton(recipe, base_config, mesh, prepare, **shard_kwargs)
+    load_from_rank0(model, full, device)
+    return model
+
+
+def sharded_skeleton(recipe: Recipe, base_config, mesh, prepare=None, **shard_kwargs):
+    """(model sharded over `mesh`, the full state dict on process 0 / {} elsewhere): on process 0 the shards hold
+    the weights, on the others they are on the meta device (nothing allocated) until `load_from_rank0`."""
+
+    rank0 = dist.get_rank() == 0
+    model = build_model(recipe, config=base_config) if rank0 else build_model(recipe, "meta", base_config)
+    if prepare is not None:
+        prepare(model)
+    full = model.state_dict() if rank0 else {}  # references: the full tensors live until loaded
+    shard_model(model, mesh, **shard_kwargs)
+    return model, full
+
+
+def load_from_rank0(model, full: dict, device) -> None:
+    """Fill the shards of a `sharded_skeleton` model from process 0's full state dict (torch's distributed
+    state-dict API, broadcasting one tensor at a time), and give every process process 0's buffers and tensor
+    attributes that no state dict holds (rotary frequencies)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if dist.get_rank() != 0:
+        model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(model, full, options=options)
+    full.clear()
+    _broadcast_unsaved_tensors(model, device)
+
+
+def _broadcast_unsaved_tensors(model, device) -> None:
+    """Every buffer and plain tensor attribute of every module, broadcast from process 0 (they are small)."""
+    slots = []
+    for name, module in model.named_modules():
+        for attr in sorted(module._buffers):
+            if module._buffers[attr] is not None:
+                slots.append((name, attr, True))
+        for attr, value in sorted(vars(module).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                slots.append((name, attr, False))
+    rank0 = dist.get_rank() == 0
+    specs = [[(tuple(t.shape), t.dtype) for t in (_slot(model, s) for s in slots)] if rank0 else None]
+    dist.broadcast_object_list(specs, src=0)
+    for slot, (shape, dtype) in zip(slots, specs[0]):
+        tensor = _slot(model, slot) if rank0 else torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(tensor, src=0)
+        if not rank0:
+            module = model.get_submodule(slot[0])
+            if slot[2]:
+                module._buffers[slot[1]] = tensor
+            else:
+                setattr(module, slot[1], tensor)
+
+
+def _slot(model, slot):
+    module = model.get_submodule(slot[0])
+    return module._buffers[slot[1]] if slot[2] else getattr(module, slot[1])
+
+
 def fsdp_mesh(device_type: str):
     """All processes in one 1-D mesh: FSDP shards the weights over every rank."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -131,6 +197,7 @@ def local_parameter_bytes(model) -> int:
 
 
 __all__ = [
-    "FSDPRequest", "fsdp_request", "shard_model", "fsdp_mesh", "is_sharded",
+    "FSDPRequest", "fsdp_request", "shard_model", "build_sharded_model", "sharded_skeleton", "load_from_rank0",
+    "fsdp_mesh", "is_sharded",
     "gradient_sync", "clip_grad_norm", "local", "local_parameter_bytes",
 ]

@@ -18,7 +18,7 @@ CODE_NOTE = re.compile(r"<!-- ttt-adapt:code -->.*?<!-- /ttt-adapt:code -->\n?",
 
 
 def render_model_card(config, recipe, state: dict, checkpoint: Path, *, report=None, license="other",
-                      repo_id=None, revision=None) -> str:
+                      repo_id=None, revision=None, best: bool = False) -> str:
     """The README.md: Hub metadata, TTT settings, training summary, evaluation table, usage."""
     base = recipe.model.name_or_path
     family = config.model_type.removeprefix("ttt_")
@@ -51,7 +51,9 @@ def render_model_card(config, recipe, state: dict, checkpoint: Path, *, report=N
             ["sequence length", _fmt(recipe.data.seq_len)],
             ["rows per step", f"{t.batch_size} x {t.grad_accum} (x data-parallel processes)"],
             ["learning rate", f"{_fmt(t.lr)} (TTT parameters {_fmt(t.ttt_lr if t.ttt_lr is not None else t.lr)})"],
-            ["checkpoint", Path(checkpoint).name],
+            ["checkpoint", f"{Path(checkpoint).name} (step {_fmt(state.get('step'))}"
+                           + (", the lowest eval loss of the run)" if best else ")")],
+            *([["eval loss at that step", _fmt(state["eval_loss"])]] if state.get("eval_loss") is not None else []),
         ]),
         "<details><summary>Recipe</summary>\n\n```yaml\n"
         + yaml.safe_dump(_public({k: v for k, v in recipe.to_dict().items() if k != "export"}), sort_keys=False)

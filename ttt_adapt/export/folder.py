@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -39,7 +40,8 @@ from ttt_adapt.export import ExportError
 from ttt_adapt.export.card import base_license, render_model_card, with_code_note
 from ttt_adapt.export.hub import check_hub_target, push_folder
 from ttt_adapt.model_setup import recipe_tokenizer
-from ttt_adapt.training.checkpoints import STATE_FILE, CheckpointError, latest_checkpoint, load_checkpoint_model
+from ttt_adapt.training.checkpoints import (STATE_FILE, CheckpointError, latest_checkpoint, list_checkpoints,
+                                            load_checkpoint_model)
 
 REPORT = Path("eval") / "report.json"
 
@@ -57,6 +59,7 @@ def export_model(
     commit_message: str | None = None,
     license: str | None = None,
     eval_report=None,
+    best: bool = False,
 ) -> Path:
     """Write the model of a run's checkpoint to `out` (atomically) and optionally push it; return `out`.
 
@@ -70,9 +73,11 @@ def export_model(
         revision: the Hub branch to push to (created from main if needed); `None` is main.
         commit_message: the Hub commit message.
         license: the card's license; default the recipe's `export.license`, else the base model's, else "other".
-        eval_report: an evaluation `report.json`; default `<output_dir>/eval/report.json` if present.
+        eval_report: an evaluation `report.json`; default `<output_dir>/eval/report.json` if it describes this
+            checkpoint.
+        best: export the run's checkpoint with the lowest eval loss (`checkpoint_or_run_dir` is a run folder).
     """
-    checkpoint = resolve_checkpoint(checkpoint_or_run_dir)
+    checkpoint = resolve_checkpoint(checkpoint_or_run_dir, best)
     torch_dtype = parse_dtype(dtype)
     try:
         shard_bytes = parse_size(max_shard_size)
@@ -87,6 +92,9 @@ def export_model(
     if eval_report is not None and not report_path.is_file():
         raise ExportError(f"no such evaluation report: {report_path}")
     report = _read_json(report_path) if report_path.is_file() else None
+    if eval_report is None and report is not None and report.get("checkpoint", latest_checkpoint(checkpoint.parent)
+                                                                  .name) != checkpoint.name:
+        report = None  # the run's report describes another checkpoint
 
     try:
         model = load_checkpoint_model(checkpoint, recipe)
@@ -100,7 +108,7 @@ def export_model(
     model.config.dtype = torch_dtype
     model.config.use_cache = True  # training turned it off; generation wants it
     card = render_model_card(
-        model.config, recipe, state, checkpoint, report=report,
+        model.config, recipe, state, checkpoint, report=report, best=best,
         license=license or recipe_license or base_license(recipe.model.name_or_path) or "other",
         repo_id=push_to_hub, revision=revision,
     )
@@ -206,19 +214,39 @@ def _link_or_copy(src, dst):
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def resolve_checkpoint(path) -> Path:
-    """The checkpoint folder to export: `path` itself if it is one, else the latest checkpoint of a run."""
+def resolve_checkpoint(path, best: bool = False) -> Path:
+    """The checkpoint folder to export: `path` itself if it is one, else the latest checkpoint of a run, or with
+    `best` the run's checkpoint with the lowest eval loss recorded in its `trainer_state.json`."""
     path = Path(path)
     if not path.exists():
         raise ExportError(f"no such checkpoint or run folder: {path}")
     if not path.is_dir():
         raise ExportError(f"not a folder: {path} (give a training output_dir or a checkpoint-N folder)")
     if (path / STATE_FILE).is_file():
+        if best:
+            raise ExportError(f"--best picks a checkpoint of a run: give the run folder {path.parent}, not {path.name}")
         return path
     latest = latest_checkpoint(path)
     if latest is None:
         raise ExportError(f"{path} holds no run: no checkpoint-N folder with a {STATE_FILE} in it")
-    return latest
+    if not best:
+        return latest
+    scored = [(state["eval_loss"], c) for c in list_checkpoints(path)
+              if isinstance((state := _read_json(c / STATE_FILE)).get("eval_loss"), (int, float))
+              and math.isfinite(state["eval_loss"])]
+    if not scored:
+        raise ExportError(f"{path} holds no checkpoint with an eval loss (a run without eval data, or with "
+                          "train.keep_best=false): export the last one (without --best)")
+    return min(scored, key=lambda x: x[0])[1]
+
+
+def name_report_checkpoint(report: Path, checkpoint: Path) -> None:
+    """Record in an evaluation `report.json` the checkpoint it evaluated (the export's card shows it only then)."""
+    data = _read_json(report)
+    data["checkpoint"] = Path(checkpoint).name
+    tmp = report.with_name(f".{report.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, report)
 
 
 def parse_dtype(dtype) -> torch.dtype:
@@ -287,4 +315,4 @@ def staging(out: Path, overwrite: bool):
     shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["export_model", "refresh_code", "staging", "read_export_config"]
+__all__ = ["export_model", "refresh_code", "staging", "read_export_config", "resolve_checkpoint", "name_report_checkpoint"]

@@ -52,6 +52,10 @@ def checkpoint_path(output_dir, step: int) -> Path:
     return Path(output_dir) / f"checkpoint-{step}"
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(CHECKPOINT.match(Path(checkpoint).name).group(1))
+
+
 def list_checkpoints(output_dir) -> list[Path]:
     """Complete checkpoints (`checkpoint-N` holding a trainer state) in `output_dir`, oldest first."""
     out = Path(output_dir)
@@ -67,8 +71,9 @@ def latest_checkpoint(output_dir) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator, model, optimizer, recipe: Recipe, state: dict) -> Path:
-    """Save the training state of step `state["step"]` atomically and keep the last `train.keep_last`.
+def save_checkpoint(accelerator, model, optimizer, recipe: Recipe, state: dict, keep: tuple = ()) -> Path:
+    """Save the training state of step `state["step"]` atomically and keep the last `train.keep_last`, and the
+    checkpoints of the steps in `keep` (the newest good one, the best one).
 
     All processes call it. Raises `Diverged` (nothing written, nothing deleted) if any weight or optimizer
     state is not finite on any process.
@@ -96,7 +101,8 @@ def save_checkpoint(accelerator, model, optimizer, recipe: Recipe, state: dict) 
             shutil.rmtree(final)
         os.replace(tmp, final)
         for old in list_checkpoints(out)[: -recipe.train.keep_last]:
-            shutil.rmtree(old)
+            if checkpoint_step(old) not in keep:
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -225,6 +231,7 @@ def _load_sharded_weights(model, folder: Path) -> tuple[list, list]:
 
 
 __all__ = [
-    "CHECKPOINT", "STATE_FILE", "WEIGHTS", "SHARDED", "CheckpointError", "checkpoint_path", "list_checkpoints",
+    "CHECKPOINT", "STATE_FILE", "WEIGHTS", "SHARDED", "CheckpointError", "checkpoint_path", "checkpoint_step",
+    "list_checkpoints",
     "latest_checkpoint", "save_checkpoint", "read_state", "load_checkpoint", "load_checkpoint_model",
 ]

@@ -16,8 +16,11 @@ Data order is a pure function of `train.seed`, the number of packed rows and a r
 checkpoint, so a resumed run reads exactly the rows the uninterrupted run would have read.
 
 A run stops early, cleanly, in two ways (`ttt_adapt.training.stopping`): a step whose loss or gradient norm is
-not finite on any process updates nothing and raises `Diverged` (`train.on_nonfinite: stop`) or is skipped
-(`skip`); a stop signal (`train.preempt_signals`) lets the step in flight finish, checkpoints it and raises
+not finite on any process, or whose loss spikes above `train.spike_factor` times the median of the recent steps,
+updates nothing and raises `Diverged` (`train.on_nonfinite` / `train.on_spike: stop`) or is skipped (`skip`);
+the checkpoint whose weights gave that loss is set aside (`checkpoint-N.diverged`) and retention never deletes
+the newest checkpoint a good step has vouched for (`TrainState.good_checkpoint`), so rerunning resumes from a
+good one; a stop signal (`train.preempt_signals`) lets the step in flight finish, checkpoints it and raises
 `Preempted`. One reduction per step makes every process agree on both.
 """
 
@@ -27,6 +30,8 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,14 +48,16 @@ from ttt_adapt.compat import enable_activation_checkpointing
 from ttt_adapt.config import Recipe
 from ttt_adapt.data import build_datasets
 from ttt_adapt.distributed.context_parallel import ContextParallel, prepare_model
-from ttt_adapt.distributed.fsdp import clip_grad_norm, fsdp_mesh, gradient_sync, is_sharded, shard_model
+from ttt_adapt.distributed.fsdp import build_sharded_model, clip_grad_norm, fsdp_mesh, gradient_sync, is_sharded
 from ttt_adapt.loss import IGNORE_INDEX, loss_sum, shift_labels
 from ttt_adapt.model_setup import build_model, compile_decoder_layers, is_ttt_param
 from ttt_adapt.modeling.modeling_ttt import set_ttt_training_step, ttt_learning_rates
 from ttt_adapt.preflight import Preflight
-from ttt_adapt.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from ttt_adapt.training.progress import MetricsFile, Progress, flat
-from ttt_adapt.training.stopping import Diverged, Preempted, StopSignals
+from ttt_adapt.training.checkpoints import (STATE_FILE, checkpoint_path, latest_checkpoint, load_checkpoint,
+                                            save_checkpoint)
+from ttt_adapt.training.progress import MetricsFile, Progress, flat, write_atomically
+from ttt_adapt.training.resume import describe_changes
+from ttt_adapt.training.stopping import Diverged, Preempted, StopSignals, spike_ratio
 
 ADAM_BETAS = (0.9, 0.95)  # the usual choice for LM pretraining; torch's default 0.999 adapts too slowly
 NONFINITE_NAMES = {"loss": "the loss", "grad_norm": "the gradient norm"}
@@ -61,21 +68,34 @@ NONFINITE_NAMES = {"loss": "the loss", "grad_norm": "the gradient norm"}
 
 def param_groups(model, recipe: Recipe) -> list[dict]:
     """AdamW groups: TTT vs the rest (separate learning rates), matrices decayed, vectors/scalars not."""
-    t = recipe.train
-    ttt_lr = t.ttt_lr if t.ttt_lr is not None else t.lr
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         kind = "ttt" if is_ttt_param(name) else "base"
-        decay = p.ndim >= 2
-        key = (kind, decay)
+        key = f"{kind}{'' if p.ndim >= 2 else '_no_decay'}"
         if key not in groups:
-            lr = ttt_lr if kind == "ttt" else t.lr
-            groups[key] = {"params": [], "lr": lr, "base_lr": lr, "weight_decay": t.weight_decay if decay else 0.0,
-                           "name": f"{kind}{'' if decay else '_no_decay'}"}
+            groups[key] = {"params": [], "name": key, **group_settings(key, recipe)}
         groups[key]["params"].append(p)
     return list(groups.values())
+
+
+def group_settings(name: str, recipe: Recipe) -> dict:
+    """The recipe's learning rate (`lr` = `base_lr`, the schedule's 1) and weight decay of the group `name`."""
+    t = recipe.train
+    lr = (t.ttt_lr if t.ttt_lr is not None else t.lr) if name.startswith("ttt") else t.lr
+    return {"lr": lr, "base_lr": lr, "weight_decay": 0.0 if name.endswith("_no_decay") else t.weight_decay}
+
+
+def apply_recipe_to_optimizer(optimizer, recipe: Recipe) -> None:
+    """Give every group the recipe's settings: a restored optimizer state brings back the ones it was saved with."""
+    for group in optimizer.param_groups:
+        group.update(group_settings(group["name"], recipe))
+
+
+def applied_lrs(optimizer) -> dict:
+    """{group name: the learning rate the last `optimizer.step()` used}."""
+    return {g["name"]: g["lr"] for g in optimizer.param_groups}
 
 
 def lr_factor(step: int, recipe: Recipe) -> float:
@@ -207,6 +227,12 @@ class TrainState:
     rows: int = 0  # the data cursor: rows of the training order consumed
     num_rows: int | None = None  # packed training rows (None: streaming)
     nonfinite_in_a_row: int = 0
+    spikes_in_a_row: int = 0
+    recent_losses: list = dataclasses.field(default_factory=list)  # the spike guard's window (updated steps)
+    good_checkpoint: int | None = None  # newest checkpoint whose weights gave a finite, unspiked next step
+    eval_loss: float | None = None  # measured at this step (None: not evaluated)
+    best_checkpoint: int | None = None  # the checkpoint with the lowest eval loss (train.keep_best)
+    best_eval_loss: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -226,6 +252,7 @@ class Run:
     state: TrainState
     checkpoint: Path | None  # the newest checkpoint: resumed from or written
     progress: Progress
+    resumed_step: int = 0  # the step this session started from
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
@@ -253,24 +280,32 @@ def set_up(recipe: Recipe, accelerator: Accelerator, checked: Preflight) -> Run:
     out = Path(t.output_dir)
     checkpoint = latest_checkpoint(out)
 
-    model = build_model(recipe, config=checked.config)
     cp = ContextParallel(recipe.parallel.cp_size, accelerator.device.type)
-    if cp.enabled:
-        prepare_model(model)
-        if recipe.model.attn_implementation not in (None, "sdpa"):
-            accelerator.print(f"parallel.cp_size={cp.cp_size}: attention runs as all-gather SDPA "
-                              f"(model.attn_implementation={recipe.model.attn_implementation} is not used)")
-    elif recipe.model.attn_implementation in (None, "sdpa", "eager"):  # flash/flex isolate documents themselves
-        use_packed_attention(model)  # packed rows without the dense L x L mask transformers builds for these
-    if t.compile:  # before sharding, as torchtitan does: FSDP's hooks stay outside the compiled layers
-        compile_decoder_layers(model)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    if fsdp is not None:  # sharded before the optimizer exists: it must hold the sharded parameters
-        if fsdp.activation_checkpointing and not t.gradient_checkpointing:
+    counts = {}
+
+    def prepare(model):
+        if cp.enabled:
+            prepare_model(model)
+        elif recipe.model.attn_implementation in (None, "sdpa", "eager"):  # flash/flex isolate documents themselves
+            use_packed_attention(model)  # packed rows without the dense L x L mask transformers builds for these
+        if t.compile:  # before sharding, as torchtitan does: FSDP's hooks stay outside the compiled layers
+            compile_decoder_layers(model)
+        counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        counts["total"] = sum(p.numel() for p in model.parameters())
+        if fsdp is not None and fsdp.activation_checkpointing and not t.gradient_checkpointing:
             enable_activation_checkpointing(model)
-        shard_model(model, fsdp_mesh(accelerator.device.type), accelerator.mixed_precision,
-                    fsdp.reshard_after_forward)
+
+    if cp.enabled and recipe.model.attn_implementation not in (None, "sdpa"):
+        accelerator.print(f"parallel.cp_size={cp.cp_size}: attention runs as all-gather SDPA "
+                          f"(model.attn_implementation={recipe.model.attn_implementation} is not used)")
+    if fsdp is not None:  # sharded before the optimizer exists: it must hold the sharded parameters
+        model = build_sharded_model(recipe, checked.config, fsdp_mesh(accelerator.device.type), accelerator.device,
+                                    prepare, mixed_precision=accelerator.mixed_precision,
+                                    reshard_after_forward=fsdp.reshard_after_forward)
+    else:
+        model = build_model(recipe, config=checked.config)
+        prepare(model)
+    n_trainable, n_total = counts["trainable"], counts["total"]
     fused = accelerator.device.type in ("cpu", "cuda")  # torch's one-kernel AdamW where it has one
     optimizer = torch.optim.AdamW(param_groups(model, recipe), betas=ADAM_BETAS, eps=1e-8, fused=fused)
     stream, eval_data = load_data(accelerator, recipe, checked.tokenizer)
@@ -280,6 +315,10 @@ def set_up(recipe: Recipe, accelerator: Accelerator, checked: Preflight) -> Run:
     state = TrainState(num_rows=stream.num_rows)
     if checkpoint is not None:
         state = TrainState(**load_checkpoint(accelerator, checkpoint, model, optimizer))
+        apply_recipe_to_optimizer(optimizer, recipe)  # the recipe as given, not the checkpoint's settings
+        changes = describe_changes(checkpoint, recipe)
+        if changes:
+            accelerator.print(changes)
         if state.num_rows != stream.num_rows:
             accelerator.print(f"warning: the data changed since {checkpoint.name}: the data order differs")
             state.num_rows = stream.num_rows
@@ -288,7 +327,7 @@ def set_up(recipe: Recipe, accelerator: Accelerator, checked: Preflight) -> Run:
     metrics = MetricsFile(accelerator, out)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        write_atomically(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     metrics.truncate(after_step=state.step)  # drop the lines of steps being redone
     if t.trackers:
         accelerator.init_trackers(out.name, config=flat(recipe.to_dict()))
@@ -300,7 +339,8 @@ def set_up(recipe: Recipe, accelerator: Accelerator, checked: Preflight) -> Run:
     )
     if state.step >= t.max_steps:
         accelerator.print(f"nothing to train: {checkpoint.name} is at step {state.step} >= train.max_steps")
-    return Run(recipe, accelerator, model, optimizer, cp, stream, eval_data, state, checkpoint, Progress(metrics))
+    return Run(recipe, accelerator, model, optimizer, cp, stream, eval_data, state, checkpoint, Progress(metrics),
+               resumed_step=state.step)
 
 
 def load_data(accelerator, recipe: Recipe, tokenizer) -> tuple[RowStream, list | None]:
@@ -337,6 +377,13 @@ class StepResult:
     seconds: float
     nonfinite: list[str]  # "loss", "grad_norm": not finite, so the update was dropped
     stop: bool  # a stop signal reached some process: all stop after this step
+    spike: float | None = None  # the loss over the median of the recent ones when above train.spike_factor
+    on_spike: str = "stop"  # what a spike does (train.on_spike)
+
+    @property
+    def updated(self) -> bool:
+        """The optimizer applied this step's update (finite, and not a spike stopped or skipped)."""
+        return not self.nonfinite and (self.spike is None or self.on_spike == "warn")
 
 
 def train_step(run: Run, step: int, signals: StopSignals) -> StepResult:
@@ -384,10 +431,14 @@ def train_step(run: Run, step: int, signals: StopSignals) -> StepResult:
     summed_loss, bad_grads, stops = accelerator.reduce(flags, reduction="sum").tolist()
     loss = summed_loss / max(labelled, 1.0)
     nonfinite = (["loss"] if not math.isfinite(loss) else []) + (["grad_norm"] if bad_grads else [])
-    if not nonfinite:
+    # the loss is the reduced one, identical on every process: all take the same decision
+    ratio = None if nonfinite else spike_ratio(loss, run.state.recent_losses, t.spike_warmup)
+    result = StepResult(loss, grad_norm, labelled, int(tokens), time.perf_counter() - started, nonfinite, stops > 0,
+                        ratio if ratio is not None and ratio > t.spike_factor else None, t.on_spike)
+    if result.updated:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, labelled, int(tokens), time.perf_counter() - started, nonfinite, stops > 0)
+    return result
 
 
 def rows_per_step(recipe: Recipe, cp: ContextParallel) -> int:
@@ -410,16 +461,64 @@ def on_nonfinite(run: Run, step: int, result: StepResult):
     if stop:
         if t.on_nonfinite == "skip":
             what += f" ({in_a_row} steps in a row, train.max_nonfinite_skips={t.max_nonfinite_skips})"
-        raise Diverged(step, what, run.checkpoint)
+        diverge(run, step, what)
     run.accelerator.print(f"step {step}: {what}; its update is skipped ({in_a_row} in a row)")
 
 
+def on_spike(run: Run, step: int, result: StepResult):
+    """Step `step`'s loss spiked: log it, then raise `Diverged` (`train.on_spike: stop`, or `skip` after too many
+    skipped steps in a row), skip its update (`skip`) or only say so (`warn`)."""
+    t = run.recipe.train
+    median = result.loss / result.spike
+    what = (f"the loss spiked to {result.loss:.4g}, {result.spike:.2f} x the median {median:.4g} of the last "
+            f"{len(run.state.recent_losses)} steps (train.spike_factor={t.spike_factor:g})")
+    if t.on_spike == "warn":
+        run.accelerator.print(f"warning: step {step}: {what}; training on (train.on_spike=warn)")
+        return
+    run.state.spikes_in_a_row += 1
+    in_a_row = run.state.spikes_in_a_row
+    stop = t.on_spike == "stop" or in_a_row > t.max_spike_skips
+    if stop:
+        log_progress(run)
+    run.progress.metrics.write({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
+                                "spike_ratio": result.spike, "skipped": not stop, "diverged": stop})
+    if stop:
+        if t.on_spike == "skip":
+            what += f" ({in_a_row} steps in a row, train.max_spike_skips={t.max_spike_skips})"
+        diverge(run, step, what, remedy="lower train.lr, set train.clip_grad_norm, or raise train.spike_factor "
+                                        "if such losses are expected")
+    run.accelerator.print(f"step {step}: {what}; its update is skipped ({in_a_row} in a row)")
+
+
+def diverge(run: Run, step: int, what: str, **kwargs):
+    """Raise `Diverged` for step `step`. The weights that gave its loss are those after step `step - 1`: a
+    checkpoint of them (written this session, not verified by a good step after it) is renamed
+    `checkpoint-N.diverged`, so that rerunning resumes from the last good one instead."""
+    accelerator, out = run.accelerator, Path(run.recipe.train.output_dir)
+    good = run.state.good_checkpoint
+    bad = checkpoint_path(out, step - 1)
+    set_aside = None
+    if step - 1 >= run.resumed_step and step - 1 != good and (bad / STATE_FILE).is_file():
+        set_aside = bad.with_name(f"{bad.name}.diverged")
+        if accelerator.is_main_process:
+            if set_aside.exists():
+                shutil.rmtree(set_aside)
+            os.replace(bad, set_aside)
+        accelerator.wait_for_everyone()
+    raise Diverged(step, what, latest_checkpoint(out), set_aside, **kwargs)
+
+
 def log_progress(run: Run) -> None:
-    """The progress line of the steps since the last one, at the current step (`Progress.write_line`)."""
+    """The progress line of the steps since the last one, at the current step (`Progress.write_line`), with the
+    learning rates the optimizer applied (the recipe's times the schedule; `lr` of a group that trains nothing
+    is the recipe's)."""
     t, step = run.recipe.train, run.state.step
     factor = lr_factor(step, run.recipe)
+    applied = applied_lrs(run.optimizer)
+    lr = applied.get("base", applied.get("base_no_decay", t.lr * factor))
+    ttt_lr = applied.get("ttt", applied.get("ttt_no_decay", (t.ttt_lr if t.ttt_lr is not None else t.lr) * factor))
     run.progress.write_line(
-        step, run.state.tokens, lr=t.lr * factor, ttt_param_lr=(t.ttt_lr if t.ttt_lr is not None else t.lr) * factor,
+        step, run.state.tokens, lr=lr, ttt_param_lr=ttt_lr,
         ttt_learning_rates=lambda: ttt_learning_rates(run.accelerator.unwrap_model(run.model)),
     )
 
@@ -434,6 +533,7 @@ def train(run: Run) -> list[dict]:
     (the step in flight is finished and checkpointed first).
     """
     t, state = run.recipe.train, run.state
+    keep_best = t.keep_best if t.keep_best is not None else bool(run.eval_data)  # on when the run evaluates
     with StopSignals(t.preempt_signals) as signals, tqdm(
         total=t.max_steps, initial=state.step, disable=not run.accelerator.is_main_process, desc="adapt",
         dynamic_ncols=True,
@@ -444,8 +544,17 @@ def train(run: Run) -> list[dict]:
             result = train_step(run, step, signals)
             if result.nonfinite:
                 on_nonfinite(run, step, result)
-            else:
+            elif result.spike is not None:
+                on_spike(run, step, result)
+            if not result.nonfinite:
                 state.nonfinite_in_a_row = 0
+            if result.spike is None:
+                state.spikes_in_a_row = 0
+            if result.updated:
+                state.recent_losses = [*state.recent_losses, result.loss][-t.spike_window:]
+            if not result.nonfinite and result.spike is None and run.checkpoint is not None \
+                    and run.checkpoint.name == f"checkpoint-{step - 1}":
+                state.good_checkpoint = step - 1  # its weights gave this good step
             run.progress.add(result)
             state.step, state.tokens = step, state.tokens + result.tokens
             state.rows += rows_per_step(run.recipe, run.cp)
@@ -454,13 +563,22 @@ def train(run: Run) -> list[dict]:
 
             if step % t.log_every == 0 or step == t.max_steps or result.stop:
                 log_progress(run)
+            saving = (t.save_every and step % t.save_every == 0) or step == t.max_steps or result.stop
+            state.eval_loss = None
             if run.eval_data and not result.stop and (
-                (t.eval_every and step % t.eval_every == 0) or step == t.max_steps
+                (t.eval_every and step % t.eval_every == 0) or step == t.max_steps or (saving and keep_best)
             ):
-                run.progress.metrics.write({"step": step, **evaluate_loss(run)})
-            if (t.save_every and step % t.save_every == 0) or step == t.max_steps or result.stop:
+                evaluated = evaluate_loss(run)
+                run.progress.metrics.write({"step": step, **evaluated})
+                state.eval_loss = evaluated["eval_loss"]
+            if saving:
+                if keep_best and state.eval_loss is not None and math.isfinite(state.eval_loss) and (
+                        state.best_eval_loss is None or state.eval_loss < state.best_eval_loss):
+                    state.best_checkpoint, state.best_eval_loss = step, state.eval_loss
+                keep = tuple(s for s in (state.good_checkpoint, state.best_checkpoint if keep_best else None)
+                             if s is not None)
                 run.checkpoint = save_checkpoint(run.accelerator, run.model, run.optimizer, run.recipe,
-                                                 state.to_dict())
+                                                 state.to_dict(), keep=keep)
             if result.stop:
                 raise Preempted(step, signals.received or "a stop signal to another process", run.checkpoint)
     return run.progress.history

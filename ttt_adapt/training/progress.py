@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 
@@ -44,11 +45,8 @@ class MetricsFile:
         """Keep the lines of steps <= `after_step` (a resumed run redoes the others); main process only."""
         if not self.accelerator.is_main_process:
             return
-        if not self.path.is_file():
-            self.path.write_text("")
-            return
-        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-        self.path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= after_step))
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()] if self.path.is_file() else []
+        write_atomically(self.path, "".join(line + "\n" for line in lines if json.loads(line)["step"] <= after_step))
 
     def write(self, record: dict):
         """One line (flushed at once: a killed run keeps what it logged) and the finite numbers to trackers."""
@@ -60,6 +58,13 @@ class MetricsFile:
             values = {k: v for k, v in flat(record, sep="/").items()
                       if k != "step" and not (isinstance(v, float) and not math.isfinite(v))}
             self.accelerator.log(values, step=record["step"])
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` by `text` in one rename: a stop at any moment leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def flat(d: dict, prefix: str = "", sep: str = ".") -> dict:
@@ -84,7 +89,7 @@ class Window:
         """Add one step's `StepResult` (`ttt_adapt.training.loop`)."""
         self.tokens += result.tokens
         self.seconds += result.seconds
-        if not result.nonfinite:
+        if result.updated:
             self.updates += 1
             self.loss += result.loss * result.labelled
             self.labelled += result.labelled
@@ -124,4 +129,4 @@ class Progress:
         self.window = Window()
 
 
-__all__ = ["MetricsFile", "Progress", "Window", "json_safe", "flat"]
+__all__ = ["MetricsFile", "Progress", "Window", "json_safe", "flat", "write_atomically"]
