@@ -102,7 +102,7 @@ def _plan(recipe, device_memory, processes, fsdp, device) -> str:
     from ttt_adapt.memory_plan import plan_memory
     from ttt_adapt.preflight import base_config, check_files
 
-    check_files(recipe)  # the recipe is checked as for training
+    check_files(recipe, outputs=False)  # the inputs as for training; a plan writes nothing
     config = base_config(recipe)
     if processes % recipe.parallel.cp_size:
         raise RecipeError(f"--processes {processes} is not a multiple of parallel.cp_size {recipe.parallel.cp_size}")

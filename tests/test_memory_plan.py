@@ -85,3 +85,14 @@ def test_bad_plan_options_are_one_line_errors(args, message, capsys):
     assert script_main("adapt")([TINY, *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_plan_after_a_run_whose_export_exists(capsys, tmp_path):
+    """A plan writes nothing: an existing, non-empty export folder (the main job ran) is no reason to refuse it."""
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    main = script_main("adapt")
+    assert main([TINY, f"export.dir={export}", "--plan", "--device", "cpu"]) == 0
+    assert "total" in capsys.readouterr().out
+    assert main([TINY, "model.name_or_path=no/such/folder/", "--plan"]) == 2  # the inputs are still checked

@@ -64,13 +64,15 @@ def check_run(recipe: Recipe) -> Base:
     return Base(config, checked_tokenizer(recipe, config))
 
 
-def check_files(recipe: Recipe) -> None:
-    """The local files and folders the recipe names are what it says: the model folder, the data files, the
-    run and export folders (the eval corpus: `check_eval`)."""
+def check_files(recipe: Recipe, outputs: bool = True) -> None:
+    """The local files and folders the recipe names are what it says: the model folder, the data files, and
+    (`outputs`: for a run that writes them) the run and export folders (the eval corpus: `check_eval`)."""
     name = recipe.model.name_or_path
     if looks_like_local_path(name) and not Path(name).expanduser().is_dir():
         raise RecipeError(f"model.name_or_path: no such folder: {name}")
     recipe.data.check_files()
+    if not outputs:
+        return
     out = Path(recipe.train.output_dir)
     if out.exists() and not out.is_dir():
         raise RecipeError(f"train.output_dir: is a file, not a folder: {recipe.train.output_dir}")
