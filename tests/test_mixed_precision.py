@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from conftest import CACHE_KW, FAMILY_ARCHS, script_main, tiny_base
-from test_modeling import gen_positions, ttt_model
+from test_modeling import gen_positions, left_padded_rows, ttt_model
 from test_sharding import REPO, _launch
 from transformers import DynamicCache
 
@@ -117,12 +117,8 @@ def test_cached_decoding_equals_full_forward_under_autocast(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_left_padded_batch_and_packed_documents_under_autocast(arch):
     model = ttt_model(arch, chunk_size=4)
-    rows = [torch.randint(3, 97, (n,)) for n in (14, 9, 5)]
-    L = max(len(r) for r in rows)
-    ids = torch.zeros(3, L, dtype=torch.long)
-    mask = torch.zeros(3, L, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r) :], mask[i, L - len(r) :] = r, 1
+    rows, ids, mask = left_padded_rows()
+    L = ids.shape[1]
     pos = torch.cat([torch.arange(len(r)) for r in rows]).unsqueeze(0)
     with torch.no_grad(), autocast():
         batch = model(ids, attention_mask=mask, position_ids=gen_positions(mask)).logits.float()

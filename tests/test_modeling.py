@@ -158,16 +158,22 @@ def test_continuation_without_fast_weight_state_refused():
         model(ids, attention_mask=mask, position_ids=gen_positions(mask))
 
 
+def left_padded_rows(lengths=(14, 9, 5)):
+    """Random rows of `lengths` tokens, and the left-padded batch of them: (rows, ids, attention mask)."""
+    rows = [torch.randint(3, 97, (n,)) for n in lengths]
+    L = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r) :], mask[i, L - len(r) :] = r, 1
+    return rows, ids, mask
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_left_padded_batch_equals_rows_alone(arch):
     model = ttt_model(arch, chunk_size=4)
-    rows = [torch.randint(3, 97, (n,)) for n in (14, 9, 5)]
-    L = max(len(r) for r in rows)
-    ids = torch.zeros(3, L, dtype=torch.long)
-    mask = torch.zeros(3, L, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r) :] = r
-        mask[i, L - len(r) :] = 1
+    rows, ids, mask = left_padded_rows()
+    L = ids.shape[1]
     with torch.no_grad():
         batch = model(ids, attention_mask=mask, position_ids=gen_positions(mask)).logits
         for i, r in enumerate(rows):
