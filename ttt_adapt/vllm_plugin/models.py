@@ -52,8 +52,7 @@ class TTTHybridMixin(HasInnerState, IsHybrid):
 
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config):
-        config = vllm_config.model_config.hf_config
-        return state_shapes(config.hidden_size, config.intermediate_size, config.ttt["conv_kernel_size"])
+        return state_shapes(vllm_config.model_config.hf_config)
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config):

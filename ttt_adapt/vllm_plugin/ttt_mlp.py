@@ -2,15 +2,19 @@
 
 Each request's state lives in vLLM's state cache for hybrid models (the one Mamba layers use): vLLM allocates a
 slot when a request starts, frees it when it ends, and hands each forward the slot of every request in the batch.
-A slot holds, in fp32 and of fixed size:
-    S    (d, H)   the fast weight: the updates of the request's completed chunks
-    U    (d, H)   the update of the open chunk, from the tokens whose target is known
-    T    (2p, d)  the last 2p MLP inputs of the open chunk (zeros before its start), p = conv_kernel_size // 2
-    Hp   (p, H)   the last p down_proj inputs of the open chunk (their targets still wait for look-ahead)
-A token's target needs p tokens after it, so its update joins U p tokens later, or when its chunk closes (zero
-padding at the chunk's end, as in training). The position of a request's first new token (vLLM's positions)
-says where in its chunk it is; position 0 starts a fresh state, so a reused slot and recomputation after
-preemption start clean. The arithmetic is `ttt_adapt.modeling`'s: the same dtypes at the same steps.
+A slot holds, in fp32 and of fixed size (p = conv_kernel_size // 2, K = `pending_rows(chunk_size)`):
+    S  (d, H)       the fast weight: the updates of the request's completed chunks
+    U  (d, H)       the update of the open chunk, from its first K * floor(r / K) tokens whose target is known
+    T  (2p + K, d)  the last 2p MLP inputs of the open chunk (zeros before its start), then the targets
+                    lr * W_target Conv1D(t) of the r % K later known tokens, row j % K for chunk position j
+    Hp (p + K, H)   the last p down_proj inputs of the open chunk, then the down_proj inputs of those r % K tokens
+A token's target needs p tokens after it (or its chunk's close: zero padding at the chunk's end, as in training),
+so r = max(c - p, 0) of a chunk's first c tokens have one. Known targets join U K at a time, as one rank-K
+product (so a decode step writes U once every K tokens, not every token), and all at the chunk's close, which
+adds U, clipped, to S. The position of a request's first new token (vLLM's positions) says where in its chunk it
+is: position 0 starts a fresh state (a reused slot, or recomputation after preemption, starts clean), and tokens
+of a request's first chunk read no fast weight (S is zero there). The arithmetic is `ttt_adapt.modeling`'s: the
+same dtypes at the same steps.
 """
 
 import torch
@@ -45,11 +49,21 @@ class TTTStateBackend(ShortConvAttentionBackend):
         return TTTStateMetadataBuilder
 
 
-def state_shapes(hidden_size: int, intermediate_size: int, conv_kernel_size: int) -> tuple:
-    """Shapes of one TTT layer's per-request state (S, U, T, Hp); see the module docstring."""
-    p = conv_kernel_size // 2
-    d, H = hidden_size, intermediate_size
-    return (d, H), (d, H), (max(2 * p, 1), d), (max(p, 1), H)
+PENDING_ROWS = 64  # at most this many known targets buffered per request before they join U (rank-K product)
+
+
+def pending_rows(chunk_size: int) -> int:
+    """K: how many known targets a request buffers before adding them to its open-chunk update U (64 for real
+    chunks; a third of a small chunk, so that small test chunks add to U in the middle of a chunk too)."""
+    return max(1, min(PENDING_ROWS, chunk_size // 3))
+
+
+def state_shapes(config) -> tuple:
+    """Shapes of one TTT layer's per-request state (S, U, T, Hp) for an export's config; see the module docstring."""
+    ttt = config.ttt
+    p, K = ttt["conv_kernel_size"] // 2, pending_rows(ttt["chunk_size"])
+    d, H = config.hidden_size, config.intermediate_size
+    return (d, H), (d, H), (2 * p + K, d), (p + K, H)
 
 
 class TTTParams(nn.Module):
@@ -75,6 +89,8 @@ class TTTMLP(nn.Module, MambaBase):
         self.chunk_size = ttt["chunk_size"]
         self.pad = ttt["conv_kernel_size"] // 2
         self.clip_update_norm = ttt["clip_update_norm"]
+        self.pending = pending_rows(self.chunk_size)
+        self.state_shapes = state_shapes(config)
         self.ttt = TTTParams(config.hidden_size, ttt)
         self.layer_idx, self.prefix = layer_idx, prefix
         vllm_config = get_current_vllm_config()
@@ -86,7 +102,7 @@ class TTTMLP(nn.Module, MambaBase):
 
     # ------------------------------------------------------------------ vLLM's state-layer interface
     def get_state_shape(self):
-        return state_shapes(self.hidden_size, self.intermediate_size, 2 * self.pad + 1)
+        return self.state_shapes
 
     def get_state_dtype(self):
         return (torch.float32,) * 4
@@ -111,30 +127,13 @@ class TTTMLP(nn.Module, MambaBase):
             output.copy_(y)
             return
         assert isinstance(metadata, ShortConvAttentionMetadata)
-        n_dec, n_pre = metadata.num_decode_tokens, metadata.num_prefill_tokens
-        n = n_dec + n_pre
-        spans, slots = [], []
-        if n_dec:
-            spans += [(i, i + 1) for i in range(n_dec)]
-            slots += metadata.state_indices_tensor_d[:n_dec, 0].tolist()
-        if metadata.num_prefills:
-            loc = (metadata.query_start_loc_p[: metadata.num_prefills + 1] + n_dec).tolist()
-            spans += list(zip(loc[:-1], loc[1:]))
-            slots += metadata.state_indices_tensor_p[: metadata.num_prefills].tolist()
-        starts = positions[[s for s, _ in spans]].tolist() if spans else []
+        plan = _batch_plan(metadata, positions, self.chunk_size, self.pad)
+        n = plan.tokens
         o = torch.zeros(n, self.hidden_size, dtype=torch.float32, device=x.device)
-        C, p = self.chunk_size, self.pad
-        # decode steps that neither start a sequence nor close a chunk: one batched step (the common case)
-        steady = [i for i in range(n_dec) if starts[i] > 0 and starts[i] % C != C - 1] if p else []
-        if steady:
-            rows = torch.tensor(steady, device=x.device)
-            o[rows] = self._decode_steady(
-                torch.tensor([slots[i] for i in steady], device=x.device),
-                torch.tensor([starts[i] % C >= p for i in steady], device=x.device), x[rows], h[rows])
-        done = set(steady)
-        for i, ((s, e), slot, pos) in enumerate(zip(spans, slots, starts)):
-            if e > s and i not in done:
-                o[s:e] = self._advance(slot, pos, x[s:e], h[s:e])
+        if plan.steady:
+            self._decode_steady(plan, x, h, o)
+        for (s, e), slot, pos in plan.general:
+            o[s:e] = self._advance(slot, pos, x[s:e], h[s:e])
         output[:n] = y[:n] + o.to(y.dtype)
         output[n:] = y[n:]
 
@@ -142,57 +141,73 @@ class TTTMLP(nn.Module, MambaBase):
     def _advance(self, slot, pos, x, h):
         """Read-out of one request's new tokens (fp32) and its state moved past them."""
         S, U, T, Hp = (state[slot] for state in self.kv_cache)
-        C, p = self.chunk_size, self.pad
+        C, p, K = self.chunk_size, self.pad, self.pending
+        X, A, Hw, Hk = T[: 2 * p], T[2 * p :], Hp[:p], Hp[p:]
         if pos == 0:  # a new sequence (or one recomputed after preemption) in a slot that may hold another's state
             for t in (S, U, T, Hp):
                 t.zero_()
-        out = torch.empty(x.shape[0], self.hidden_size, dtype=torch.float32, device=x.device)
+        out = torch.zeros(x.shape[0], self.hidden_size, dtype=torch.float32, device=x.device)
         c0, i = pos % C, 0
         while i < x.shape[0]:
             take = min(x.shape[0] - i, C - c0)
-            xs, hs = x[i : i + take], h[i : i + take]
-            out[i : i + take] = hs.float() @ S.T  # tokens of a chunk read the updates of the chunks before it
+            xs, hs = x[i : i + take].float(), h[i : i + take].float()
+            if pos + i >= C:  # tokens of a chunk read the updates of the chunks before it (none in the first)
+                out[i : i + take] = hs @ S.T
             closes = c0 + take == C
             q, r = min(c0, 2 * p), min(c0, p)  # buffered inputs / down_proj inputs before the new tokens
-            ext_x = torch.cat([T[T.shape[0] - q :][: q], xs.float()]) if q else xs.float()
-            ext_h = torch.cat([Hp[Hp.shape[0] - r :][: r], hs.float()]) if r else hs.float()
-            lo = c0 - r  # chunk positions [lo, hi) get their targets now
+            ext_x = torch.cat([X[2 * p - q :], xs])  # MLP inputs from chunk position c0 - q on
+            ext_h = torch.cat([Hw[p - r :], hs])  # down_proj inputs from chunk position c0 - r on
+            lo = c0 - r  # chunk positions [lo, hi) get their targets now; [f, lo) wait in A / Hk
             hi = c0 + take if closes else max(c0 + take - p, lo)
-            if hi > lo:
-                a = self._targets(ext_x.to(x.dtype), c0 - q, lo, hi)
-                U.addmm_(a.float().T, ext_h[lo - (c0 - r) : hi - (c0 - r)])
+            f = K * (lo // K)
+            known_a = torch.cat([A[: lo - f], self._targets(ext_x.to(x.dtype), c0 - q, lo, hi).float()])
+            known_h = torch.cat([Hk[: lo - f], ext_h[: hi - lo]])  # ext_h starts at lo
+            g = hi if closes else K * (hi // K)  # [f, g) join U now, [g, hi) wait
+            if g > f:
+                U.addmm_(known_a[: g - f].T, known_h[: g - f])
             if closes:
-                update = U if self.clip_update_norm is None else U * self._clip_scale(U)
-                S.add_(update)
+                S.add_(U if self.clip_update_norm is None else U * self._clip_scale(U))
                 for t in (U, T, Hp):
                     t.zero_()
                 c0 = 0
             else:
-                if p:
-                    T.copy_(_last_rows(ext_x, T.shape[0]))
-                    Hp.copy_(_last_rows(ext_h, Hp.shape[0]))
+                A[: hi - g] = known_a[g - f :]
+                Hk[: hi - g] = known_h[g - f :]
+                X.copy_(_last_rows(ext_x, 2 * p))
+                Hw.copy_(_last_rows(ext_h, p))
                 c0 += take
             i += take
         return out
 
     @torch.no_grad()
-    def _decode_steady(self, slots, finalize, x, h):
-        """`_advance` of one new token for a batch of requests whose chunk neither starts nor closes with it: each
-        reads its S, and the token p places back gets its target (where the chunk has one there: `finalize`)."""
-        S, T, Hp = (self.kv_cache[i][slots] for i in (0, 2, 3))
-        out = torch.bmm(h.float().unsqueeze(1), S.transpose(1, 2)).squeeze(1)
-        window = torch.cat([T, x.float().unsqueeze(1)], 1).to(x.dtype)  # (B, 2p + 1, d): centred on the token p back
-        v = torch.einsum("bkd,dk->bd", window, self.ttt.conv.weight[:, 0, :].to(x.dtype))
-        if self.ttt.target_proj is not None:
-            v = self.ttt.target_proj(v)
-        lr = self.ttt.lr.float()
-        if self.ttt.lr_gate is not None:
-            lr = lr * 2 * torch.sigmoid(self.ttt.lr_gate(window[:, self.pad]))
-        a = (v * lr.to(v.dtype)).float() * finalize.unsqueeze(1)
-        self.kv_cache[1].index_add_(0, slots, torch.bmm(a.unsqueeze(2), Hp[:, 0].unsqueeze(1)))
-        self.kv_cache[2][slots] = torch.cat([T[:, 1:], x.float().unsqueeze(1)], 1)
-        self.kv_cache[3][slots] = torch.cat([Hp[:, 1:], h.float().unsqueeze(1)], 1)
-        return out
+    def _decode_steady(self, plan, x, h, o):
+        """`_advance` of one new token for a batch of requests whose chunk neither starts a sequence nor closes with
+        it: each past its first chunk reads its S, the token p places back gets its target (where the chunk has one
+        there), and a request whose buffer of known targets fills adds it to U."""
+        S, U, T, Hp = self.kv_cache
+        p, K = self.pad, self.pending
+        rows, slots = plan.steady_rows, plan.steady_slots
+        xf, hf = x[rows].float(), h[rows].float()
+        for row, b, slot in plan.steady_reads:  # each request's own S, read in place
+            o[row] = S[slot] @ hf[b]
+        X, Hw = T[:, : 2 * p][slots], Hp[:, :p][slots]  # (B, 2p, d), (B, p, H)
+        if plan.known:
+            k = plan.known_index  # the requests whose token p places back gets its target now
+            window = torch.cat([X[k], xf[k].unsqueeze(1)], 1).to(x.dtype)  # (k, 2p + 1, d): centred on it
+            v = torch.einsum("bkd,dk->bd", window, self.ttt.conv.weight[:, 0, :].to(x.dtype))
+            if self.ttt.target_proj is not None:
+                v = self.ttt.target_proj(v)
+            lr = self.ttt.lr.float()
+            if self.ttt.lr_gate is not None:
+                lr = lr * 2 * torch.sigmoid(self.ttt.lr_gate(window[:, p]))
+            known_slots, row = slots[k], plan.known_row
+            T[known_slots, 2 * p + row] = (v * lr.to(v.dtype)).float()
+            Hp[known_slots, p + row] = Hw[k, 0] if p else hf[k]
+            for slot in plan.flush:  # K known targets: one rank-K product into U
+                U[slot].addmm_(T[slot, 2 * p :].T, Hp[slot, p:])
+        if p:
+            T[:, : 2 * p][slots] = torch.cat([X[:, 1:], xf.unsqueeze(1)], 1)
+            Hp[:, :p][slots] = torch.cat([Hw[:, 1:], hf.unsqueeze(1)], 1)
 
     def _targets(self, ext, first, lo, hi):
         """a = lr * W_target Conv1D(t) for chunk positions [lo, hi); `ext` holds the inputs from chunk position
@@ -217,6 +232,53 @@ def _last_rows(t, k):
     if t.shape[0] >= k:
         return t[t.shape[0] - k :]
     return torch.cat([t.new_zeros(k - t.shape[0], t.shape[1]), t])
+
+
+class _BatchPlan:
+    """Where each request's new tokens sit in a batch and which take the batched decode step; built once per
+    forward (one host sync) and shared by the TTT layers, which all see the same requests at the same positions."""
+
+    def __init__(self, metadata, positions, chunk_size, pad, pending):
+        n_dec = metadata.num_decode_tokens
+        self.tokens = n_dec + metadata.num_prefill_tokens
+        spans, slots = [(i, i + 1) for i in range(n_dec)], []
+        if n_dec:
+            slots += metadata.state_indices_tensor_d[:n_dec, 0].tolist()
+        if metadata.num_prefills:
+            loc = (metadata.query_start_loc_p[: metadata.num_prefills + 1] + n_dec).tolist()
+            spans += [(s, e) for s, e in zip(loc[:-1], loc[1:])]
+            slots += metadata.state_indices_tensor_p[: metadata.num_prefills].tolist()
+        starts = positions[[s for s, _ in spans]].tolist() if spans else []
+        C, p, K = chunk_size, pad, pending
+        # decode steps that neither start a sequence nor close a chunk: one batched step (the common case)
+        steady = [i for i in range(n_dec) if starts[i] > 0 and starts[i] % C != C - 1]
+        in_steady = set(steady)
+        self.general = [(span, slots[i], starts[i]) for i, span in enumerate(spans)
+                        if span[1] > span[0] and i not in in_steady]
+        self.steady = bool(steady)
+        if not steady:
+            return
+        device = positions.device
+        self.steady_rows = torch.tensor(steady, device=device)
+        self.steady_slots = torch.tensor([slots[i] for i in steady], device=device)
+        self.steady_reads = [(i, b, slots[i]) for b, i in enumerate(steady) if starts[i] >= C]  # past chunk 1
+        known = [(b, (starts[i] % C - p) % K, slots[i]) for b, i in enumerate(steady) if starts[i] % C >= p]
+        self.known = bool(known)
+        self.known_index = torch.tensor([b for b, _, _ in known], device=device)
+        self.known_row = torch.tensor([row for _, row, _ in known], device=device)
+        self.flush = [slot for _, row, slot in known if row == K - 1]
+
+
+def _batch_plan(metadata, positions, chunk_size, pad):
+    """The forward's `_BatchPlan` for this metadata (cached on vLLM's forward context, which lives for one forward)."""
+    context = get_forward_context()
+    plans = getattr(context, "_ttt_plans", None)
+    if plans is None:
+        plans = context._ttt_plans = {}
+    key = (id(metadata), chunk_size, pad)
+    if key not in plans:
+        plans[key] = _BatchPlan(metadata, positions, chunk_size, pad, pending_rows(chunk_size))
+    return plans[key]
 
 
 def ttt_mlp(x: torch.Tensor, positions: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
