@@ -113,14 +113,16 @@ class TTTMLP(nn.Module, MambaBase):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x, positions):
-        output = torch.empty_like(x)
-        torch.ops.vllm.ttt_mlp(x, positions, output, self.prefix)
-        return output
-
-    def forward_impl(self, x, positions, output):
-        gate_up, _ = self.gate_up_proj(x)
+        gate_up, _ = self.gate_up_proj(x)  # the stock MLP, compiled with the rest of the model
         h = self.act_fn(gate_up)
         y, _ = self.down_proj(h)
+        output = torch.empty_like(y)
+        torch.ops.vllm.ttt_mlp(x, h, y, positions, output, self.prefix)
+        return output
+
+    def forward_impl(self, x, h, y, positions, output):
+        """output = y + each token's read-out of its request's fast weight; the requests' states move past the
+        batch's tokens (eager, between compiled graph pieces, as vLLM's Mamba ops)."""
         metadata = get_forward_context().attn_metadata
         metadata = metadata.get(self.prefix) if isinstance(metadata, dict) else None
         if metadata is None:  # profiling / dummy run: no state
@@ -281,11 +283,13 @@ def _batch_plan(metadata, positions, chunk_size, pad):
     return plans[key]
 
 
-def ttt_mlp(x: torch.Tensor, positions: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
-    get_forward_context().no_compile_layers[layer_name].forward_impl(x, positions, output)
+def ttt_mlp(x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, positions: torch.Tensor, output: torch.Tensor,
+            layer_name: str) -> None:
+    get_forward_context().no_compile_layers[layer_name].forward_impl(x, h, y, positions, output)
 
 
-def ttt_mlp_fake(x: torch.Tensor, positions: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
+def ttt_mlp_fake(x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, positions: torch.Tensor, output: torch.Tensor,
+                 layer_name: str) -> None:
     return
 
 
