@@ -17,7 +17,19 @@ import pytest
 import torch
 
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from ttt_adapt import TTTConfig, convert
 from ttt_adapt.modeling import FAMILIES
@@ -43,22 +55,38 @@ def test_plugin_registers_the_architecture_names_exports_write():
     entry point vLLM loads is `register`."""
     from importlib.metadata import entry_points
 
-    names = {lm.__name__ for lm in FAMILIES.values()}
-    assert set(ARCHITECTURES) <= names and {"TTTQwen3ForCausalLM", "TTTLlamaForCausalLM"} <= set(ARCHITECTURES)
+    assert set(ARCHITECTURES) == {lm.__name__ for lm in FAMILIES.values()}  # every family is served
     plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
     assert plugins.get("ttt_adapt") == "ttt_adapt.vllm_plugin:register"
+
+
+# Each family's tiny base, with its own details switched on. Windows of 16 tokens: prompts (up to 37) plus the 16
+# generated tokens run past them. Qwen2 slides on every layer (vLLM's Qwen2 refuses a mix), Mistral always does;
+# Gemma 3's TTT layer 1 slides and TTT layer 3 is global (and its embeddings are tied, as in Gemma 3 checkpoints).
+WINDOW = 16
+FAMILY_BASES = {
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM,
+              dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=WINDOW)),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, dict(
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"],
+        sliding_window=WINDOW, query_pre_attn_scalar=16, final_logit_softcapping=5.0, tie_word_embeddings=True)),
+}
 
 
 def tiny_ttt(arch):
     """A tiny base converted with TTT on layers 1 and 3, chunk 8, per-token rates, non-zero conv (head_dim 32: the
     smallest vLLM's CPU attention takes)."""
-    config_cls, lm_cls = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+    config_cls, lm_cls, extra = FAMILY_BASES[arch]
     torch.manual_seed(0)
-    config = config_cls(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, max_position_embeddings=512, pad_token_id=0, eos_token_id=1,
-        bos_token_id=2, tie_word_embeddings=False,
-    )
+    config = config_cls(**{
+        **dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=32, max_position_embeddings=512, pad_token_id=0, eos_token_id=1,
+               bos_token_id=2, tie_word_embeddings=False),
+        **extra,
+    })
     model = convert(lm_cls(config).eval(), TTTConfig(layers=[1, 3], chunk_size=8, lr_mode="token"))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -103,7 +131,7 @@ def greedy_by_full_forwards(model, prompt, n=NEW_TOKENS):
 def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_exports")
     out = {}
-    for arch in ("qwen3", "llama"):
+    for arch in FAMILY_BASES:
         model = tiny_ttt(arch)
         model.save_pretrained(root / arch)
         word_tokenizer().save_pretrained(root / arch)
@@ -167,6 +195,25 @@ def ttt_matters(model, requests, results):
     return max(abs(a - b) for a, b in zip(logprobs, base))
 
 
+def window_matters(model, requests, results):
+    """The same tokens scored with the sliding windows widened past the sequences differ: the windows matter."""
+    attns = [m for name, m in model.named_modules() if name.endswith("self_attn")]
+    saved = model.config.sliding_window, [getattr(a, "sliding_window", None) for a in attns]
+    model.config.sliding_window = 10**6
+    for a in attns:
+        if getattr(a, "sliding_window", None) is not None:
+            a.sliding_window = 10**6
+    try:
+        (prompt, _), ((tokens, logprobs), *_) = requests[-1], results[-1]
+        wide = full_forward_logprobs(model, prompt, tokens)
+    finally:
+        model.config.sliding_window = saved[0]
+        for a, w in zip(attns, saved[1]):
+            if w is not None:
+                a.sliding_window = w
+    return max(abs(a - b) for a, b in zip(logprobs, wide))
+
+
 @needs_vllm
 def test_qwen3_batched_requests_and_several_sequences_equal_full_forwards(exports):
     from vllm import SamplingParams
@@ -206,13 +253,18 @@ def test_preempted_and_recomputed_requests_equal_full_forwards(exports):
 
 
 @needs_vllm
-def test_llama_equals_full_forwards(exports):
-    folder, model = exports["llama"]
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
+def test_family_equals_full_forwards(exports, arch):
+    """Every other family, batched and cut by chunked prefill; the sequences run past the sliding windows."""
+    folder, model = exports[arch]
     requests = [(p, greedy()) for p in prompts()]
     results = run_llm(folder, requests, skip_tokenizer_init=True, max_num_batched_tokens=16,
                       enable_chunked_prefill=True)
-    check_exact(model, requests, results)
+    worst = check_exact(model, requests, results)
+    print(f"{arch}: worst logprob difference {worst:.2e}")
     assert ttt_matters(model, requests, results) > 1e-2
+    if arch != "llama":
+        assert window_matters(model, requests, results) > 1e-2
 
 
 @needs_vllm
@@ -222,6 +274,26 @@ def test_prefix_caching_refused_in_one_line(exports):
     with pytest.raises(Exception, match="do not support prefix caching"):
         LLM(str(exports["qwen3"][0]), dtype="float32", max_model_len=128, enforce_eager=True,
             skip_tokenizer_init=True, enable_prefix_caching=True)
+
+
+@needs_vllm
+@pytest.mark.parametrize("arch, setting, message", [
+    ("qwen2", {"layer_types": ["full_attention"] * 2 + ["sliding_attention"] * 2, "max_window_layers": 2},
+     "vLLM's Qwen2 slides its attention window on every layer or none"),
+    ("gemma3", {"attn_logit_softcapping": 50.0}, "vLLM's Gemma 3 does not apply attention logit softcapping"),
+    ("gemma3", {"use_bidirectional_attention": True}, "serves causal Gemma 3 exports"),
+], ids=["qwen2-some-layers-slide", "gemma3-attn-softcapping", "gemma3-bidirectional"])
+def test_family_settings_vllm_serves_differently_are_refused_in_one_line(exports, tmp_path, arch, setting, message):
+    """Settings transformers follows and vLLM's stock model would not: refused before any model is built."""
+    import shutil
+
+    from vllm import LLM
+
+    folder = shutil.copytree(exports[arch][0], tmp_path / arch)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **setting}))
+    with pytest.raises(Exception, match=message):
+        LLM(str(folder), dtype="float32", max_model_len=128, enforce_eager=True, skip_tokenizer_init=True)
 
 
 TRANSFORMERS_BACKEND = textwrap.dedent(

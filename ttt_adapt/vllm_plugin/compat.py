@@ -3,7 +3,8 @@
 vLLM treats a model as hybrid (attention plus per-request state layers) only when its config's `layer_types`
 names a non-attention layer; a TTT layer is both an attention layer and a state layer, so the TTT architectures
 are declared hybrid here. Prefix caching is off by default for them and refused when asked for: a cached prefix
-would need the fast-weight state at the cached block's end, which this plugin does not keep.
+would need the fast-weight state at the cached block's end, which this plugin does not keep. Family settings
+that vLLM's stock models would serve differently from transformers are refused too (`check_family`).
 """
 
 import vllm
@@ -76,3 +77,19 @@ def check_serving(vllm_config) -> None:
     if ttt["target"] != "hidden_states":
         raise ServingError(f"the ttt-adapt vLLM plugin serves target='hidden_states' exports, this one has "
                            f"target={ttt['target']!r}")
+    check_family(vllm_config)
+
+
+def check_family(vllm_config) -> None:
+    """ServingError (one line) for a family setting vLLM's stock model does not follow as transformers does."""
+    arch, hf = vllm_config.model_config.architecture, vllm_config.model_config.hf_text_config
+    if arch == "TTTQwen2ForCausalLM" and len(set(getattr(hf, "layer_types", None) or ())) > 1:
+        raise ServingError("vLLM's Qwen2 slides its attention window on every layer or none, this export mixes "
+                           f"sliding and full layers (layer_types {hf.layer_types})")
+    if arch == "TTTGemma3ForCausalLM":
+        if getattr(hf, "attn_logit_softcapping", None) is not None:
+            raise ServingError("vLLM's Gemma 3 does not apply attention logit softcapping, this export sets "
+                               f"attn_logit_softcapping={hf.attn_logit_softcapping}")
+        if getattr(hf, "use_bidirectional_attention", False):
+            raise ServingError("the ttt-adapt vLLM plugin serves causal Gemma 3 exports, this one sets "
+                               "use_bidirectional_attention=True")
