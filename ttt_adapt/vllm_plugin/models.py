@@ -9,7 +9,7 @@ The causal LMs declare themselves hybrid (vLLM then allocates one state slot per
 import contextlib
 
 from vllm.model_executor.layers.mamba.mamba_utils import get_temporal_copy_spec
-from vllm.model_executor.models import gemma3, qwen2
+from vllm.model_executor.models import gemma3, qwen2, qwen3
 from vllm.model_executor.models.gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
@@ -19,6 +19,17 @@ from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
 from .ttt_mlp import TTTMLP, state_shapes
+
+
+@contextlib.contextmanager
+def swapped(module, name, replacement):
+    """`module.<name>` is `replacement` inside the block: stock __init__s build their parts by module-level name."""
+    stock = getattr(module, name)
+    setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, name, stock)
 
 
 class TTTDecoderLayerMixin:
@@ -82,14 +93,8 @@ class TTTQwen3ForCausalLM(Qwen3ForCausalLM, TTTHybridMixin):
     """vLLM's `Qwen3ForCausalLM` with In-Place TTT layers."""
 
     def __init__(self, *, vllm_config, prefix=""):
-        import vllm.model_executor.models.qwen3 as qwen3
-
-        stock = qwen3.Qwen3Model
-        qwen3.Qwen3Model = TTTQwen3Model  # the stock __init__ builds `Qwen3Model` by name
-        try:
+        with swapped(qwen3, "Qwen3Model", TTTQwen3Model):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
-        finally:
-            qwen3.Qwen3Model = stock
 
 
 class TTTLlamaForCausalLM(LlamaForCausalLM, TTTHybridMixin):
@@ -140,17 +145,6 @@ class TTTGemma3DecoderLayer(TTTDecoderLayerMixin, Gemma3DecoderLayer):
 class TTTQwen2Model(Qwen2Model):
     def __init__(self, *, vllm_config, prefix=""):
         super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=TTTQwen2DecoderLayer)
-
-
-@contextlib.contextmanager
-def swapped(module, name, replacement):
-    """`module.<name>` is `replacement` inside the block: stock __init__s build their parts by module-level name."""
-    stock = getattr(module, name)
-    setattr(module, name, replacement)
-    try:
-        yield
-    finally:
-        setattr(module, name, stock)
 
 
 class TTTQwen2ForCausalLM(Qwen2ForCausalLM, TTTHybridMixin):
