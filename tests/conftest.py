@@ -262,7 +262,7 @@ def nonfinite_tensors(folder: Path) -> list[str]:
 # whose single-process logits and gradients the ranks must reproduce.
 
 
-def _free_port():
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -284,7 +284,7 @@ def run_on_ranks(n, fn, *args):
     """Run `fn(rank, world, *args)` in `n` fresh processes joined in one gloo process group."""
     import torch.multiprocessing as mp
 
-    mp.start_processes(_rank_main, args=(n, _free_port(), fn, args), nprocs=n, join=True, start_method="spawn")
+    mp.start_processes(_rank_main, args=(n, free_port(), fn, args), nprocs=n, join=True, start_method="spawn")
 
 
 def packed_batch(doc_lengths_per_row, vocab=97, seed=0):

@@ -6,7 +6,6 @@ wrong; the OpenAI-compatible server answers. Runs where vLLM is installed (CI's 
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -31,6 +30,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from conftest import free_port
 from ttt_adapt import TTTConfig, convert
 from ttt_adapt.modeling import FAMILIES
 from ttt_adapt.vllm_plugin import ARCHITECTURES
@@ -382,16 +382,10 @@ def test_transformers_backend_without_the_plugin_refuses_the_export(exports, tmp
     assert "ttt-adapt vLLM plugin" in out
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_vllm
 def test_openai_server_answers_a_completion_exactly(exports, tmp_path):
     folder, model = exports["qwen3"]
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(port),
            "--dtype", "float32", "--max-model-len", "128", "--enforce-eager", "--served-model-name", "ttt"]
     log = open(tmp_path / "server.log", "w")
