@@ -85,7 +85,7 @@ class TTTMLP(nn.Module, MambaBase):
         super().__init__()
         self.gate_up_proj, self.down_proj, self.act_fn = mlp.gate_up_proj, mlp.down_proj, mlp.act_fn
         ttt = config.ttt
-        self.hidden_size, self.intermediate_size = config.hidden_size, config.intermediate_size
+        self.hidden_size = config.hidden_size
         self.chunk_size = ttt["chunk_size"]
         self.pad = ttt["conv_kernel_size"] // 2
         self.clip_update_norm = ttt["clip_update_norm"]
@@ -197,13 +197,8 @@ class TTTMLP(nn.Module, MambaBase):
             k = plan.known_index  # the requests whose token p places back gets its target now
             window = torch.cat([X[k], xf[k].unsqueeze(1)], 1).to(x.dtype)  # (k, 2p + 1, d): centred on it
             v = torch.einsum("bkd,dk->bd", window, self.ttt.conv.weight[:, 0, :].to(x.dtype))
-            if self.ttt.target_proj is not None:
-                v = self.ttt.target_proj(v)
-            lr = self.ttt.lr.float()
-            if self.ttt.lr_gate is not None:
-                lr = lr * 2 * torch.sigmoid(self.ttt.lr_gate(window[:, p]))
             known_slots, row = slots[k], plan.known_row
-            T[known_slots, 2 * p + row] = (v * lr.to(v.dtype)).float()
+            T[known_slots, 2 * p + row] = self._scaled_targets(v, window[:, p]).float()
             Hp[known_slots, p + row] = Hw[k, 0] if p else hf[k]
             for slot in plan.flush:  # K known targets: one rank-K product into U
                 U[slot].addmm_(T[slot, 2 * p :].T, Hp[slot, p:])
@@ -216,13 +211,15 @@ class TTTMLP(nn.Module, MambaBase):
         `first` on (zero padding before the chunk's start and after its end, as `chunk_conv`)."""
         w = self.ttt.conv.weight
         v = F.conv1d(ext.T.unsqueeze(0), w.to(ext.dtype), padding=self.pad, groups=ext.shape[1])[0].T
-        v = v[lo - first : hi - first]
-        xs = ext[lo - first : hi - first]
+        return self._scaled_targets(v[lo - first : hi - first], ext[lo - first : hi - first])
+
+    def _scaled_targets(self, v, centre):
+        """lr * W_target v for conv outputs v, each centred on the MLP input in the same row of `centre`."""
         if self.ttt.target_proj is not None:
             v = self.ttt.target_proj(v)
         lr = self.ttt.lr.float()
         if self.ttt.lr_gate is not None:
-            lr = lr * 2 * torch.sigmoid(self.ttt.lr_gate(xs))
+            lr = lr * 2 * torch.sigmoid(self.ttt.lr_gate(centre))
         return v * lr.to(v.dtype)
 
     def _clip_scale(self, U):
