@@ -252,11 +252,29 @@ def test_beam_search_reorders_fast_weights(arch):
     torch.testing.assert_close(seq_scores, out.sequences_scores, rtol=1e-4, atol=1e-4)
 
 
-def test_assisted_decoding_refused():
-    model = ttt_model()
+@pytest.mark.parametrize("how", ["assistant_model", "prompt_lookup", "generation_config", "model_default"])
+def test_speculative_decoding_refused_before_any_token(how):
+    """Assisted and prompt-lookup decoding would crop the cache after the fast weights read rejected drafts: refused
+    in one line by our own check (transformers 5.25 no longer refuses stateful models), before either model runs."""
+    from transformers import GenerationConfig
+
+    model, assistant = ttt_model(), ttt_model(seed=1)
+    calls = []
+    for m in (model, assistant):
+        m.register_forward_pre_hook(lambda mod, args: calls.append(type(mod).__name__))
     ids = torch.randint(3, 97, (1, 5))
-    with pytest.raises(ValueError, match="stateful"):
-        model.generate(ids, assistant_model=ttt_model(seed=1), max_new_tokens=3, pad_token_id=0)
+    kwargs = dict(max_new_tokens=3, pad_token_id=0)
+    if how == "assistant_model":
+        kwargs["assistant_model"] = assistant
+    elif how == "prompt_lookup":
+        kwargs["prompt_lookup_num_tokens"] = 2
+    elif how == "generation_config":
+        kwargs["generation_config"] = GenerationConfig(prompt_lookup_num_tokens=2, max_new_tokens=3, pad_token_id=0)
+    else:
+        model.generation_config.prompt_lookup_num_tokens = 2
+    with pytest.raises(ValueError, match="stateful") as err:
+        model.generate(ids, **kwargs)
+    assert "\n" not in str(err.value) and calls == []
 
 
 def test_gradient_checkpointing_gives_same_gradients():

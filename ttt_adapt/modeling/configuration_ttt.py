@@ -12,7 +12,7 @@ import transformers
 from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 # The transformers releases this code is tested with (oldest, newest); pyproject.toml declares the same floor.
-TESTED_TRANSFORMERS = ("5.0.0", "5.24.0")
+TESTED_TRANSFORMERS = ("5.0.0", "5.25.0")
 
 
 def release(version: str) -> tuple:

@@ -68,6 +68,8 @@ from .ttt_layer import TTTContext, TTTLayerState, TTTMLP, TTTParams
 class TTTCacheLayerMixin:
     """Adds a `TTTLayerState` to a transformers cache layer and keeps it in step with the batch."""
 
+    is_croppable = False  # the fast weights cannot be rolled back (read by transformers >= 5.25 before any crop)
+
     def reorder_cache(self, beam_idx):
         super().reorder_cache(beam_idx)
         self.ttt_state.index_select(beam_idx.cpu() if self.ttt_state.n is not None else beam_idx)
@@ -217,11 +219,40 @@ class TTTDecoderLayerMixin:
 # ----------------------------------------------------------------------------------------------- models
 
 
+# Generation settings that make `generate()` draft tokens and roll back the ones it rejects (assisted, prompt-lookup,
+# early-exit, multi-token-prediction and DFlash speculative decoding). Names absent from a release are never set there.
+SPECULATIVE_SETTINGS = (
+    "assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp", "speculation_type",
+)
+
+
+def refuse_speculative_decoding(generation_config, kwargs):
+    """Refuse (ValueError, one line) a `generate()` call that would decode speculatively, before any token is made.
+
+    Speculative decoding verifies drafted tokens and crops the cache back to the accepted ones; fast weights that
+    have read a rejected token cannot be rolled back. Checked here rather than left to transformers (which refused
+    models with `_is_stateful` up to 5.24 and starts assisted decoding from 5.25): `generation_config` is the one
+    the call passes (or the model's), `kwargs` the call's own keyword arguments, which override it.
+    """
+    for name in SPECULATIVE_SETTINGS:
+        value = kwargs.get(name, getattr(generation_config, name, None))
+        if value is not None and value is not False:
+            raise ValueError(
+                f"In-Place TTT models are stateful (their fast weights cannot be rolled back), so speculative "
+                f"decoding is not supported: remove `{name}` from the generate() call or its generation config"
+            )
+
+
 class TTTPreTrainedMixin:
     """What every TTT model class shares: stateful generation, TTT init, helpers."""
 
-    _is_stateful = True  # the fast weights can't be rolled back: assisted decoding refuses cleanly
+    _is_stateful = True  # the fast weights can't be rolled back (transformers <= 5.24 refuses assisted decoding too)
     _can_compile_fullgraph = False
+
+    def generate(self, inputs=None, generation_config=None, *args, **kwargs):
+        refuse_speculative_decoding(generation_config if generation_config is not None else self.generation_config,
+                                    kwargs)
+        return super().generate(inputs, generation_config, *args, **kwargs)
 
     def _init_weights(self, module):
         if isinstance(module, TTTParams):
