@@ -24,7 +24,7 @@ def gen_positions(mask):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("ttt_kw", [{}, {"lr_mode": "token", "target": "input_embed"}])
+@pytest.mark.parametrize("ttt_kw", [{}, {"lr_mode": "token", "target": "input_embed", "state_decay": 0.7}])
 def test_converted_equals_base_at_step_zero(arch, ttt_kw):
     tie = arch in ("llama", "gemma3")
     base = tiny_base(arch, tie=tie)
@@ -97,7 +97,8 @@ def test_ttt_changes_only_later_chunks():
 @pytest.mark.parametrize(
     "arch,kw",
     [("qwen3", {"lr_mode": "token"}), ("llama", {}), ("qwen3", {"target": "input_embed", "clip_update_norm": 0.5}),
-     ("qwen2", {"lr_mode": "token"}), ("mistral", {}), ("gemma3", {}), ("gemma3", {"target": "input_embed"})],
+     ("qwen2", {"lr_mode": "token"}), ("mistral", {}), ("gemma3", {}), ("gemma3", {"target": "input_embed"}),
+     ("qwen3", {"state_decay": 0.6, "lr_mode": "token"}), ("gemma3", {"state_decay": 0.5, "target": "input_embed"})],
 )
 def test_incremental_decoding_equals_full_forward(arch, kw):
     model = ttt_model(arch, chunk_size=4, **kw)
@@ -117,9 +118,10 @@ def test_incremental_decoding_equals_full_forward(arch, kw):
     torch.testing.assert_close(inc[real], full[real], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("decay", [None, 0.6])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_multi_token_continuation_with_cache_equals_full_forward(arch):
-    model = ttt_model(arch, chunk_size=4)
+def test_multi_token_continuation_with_cache_equals_full_forward(arch, decay):
+    model = ttt_model(arch, chunk_size=4, state_decay=decay)
     ids = torch.randint(3, 97, (2, 23))
     with torch.no_grad():
         full = model(ids).logits
@@ -169,9 +171,10 @@ def left_padded_rows(lengths=(14, 9, 5)):
     return rows, ids, mask
 
 
+@pytest.mark.parametrize("decay", [None, 0.6])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_left_padded_batch_equals_rows_alone(arch):
-    model = ttt_model(arch, chunk_size=4)
+def test_left_padded_batch_equals_rows_alone(arch, decay):
+    model = ttt_model(arch, chunk_size=4, state_decay=decay)
     rows, ids, mask = left_padded_rows()
     L = ids.shape[1]
     with torch.no_grad():
@@ -181,9 +184,10 @@ def test_left_padded_batch_equals_rows_alone(arch):
             torch.testing.assert_close(batch[i, L - len(r) :], alone, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("decay", [None, 0.6])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_packed_documents_equal_each_alone(arch):
-    model = ttt_model(arch, chunk_size=4)
+def test_packed_documents_equal_each_alone(arch, decay):
+    model = ttt_model(arch, chunk_size=4, state_decay=decay)
     docs = [torch.randint(3, 97, (n,)) for n in (9, 3, 12)]
     ids = torch.cat(docs).unsqueeze(0)
     pos = torch.cat([torch.arange(len(d)) for d in docs]).unsqueeze(0)
@@ -337,6 +341,8 @@ def test_auto_classes_resolve_ttt_model_types(tmp_path):
         (TTTConfig(lr_mode="vector"), "lr_mode"),
         (TTTConfig(target="logits"), "target"),
         (TTTConfig(layers=[]), "empty"),
+        (TTTConfig(state_decay=0.0), "state_decay"),
+        (TTTConfig(state_decay=1.5), "state_decay"),
     ],
 )
 def test_bad_config_rejected(cfg, match):

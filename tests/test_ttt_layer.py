@@ -9,8 +9,9 @@ from ttt_adapt import TTTConfig, convert
 from ttt_adapt.modeling.ttt_layer import Segments, TTTContext, fast_weight_scan
 
 
-def naive_ttt_mlp(mlp, x, t, doc_lengths, chunk_size, clip=None):
-    """Token-by-token reference for one row: documents of `doc_lengths` tokens, one after the other."""
+def naive_ttt_mlp(mlp, x, t, doc_lengths, chunk_size, clip=None, decay=None):
+    """Token-by-token reference for one row: documents of `doc_lengths` tokens, one after the other; with `decay`,
+    the state before each chunk's update is multiplied by it."""
     W = mlp.down_proj.weight.double()
     conv_w = mlp.ttt.conv.weight.double()[:, 0, :]  # (d, k)
     k = conv_w.shape[1]
@@ -43,7 +44,7 @@ def naive_ttt_mlp(mlp, x, t, doc_lengths, chunk_size, clip=None):
                 update += lr_i * torch.outer(v, h[i])
             if clip is not None:
                 update = update * torch.clamp(clip / (torch.linalg.matrix_norm(update) + 1e-6), max=1.0)
-            delta = delta + update
+            delta = (delta if decay is None else decay * delta) + update
         start += n
     return out
 
@@ -100,6 +101,9 @@ def test_matches_published_algorithm(L):
         ({"clip_update_norm": 0.05}, [16, 9]),
         ({"chunk_size": 1}, [6, 4]),
         ({"target": "input_embed", "lr_warmup_steps": 4}, [12, 1, 10]),
+        ({"state_decay": 0.7}, [23, 4, 11]),
+        ({"state_decay": 0.5, "clip_update_norm": 0.05, "lr_mode": "token"}, [16, 9]),
+        ({"state_decay": 0.8, "chunk_size": 1, "target": "input_embed"}, [6, 4]),
     ],
 )
 def test_chunked_equals_naive_reference(ttt, docs):
@@ -115,12 +119,13 @@ def test_chunked_equals_naive_reference(ttt, docs):
     pos = torch.cat([torch.arange(n) for n in docs]).unsqueeze(0)
     ctx = TTTContext.from_inputs(None, pos, t)
     got = _call(mlp, x, ctx)[0]
-    ref = naive_ttt_mlp(mlp, x[0], t[0], docs, mlp.chunk_size, ttt.get("clip_update_norm"))
+    ref = naive_ttt_mlp(mlp, x[0], t[0], docs, mlp.chunk_size, ttt.get("clip_update_norm"), ttt.get("state_decay"))
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
 
 
-def test_gradients_match_reference():
-    model, mlp = _ttt_model(lr_mode="token", clip_update_norm=0.2)
+@pytest.mark.parametrize("decay", [None, 0.6])
+def test_gradients_match_reference(decay):
+    model, mlp = _ttt_model(lr_mode="token", clip_update_norm=0.2, state_decay=decay)
     docs = [9, 13]
     x = torch.randn(1, sum(docs), 32, dtype=torch.float64, requires_grad=True)
     pos = torch.cat([torch.arange(n) for n in docs]).unsqueeze(0)
@@ -128,14 +133,14 @@ def test_gradients_match_reference():
     got = _call(mlp, x, TTTContext.from_inputs(None, pos, x))
     w = torch.randn_like(got)
     g_got = torch.autograd.grad((got * w).sum(), [x, *params])
-    ref = naive_ttt_mlp(mlp, x[0], x[0], docs, mlp.chunk_size, 0.2)
+    ref = naive_ttt_mlp(mlp, x[0], x[0], docs, mlp.chunk_size, 0.2, decay)
     g_ref = torch.autograd.grad((ref * w[0]).sum(), [x, *params])
     for a, b in zip(g_got, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("with_weight", [False, True])
-def test_scan_gradcheck_with_initial_and_final_state(with_weight):
+@pytest.mark.parametrize("with_weight,decay", [(False, None), (True, None), (True, 0.7)])
+def test_scan_gradcheck_with_initial_and_final_state(with_weight, decay):
     torch.manual_seed(0)
     N, d, H = 11, 3, 4
     seg = Segments.build(
@@ -147,7 +152,7 @@ def test_scan_gradcheck_with_initial_and_final_state(with_weight):
     S0 = torch.randn(2, d, H, dtype=torch.float64, requires_grad=True)
     W = torch.randn(d, H, dtype=torch.float64, requires_grad=True)
     if with_weight:
-        assert torch.autograd.gradcheck(lambda h, a, S0, W: fast_weight_scan(h, a, seg, S0, W), (h, a, S0, W))
+        assert torch.autograd.gradcheck(lambda h, a, S0, W: fast_weight_scan(h, a, seg, S0, W, decay), (h, a, S0, W))
     else:
         assert torch.autograd.gradcheck(lambda h, a, S0: fast_weight_scan(h, a, seg, S0), (h, a, S0))
 
@@ -166,3 +171,14 @@ def test_memory_saved_for_backward_is_independent_of_chunk_count():
         assert [t for t in saved if not t.is_floating_point()] == [seg.table]
         sizes.append(sum(t.numel() for t in saved if t.is_floating_point()))
     assert sizes[0] == sizes[1] == 256 * (48 + 32)
+
+
+def test_state_decay_off_is_the_plain_sum_bit_for_bit():
+    """`state_decay` unset and `state_decay: 1` both run the published plain sum: the same bits as before."""
+    model, mlp = _ttt_model()
+    x = torch.randn(2, 23, 32, dtype=torch.float64)
+    ref = _call(mlp, x, None)
+    mlp.state_decay = 1.0
+    assert torch.equal(_call(mlp, x, None), ref)
+    mlp.state_decay = 0.9
+    assert not torch.allclose(_call(mlp, x, None), ref)

@@ -480,6 +480,8 @@ def validate_ttt(ttt: TTTConfig, section: str = "ttt"):
     if ttt.clip_update_norm is not None and not ttt.clip_update_norm > 0:
         _fail(f"{section}.clip_update_norm", f"must be > 0 or null, got {ttt.clip_update_norm}")
     _check_int(f"{section}.lr_warmup_steps", ttt.lr_warmup_steps, 0)
+    if ttt.state_decay is not None and not 0 < ttt.state_decay <= 1:
+        _fail(f"{section}.state_decay", f"must be in (0, 1] or null, got {ttt.state_decay}")
 
 
 def _unknown_message(key: str, name: str, known) -> str:

@@ -120,6 +120,8 @@ def prepare_model(model) -> None:
             f"context parallelism needs attention_dropout 0 (got {config.attention_dropout}): "
             "dropout masks would differ from a single process"
         )
+    if base.config.ttt.get("state_decay") not in (None, 1, 1.0):
+        raise ValueError("context parallelism does not apply ttt.state_decay yet: set parallel.cp_size to 1")
     _register()
     base.set_attn_implementation(ATTN_IMPLEMENTATION)
 

@@ -91,7 +91,7 @@ def _states_after_each_chunk(mlp, x, ctx, rows):
     U = seg.num_units
     every = dataclasses.replace(seg, num_rows=U, rows=list(range(U)), read=[False] * U, write=[True] * U,
                                 final=[True] * U, init_index=None)
-    _, after = fast_weight_scan(hf, a, every)
+    _, after = fast_weight_scan(hf, a, every, decay=mlp.state_decay)
     return after, seg
 
 

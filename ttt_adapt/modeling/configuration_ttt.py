@@ -59,6 +59,9 @@ class TTTConfig:
         target: "hidden_states" (the MLP input; continual training) or "input_embed" (from-scratch training).
         clip_update_norm: if set, each chunk's update is scaled so its Frobenius norm (fp32) is at most this.
         lr_warmup_steps: if > 0, the TTT learning rate ramps linearly from 0 over this many training steps.
+        state_decay: if set (0 < decay <= 1), the fast-weight state is multiplied by it before each chunk's update
+            is added (S <- decay * S + dW): what a document said k chunks ago weighs decay**k, so the state stays
+            bounded however long the document is. null: the published algorithm (a plain sum), bit for bit.
     """
 
     layers: list[int] | None = None
@@ -70,6 +73,7 @@ class TTTConfig:
     target: str = "hidden_states"
     clip_update_norm: float | None = None
     lr_warmup_steps: int = 0
+    state_decay: float | None = None
 
     def resolved_layers(self, num_layers: int) -> list[int]:
         """The TTT layer indices for a model with `num_layers` decoder layers (validated)."""
@@ -98,6 +102,9 @@ class TTTConfig:
             raise ValueError(f"ttt target must be one of {TARGETS}, got {self.target!r}")
         if self.clip_update_norm is not None and not self.clip_update_norm > 0:
             raise ValueError(f"ttt clip_update_norm must be > 0 or null, got {self.clip_update_norm!r}")
+        d = self.state_decay
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1):
+            raise ValueError(f"ttt state_decay must be in (0, 1] or null, got {d!r}")
         if isinstance(self.lr_warmup_steps, bool) or not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0:
             raise ValueError(f"ttt lr_warmup_steps must be an integer >= 0, got {self.lr_warmup_steps!r}")
         if not isinstance(self.use_proj, bool):

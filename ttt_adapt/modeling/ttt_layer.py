@@ -4,7 +4,8 @@ With x the MLP input, h = act(gate(x)) * up(x) and t the target source (x, or th
     v = Conv1D(t) @ W_target^T        depthwise, centred, zero-padded at chunk edges (never crosses a chunk)
     a_i = lr_i * v_i                  lr: learned per layer, optionally gated per token
     dW_c = sum_{i in c} a_i h_i^T     (d x H), optionally clipped in Frobenius norm
-    y_j = (W_down + sum_{c' < c(j)} dW_c') h_j    within the document of token j
+    S_c = g * S_{c-1} + dW_{c-1}      S_0 = 0; g = `state_decay` (1 when unset: the published plain sum)
+    y_j = (W_down + S_{c(j)}) h_j     within the document of token j
 
 Tokens are handled in a flat layout: each row's real tokens (pads dropped) one after the other, cut into
 "units" = chunks of one document. `Segments` describes the units; `fast_weight_scan` runs the causal
@@ -149,8 +150,8 @@ class _Units:
 
 
 @fast_weight_math
-def _scan_forward(h, a, weight, init_state, seg, keep_final, amp):
-    """out_u = h_u (W + S_u)^T and S_{u+1} = S_u + a_u^T h_u over units (see `fast_weight_scan`).
+def _scan_forward(h, a, weight, init_state, seg, keep_final, amp, decay=1.0):
+    """out_u = h_u (W + S_u)^T and S_{u+1} = decay * S_u + a_u^T h_u over units (see `fast_weight_scan`).
 
     With `weight` (W_down) given, the base product is part of the scan: `F.linear(h, W)` exactly as the stock
     down_proj computes it (under autocast: in `amp`, as autocast would, so a converted model still equals its base at
@@ -173,14 +174,14 @@ def _scan_forward(h, a, weight, init_state, seg, keep_final, amp):
             else:
                 out[s:e] += (hu @ S.T).to(out.dtype)
         if seg.write[u] and (seg.final[u] or _next_carries(seg, u)):  # else nobody reads the update here
-            S = _add_update(S, a[s:e].to(acc), hu)
+            S = _add_update(S, a[s:e].to(acc), hu, decay)
         if seg.final[u] and S is not None:
             final[r] = S
     return out, final
 
 
 @fast_weight_math
-def _scan_backward(go, gfinal, h, a, weight, init_state, seg, weight_grad, init_grad):
+def _scan_backward(go, gfinal, h, a, weight, init_state, seg, weight_grad, init_grad, decay=1.0):
     """Gradients of `_scan_forward`: the state is recomputed (memory does not grow with the number of chunks); one
     product per unit gives dh = g (W + S_u) while the per-unit g^T h products serve both dW and the state's gradient."""
     acc = torch.promote_types(h.dtype, torch.float32)
@@ -200,7 +201,7 @@ def _scan_backward(go, gfinal, h, a, weight, init_state, seg, weight_grad, init_
                 M = (S if W is None else W + S) if reads else W
                 torch.mm(go[s:e], M, out=dh[s:e])
         if seg.write[u] and _next_carries(seg, u):
-            S = _add_update(S, a[s:e].to(acc), h[s:e].to(acc))
+            S = _add_update(S, a[s:e].to(acc), h[s:e].to(acc), decay)
     # Pass 2, reverse: G = dL/d(state after unit u), carried back through the prefix sum.
     G_before_next = None
     for u in reversed(range(seg.num_units)):
@@ -215,6 +216,8 @@ def _scan_backward(go, gfinal, h, a, weight, init_state, seg, weight_grad, init_
         if seg.write[u] and G is not None:
             torch.mm(hu, G.T, out=da[s:e])
             dh[s:e].addmm_(a[s:e].to(acc), G)
+            if decay != 1.0:  # the state before the write entered it times decay
+                G = G.mul_(decay)
         if go is not None and (seg.read[u] or dW is not None):
             P = go[s:e].T @ hu
             if dW is not None:
@@ -239,8 +242,12 @@ def _next_carries(seg, u):
     return u + 1 < seg.num_units and seg.start_state[u + 1] == CARRY
 
 
-def _add_update(S, a, h):
-    return a.T @ h if S is None else S.addmm_(a.T, h)
+def _add_update(S, a, h, decay=1.0):
+    if S is None:
+        return a.T @ h
+    if decay != 1.0:
+        S.mul_(decay)
+    return S.addmm_(a.T, h)
 
 
 # The scan and the clipping norm are registered custom ops: torch.compile sees one opaque call with its own backward
@@ -260,12 +267,12 @@ def _define_ops():
 
     @lib.custom_op(f"{_NAMESPACE}::scan", mutates_args=())
     def scan(h: torch.Tensor, a: torch.Tensor, weight: torch.Tensor | None, init_state: torch.Tensor | None,
-             table: torch.Tensor, num_rows: int, keep_final: bool, amp: torch.dtype | None
+             table: torch.Tensor, num_rows: int, keep_final: bool, amp: torch.dtype | None, decay: float
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _scan_forward(h, a, weight, init_state, _Units(table, num_rows, h.shape[0]), keep_final, amp)
+        return _scan_forward(h, a, weight, init_state, _Units(table, num_rows, h.shape[0]), keep_final, amp, decay)
 
     @scan.register_fake
-    def _(h, a, weight, init_state, table, num_rows, keep_final, amp):
+    def _(h, a, weight, init_state, table, num_rows, keep_final, amp, decay):
         acc = torch.promote_types(h.dtype, torch.float32)
         out = h.new_empty(h.shape[0], a.shape[1], dtype=acc if weight is None else (amp or h.dtype))
         return out, h.new_empty(num_rows if keep_final else 0, a.shape[1], h.shape[1], dtype=acc)
@@ -273,29 +280,29 @@ def _define_ops():
     @lib.custom_op(f"{_NAMESPACE}::scan_backward", mutates_args=())
     def scan_backward(go: torch.Tensor | None, gfinal: torch.Tensor | None, h: torch.Tensor, a: torch.Tensor,
                       weight: torch.Tensor | None, init_state: torch.Tensor | None, table: torch.Tensor,
-                      num_rows: int, weight_grad: bool, init_grad: bool) -> list[torch.Tensor]:
+                      num_rows: int, weight_grad: bool, init_grad: bool, decay: float) -> list[torch.Tensor]:
         seg = _Units(table, num_rows, h.shape[0])
-        dh, da, dW, dinit = _scan_backward(go, gfinal, h, a, weight, init_state, seg, weight_grad, init_grad)
+        dh, da, dW, dinit = _scan_backward(go, gfinal, h, a, weight, init_state, seg, weight_grad, init_grad, decay)
         return [dh, da, _empty(h) if dW is None else dW, _empty(h) if dinit is None else dinit]
 
     @scan_backward.register_fake
-    def _(go, gfinal, h, a, weight, init_state, table, num_rows, weight_grad, init_grad):
+    def _(go, gfinal, h, a, weight, init_state, table, num_rows, weight_grad, init_grad, decay):
         dW = torch.empty_like(weight) if weight is not None and weight_grad else h.new_empty(0)
         dinit = torch.empty_like(init_state) if init_state is not None and init_grad else h.new_empty(0)
         return [torch.empty_like(h), torch.empty_like(a), dW, dinit]
 
     def setup_scan(ctx, inputs, output):
-        h, a, weight, init_state, table, num_rows, _, _ = inputs
+        h, a, weight, init_state, table, num_rows, _, _, decay = inputs
         ctx.save_for_backward(h, a, weight, init_state, table)
-        ctx.num_rows = num_rows
+        ctx.num_rows, ctx.decay = num_rows, decay
 
     def backward_scan(ctx, go, gfinal):
         h, a, weight, init_state, table = ctx.saved_tensors
         need = ctx.needs_input_grad
         dh, da, dW, dinit = scan_backward(go, gfinal, h, a, weight, init_state, table, ctx.num_rows,
-                                          bool(need[2]), bool(need[3]))
+                                          bool(need[2]), bool(need[3]), ctx.decay)
         return (dh, da, dW if need[2] and weight is not None else None,
-                dinit if need[3] and init_state is not None else None, None, None, None, None)
+                dinit if need[3] and init_state is not None else None, None, None, None, None, None)
 
     scan.register_autograd(backward_scan, setup_context=setup_scan)
 
@@ -328,19 +335,21 @@ def _define_ops():
     return getattr(torch.ops, _NAMESPACE)
 
 
-def fast_weight_scan(h, a, seg: Segments, init_state=None, weight=None):
+def fast_weight_scan(h, a, seg: Segments, init_state=None, weight=None, decay=None):
     """Chunk-causal fast-weight read-out over a flat layout.
 
     Args:
         h: (N, H) down_proj inputs; a: (N, d) learning-rate-scaled targets (zero where nothing may be written).
         init_state: optional (K, d, H) initial states, read by INIT units (`seg.init_index`; by default one per row).
         weight: optional (d, H) W_down; then the base product is included and the result has h's dtype.
+        decay: `TTTConfig.state_decay`: each written unit's state is `decay * S + a^T h` (None: the plain sum).
     Returns:
         out: (N, d) `h W^T + o` with `weight` (in the dtype autocast, or else h, computes the base product in),
             else the fast-weight part `o` alone (fp32 or wider);
         final: (R, d, H) state after each row's last unit (empty unless `seg` keeps final states), fp32 or wider.
     """
-    return _OPS.scan(h, a, weight, init_state, seg.table, seg.num_rows, seg.keeps_final, autocast_dtype(h))
+    return _OPS.scan(h, a, weight, init_state, seg.table, seg.num_rows, seg.keeps_final, autocast_dtype(h),
+                     1.0 if decay is None else float(decay))
 
 
 def chunk_conv(t, weight, unit_of_token):
@@ -507,6 +516,7 @@ class TTTMLP(nn.Module):
         self.chunk_size = ttt_config.chunk_size
         self.target = ttt_config.target
         self.clip_update_norm = ttt_config.clip_update_norm
+        self.state_decay = ttt_config.state_decay
         self.ttt_warmup_steps = ttt_config.lr_warmup_steps
         self.ttt = TTTParams(self.hidden_size, ttt_config)
         self.ttt_context = None
@@ -543,7 +553,7 @@ class TTTMLP(nn.Module):
         init = state.S if state is not None and state.started else None
         # Every token real and no buffered prefix (training, plain inference): W_down joins the scan.
         fused = type(self.down_proj) is nn.Linear and layout.all_valid and not layout.has_prefix
-        out, final = fast_weight_scan(hf, a, seg, init, self.down_proj.weight if fused else None)
+        out, final = fast_weight_scan(hf, a, seg, init, self.down_proj.weight if fused else None, self.state_decay)
         if state is not None:
             self._keep_state(state, layout, xf, tf if self.target == "input_embed" else None, final)
         if fused:
@@ -602,7 +612,7 @@ class TTTMLP(nn.Module):
             C, True, xb.device,
         )
         a = self.ttt.targets(tb, xb, hb, seg, self.clip_update_norm)
-        _, final = fast_weight_scan(hb, a, seg, state.S[dev_rows])
+        _, final = fast_weight_scan(hb, a, seg, state.S[dev_rows], decay=self.state_decay)
         state.S[dev_rows] = final
         state.n[rows] = 0
 

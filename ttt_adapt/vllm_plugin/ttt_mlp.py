@@ -89,6 +89,9 @@ class TTTMLP(nn.Module, MambaBase):
         self.chunk_size = ttt["chunk_size"]
         self.pad = ttt["conv_kernel_size"] // 2
         self.clip_update_norm = ttt["clip_update_norm"]
+        if ttt.get("state_decay") not in (None, 1, 1.0):
+            raise ValueError("the ttt-adapt vLLM plugin does not apply ttt.state_decay yet: serve this export with "
+                             "transformers generate()")
         self.pending = pending_rows(self.chunk_size)
         self.state_shapes = state_shapes(config)
         self.ttt = TTTParams(config.hidden_size, ttt)
