@@ -41,7 +41,8 @@ def parse_args(argv):
     p.add_argument("--corpus", help="held-out documents: .jsonl with a text field, or .txt")
     p.add_argument("--out", help="output folder for report.json, report.md, loss_by_position.png, samples.jsonl")
     p.add_argument("--lm-eval-task", metavar="DIR", help="only write the tasks as an lm-evaluation-harness task folder")
-    p.add_argument("--seq-len", type=int, help="tokens per document for the loss by position (default 1024)")
+    p.add_argument("--seq-len", type=int, help="the training length: tokens per document for the loss by position "
+                   "(default 1024)")
     p.add_argument("--lengths", type=int_list, help="task prompt lengths in tokens, e.g. 512,1024")
     p.add_argument("--tasks", help="comma-separated synthetic tasks (default all; 'none' for none)")
     p.add_argument("--num-samples", type=int, help="prompts per task and length")
@@ -49,6 +50,10 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--max-length", type=int, help="tokens of the long documents read past the training length "
+                   "(--seq-len); default 8 x seq-len, 0 for none")
+    p.add_argument("--long-corpus", help="the long documents: a .jsonl/.txt file or 'synthetic' (default --corpus)")
+    p.add_argument("--long-docs", type=int, help="how many long documents (the longest)")
     p.add_argument("--dtype", default=None, choices=DTYPES)
     return p.parse_args(argv)
 
@@ -81,7 +86,8 @@ def evaluate(args) -> int:
             args.adapted = recipe.export.dir
         args.out = args.out or str(Path(recipe.train.output_dir) / "eval")
         dtype = dtype or recipe.model.dtype
-    for key in ("corpus", "seq_len", "lengths", "num_samples", "max_docs", "batch_size", "max_new_tokens", "seed"):
+    for key in ("corpus", "seq_len", "lengths", "num_samples", "max_docs", "batch_size", "max_new_tokens", "seed",
+                "max_length", "long_corpus", "long_docs"):
         if getattr(args, key) is not None:
             raw[key] = getattr(args, key)
     if args.tasks is not None:
@@ -107,9 +113,12 @@ def evaluate(args) -> int:
     for flag in ("base", "adapted", "out"):
         if not getattr(args, flag):
             raise UsageError(f"--{flag} is required (or --recipe)")
-    run_evaluation(settings, args.base, args.adapted, args.out, dtype=dtype or "float32",
-                   log=lambda m: print(m, file=sys.stderr))
+    report = run_evaluation(settings, args.base, args.adapted, args.out, dtype=dtype or "float32",
+                            log=lambda m: print(m, file=sys.stderr))
     print((Path(args.out) / "report.md").read_text(), end="")
+    flag = report.get("long_context", {}).get("flag")
+    if flag:
+        print(f"evaluate.py: WARNING: {flag}", file=sys.stderr)
     return 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ttt_adapt.eval.long_context import markdown_long_table
+
 
 MODELS = {  # report entry -> column / legend label, in table order
     "base": "base",
@@ -44,7 +46,8 @@ def markdown_table(report: dict) -> str:
         delta = _diff(by.get("adapted"), by.get("base"))
         cells = [metric, *map(_fmt, values), delta] + ([_interval(interval)] if control else [])
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n" + _notes(report)
+    long_part = f"\n{markdown_long_table(report['long_context'])}" if report.get("long_context") else ""
+    return "\n".join(lines) + "\n" + long_part + _notes(report)
 
 
 def _notes(report: dict) -> str:
@@ -75,13 +78,16 @@ def _fmt(v, sign: str = "") -> str:
 
 
 def write_report(out_dir, report: dict, samples: list[dict], generations: dict) -> Path:
-    """Write report.json, report.md (`markdown_table`), loss_by_position.png and samples.jsonl (every prompt's answers
-    and each model's generation) into `out_dir` (created); return the report.json path."""
+    """Write report.json, report.md (`markdown_table`), loss_by_position.png (and loss_past_training_length.png when
+    the report measured long documents) and samples.jsonl (every prompt's answers and each model's generation) into
+    `out_dir` (created); return the report.json path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown_table(report))
     plot_loss_by_position(report, out / "loss_by_position.png")
+    if report.get("long_context", {}).get("bins"):
+        plot_long_context(report["long_context"], out / "loss_past_training_length.png")
     with open(out / "samples.jsonl", "w") as f:
         for i, s in enumerate(samples):
             record = {k: s[k] for k in ("task", "length", "answers", "needles")}
@@ -123,6 +129,31 @@ def plot_loss_by_position(report: dict, path) -> None:
                             label="all tokens" if key == "loss_by_position" else "recall answers")
         ax.axhline(0, color="grey", lw=0.8)
         _axes(ax, x, edges, "own - swapped loss (nats/token)", f"own - swapped state ({control['confidence']:.0%} CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_long_context(section: dict, path) -> None:
+    """PNG: loss by position on the long documents (base, adapted, its state controls), the training length marked;
+    the title carries the `worse_than_base` flag when there is one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = section["bins"]
+    x = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, style in (("base", "o-"), ("adapted", "s-"), ("adapted_swapped_state", "d--"), ("adapted_no_state", "^:")):
+        if section.get(name):
+            ax.plot(*_points(x, section[name]), style, label=MODELS[name])
+    ax.axvline(section["train_length"], color="grey", ls="--", lw=1, label="training length")
+    flag = section.get("flag")
+    _axes(ax, x, edges, "loss (nats/token)", f"WARNING: {flag}" if flag else "past the training length")
+    if flag:
+        ax.title.set_color("red")
+        ax.title.set_fontsize(8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -12,6 +12,7 @@ import torch
 from ttt_adapt._util import looks_like_local_path
 from ttt_adapt.convert import convert
 from ttt_adapt.eval.inputs import describe, load_model, load_tokenizer, model_config, read_corpus
+from ttt_adapt.eval.long_context import long_documents, measure_long_context
 from ttt_adapt.eval.loss_by_position import (
     CONFIDENCE,
     RESAMPLES,
@@ -70,6 +71,9 @@ def run_evaluation(settings: EvalSettings | dict, base, adapted, out_dir, *, tok
         report["adapted"], adapted_losses, generations["adapted"] = measure_model("adapted", adapted_model, samples,
                                                                                    **measure)
         report.update(state_controls(adapted_model, rows, adapted_losses, weights, settings, log))
+        if settings.resolved_max_length:
+            report["long_context"] = measure_long_context(base_model, adapted_model, tokenizer,
+                                                          long_documents(settings, docs), settings, log)
     finally:
         adapted_model.train(was_training)
     report["seconds"] = round(time.time() - started, 1)
