@@ -259,6 +259,10 @@ def test_cli_end_to_end_then_resume_then_refuse(files, tmp_path, capsys):
     assert (tmp_path / "export" / "tokenizer_config.json").is_file()
     report = json.loads((out / "eval" / "report.json").read_text())  # evaluated before the export: in its card
     assert {"base", "adapted"} <= set(report) and "## Evaluation" in (tmp_path / "export" / "README.md").read_text()
+    exported_ttt = json.loads((tmp_path / "export" / "config.json").read_text())["ttt"]  # the guard's reference
+    norms = report["adapted"]["state_norms"]
+    assert norms["layers"] == exported_ttt["layers"] and exported_ttt["state_norm_limit"] == norms["max"]
+    assert all(v > 0 for v in norms["max"])
 
     main = adapt_main()
     assert main([str(path), "train.max_steps=3", "export.overwrite=true"]) == 0

@@ -28,7 +28,7 @@ import yaml
 
 from ttt_adapt._util import DTYPES, RecipeError, parse_size
 from ttt_adapt.data import DataConfig
-from ttt_adapt.modeling.configuration_ttt import LR_MODES, TARGETS, TTTConfig
+from ttt_adapt.modeling.configuration_ttt import LR_MODES, NORM_GUARDS, TARGETS, TTTConfig
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 TRAINABLE = ("ttt", "full")
@@ -499,6 +499,9 @@ def validate_ttt(ttt: TTTConfig, section: str = "ttt"):
     if ttt.clip_update_norm is not None and not ttt.clip_update_norm > 0:
         _fail(f"{section}.clip_update_norm", f"must be > 0 or null, got {ttt.clip_update_norm}")
     _check_int(f"{section}.lr_warmup_steps", ttt.lr_warmup_steps, 0)
+    _check_choice(f"{section}.state_norm_guard", ttt.state_norm_guard, NORM_GUARDS)
+    if ttt.state_norm_limit is not None and not all(v > 0 for v in ttt.state_norm_limit):
+        _fail(f"{section}.state_norm_limit", f"must be norms > 0 (one per TTT layer) or null, got {ttt.state_norm_limit}")
     if ttt.state_decay is not None and not 0 < ttt.state_decay <= 1:
         _fail(f"{section}.state_decay", f"must be in (0, 1] or null, got {ttt.state_decay}")
 

@@ -26,6 +26,7 @@ from ttt_adapt.eval.loss_by_position import (
 )
 from ttt_adapt.eval.report import write_report
 from ttt_adapt.eval.settings import EvalError, EvalSettings, check_lengths
+from ttt_adapt.eval.state_norms import state_norms
 from ttt_adapt.eval.swapped_state import swap_partners
 from ttt_adapt.eval.tasks import generate, score, task_samples
 from ttt_adapt.modeling.configuration_ttt import TTTConfig
@@ -70,6 +71,7 @@ def run_evaluation(settings: EvalSettings | dict, base, adapted, out_dir, *, tok
         report["converted"] = converted_check(base_model, ttt_settings, base_losses, **measure)
         report["adapted"], adapted_losses, generations["adapted"] = measure_model("adapted", adapted_model, samples,
                                                                                    **measure)
+        report["adapted"]["state_norms"] = state_norms(adapted_model, rows, settings.batch_size)
         report.update(state_controls(adapted_model, rows, adapted_losses, weights, settings, log))
         if settings.resolved_max_length:
             report["long_context"] = measure_long_context(base_model, adapted_model, tokenizer,

@@ -104,6 +104,7 @@ def export_model(
         tokenizer = recipe_tokenizer(recipe)
     except (OSError, ValueError) as e:
         raise ExportError(f"cannot load the tokenizer of {recipe.model.name_or_path!r}: {first_line(e)}") from None
+    record_state_norms(model.config, report)
     model.to(torch_dtype)
     model.config.dtype = torch_dtype
     model.config.use_cache = True  # training turned it off; generation wants it
@@ -121,6 +122,18 @@ def export_model(
     if push_to_hub is not None:
         push_folder(out, push_to_hub, private=private, revision=revision, commit_message=commit_message)
     return out
+
+
+def record_state_norms(config, report: dict | None) -> None:
+    """Write the largest fast-weight state norms the evaluation measured on held-out rows of the training length
+    (`report["adapted"]["state_norms"]`) into `config.ttt["state_norm_limit"]`, the shipped code's guard reference;
+    a limit the recipe set stays, and a report of other TTT layers is ignored."""
+    norms = ((report or {}).get("adapted") or {}).get("state_norms")
+    ttt = dict(config.ttt)
+    if ttt.get("state_norm_limit") is not None or not norms or norms.get("layers") != ttt["layers"]:
+        return
+    if all(v > 0 for v in norms["max"]):
+        config.ttt = {**ttt, "state_norm_limit": [float(v) for v in norms["max"]]}
 
 
 def refresh_code(folder, *, push_to_hub: str | None = None, private: bool = False, revision: str | None = None,

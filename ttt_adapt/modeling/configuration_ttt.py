@@ -43,6 +43,7 @@ check_transformers()
 
 LR_MODES = ("scalar", "token")
 TARGETS = ("hidden_states", "input_embed")
+NORM_GUARDS = ("warn", "clamp", "off")
 
 
 @dataclass
@@ -62,6 +63,10 @@ class TTTConfig:
         state_decay: if set (0 < decay <= 1), the fast-weight state is multiplied by it before each chunk's update
             is added (S <- decay * S + dW): what a document said k chunks ago weighs decay**k, so the state stays
             bounded however long the document is. null: the published algorithm (a plain sum), bit for bit.
+        state_norm_limit: per TTT layer (in `layers` order), the largest fast-weight state norm training produced;
+            recorded at export from the evaluation. With it, inference checks every state it writes (`state_norm_guard`).
+        state_norm_guard: "warn" (one warning per layer when a state passes 2x its limit), "clamp" (also scale
+            every state above its limit back to it, at inference) or "off".
     """
 
     layers: list[int] | None = None
@@ -74,6 +79,8 @@ class TTTConfig:
     clip_update_norm: float | None = None
     lr_warmup_steps: int = 0
     state_decay: float | None = None
+    state_norm_limit: list[float] | None = None
+    state_norm_guard: str = "warn"
 
     def resolved_layers(self, num_layers: int) -> list[int]:
         """The TTT layer indices for a model with `num_layers` decoder layers (validated)."""
@@ -105,12 +112,20 @@ class TTTConfig:
         d = self.state_decay
         if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1):
             raise ValueError(f"ttt state_decay must be in (0, 1] or null, got {d!r}")
+        if self.state_norm_guard not in NORM_GUARDS:
+            raise ValueError(f"ttt state_norm_guard must be one of {NORM_GUARDS}, got {self.state_norm_guard!r}")
+        limits = self.state_norm_limit
+        if limits is not None and (not isinstance(limits, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in limits)):
+            raise ValueError(f"ttt state_norm_limit must be a list of norms > 0 (one per TTT layer) or null, got {limits!r}")
         if isinstance(self.lr_warmup_steps, bool) or not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0:
             raise ValueError(f"ttt lr_warmup_steps must be an integer >= 0, got {self.lr_warmup_steps!r}")
         if not isinstance(self.use_proj, bool):
             raise ValueError(f"ttt use_proj must be true or false, got {self.use_proj!r}")
         if num_layers is not None:
-            self.resolved_layers(num_layers)
+            layers = self.resolved_layers(num_layers)
+            if limits is not None and len(limits) != len(layers):
+                raise ValueError(f"ttt state_norm_limit has {len(limits)} norms for {len(layers)} TTT layers")
         return self
 
     def to_dict(self) -> dict:

@@ -17,6 +17,7 @@ This file ships inside every export: torch only.
 import copy
 import functools
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -150,7 +151,7 @@ class _Units:
 
 
 @fast_weight_math
-def _scan_forward(h, a, weight, init_state, seg, keep_final, amp, decay=1.0):
+def _scan_forward(h, a, weight, init_state, seg, keep_final, amp, decay=1.0, guard=None):
     """out_u = h_u (W + S_u)^T and S_{u+1} = decay * S_u + a_u^T h_u over units (see `fast_weight_scan`).
 
     With `weight` (W_down) given, the base product is part of the scan: `F.linear(h, W)` exactly as the stock
@@ -175,6 +176,8 @@ def _scan_forward(h, a, weight, init_state, seg, keep_final, amp, decay=1.0):
                 out[s:e] += (hu @ S.T).to(out.dtype)
         if seg.write[u] and (seg.final[u] or _next_carries(seg, u)):  # else nobody reads the update here
             S = _add_update(S, a[s:e].to(acc), hu, decay)
+            if guard is not None:
+                guard.check(S)
         if seg.final[u] and S is not None:
             final[r] = S
     return out, final
@@ -250,6 +253,33 @@ def _add_update(S, a, h, decay=1.0):
     return S.addmm_(a.T, h)
 
 
+GUARD_FACTOR = 2.0  # the state-norm guard speaks up when a state's norm passes this many times what training produced
+
+
+class StateNormGuard:
+    """The inference-time check of one TTT layer's fast-weight state against the largest norm training produced
+    (`TTTConfig.state_norm_limit`, recorded at export): one warning per layer when a state's Frobenius norm passes
+    `GUARD_FACTOR` x that; with `clamp`, every state above the limit is scaled back to it (inference only: a forward
+    that needs gradients is never clamped)."""
+
+    warned = set()  # (module name, layer): each layer warns once per process
+
+    def __init__(self, limit: float, clamp: bool, layer: int):
+        self.limit, self.clamp, self.layer = float(limit), clamp, layer
+
+    def check(self, S):
+        norm = float(torch.linalg.matrix_norm(S))
+        if norm > GUARD_FACTOR * self.limit and (__name__, self.layer) not in self.warned:
+            self.warned.add((__name__, self.layer))
+            action = "clamped to it" if self.clamp else "outputs may degrade; ttt.state_norm_guard='clamp' bounds it"
+            warnings.warn(
+                f"In-Place TTT layer {self.layer}: the fast-weight state's norm reached {norm:.4g}, "
+                f"{norm / self.limit:.1f}x the largest training produced ({self.limit:.4g}): {action}",
+                RuntimeWarning, stacklevel=2)
+        if self.clamp and norm > self.limit:
+            S.mul_(self.limit / norm)
+
+
 # The scan and the clipping norm are registered custom ops: torch.compile sees one opaque call with its own backward
 # and shapes (no graph break, no recompilation when the documents move), eager runs them as plain calls. The
 # namespace is this module's name, so each copy of this file (the package, every loaded export) has its own ops.
@@ -267,12 +297,14 @@ def _define_ops():
 
     @lib.custom_op(f"{_NAMESPACE}::scan", mutates_args=())
     def scan(h: torch.Tensor, a: torch.Tensor, weight: torch.Tensor | None, init_state: torch.Tensor | None,
-             table: torch.Tensor, num_rows: int, keep_final: bool, amp: torch.dtype | None, decay: float
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _scan_forward(h, a, weight, init_state, _Units(table, num_rows, h.shape[0]), keep_final, amp, decay)
+             table: torch.Tensor, num_rows: int, keep_final: bool, amp: torch.dtype | None, decay: float,
+             norm_limit: float, clamp: bool, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        guard = StateNormGuard(norm_limit, clamp, layer) if norm_limit > 0 else None
+        return _scan_forward(h, a, weight, init_state, _Units(table, num_rows, h.shape[0]), keep_final, amp, decay,
+                             guard)
 
     @scan.register_fake
-    def _(h, a, weight, init_state, table, num_rows, keep_final, amp, decay):
+    def _(h, a, weight, init_state, table, num_rows, keep_final, amp, decay, norm_limit, clamp, layer):
         acc = torch.promote_types(h.dtype, torch.float32)
         out = h.new_empty(h.shape[0], a.shape[1], dtype=acc if weight is None else (amp or h.dtype))
         return out, h.new_empty(num_rows if keep_final else 0, a.shape[1], h.shape[1], dtype=acc)
@@ -292,7 +324,7 @@ def _define_ops():
         return [torch.empty_like(h), torch.empty_like(a), dW, dinit]
 
     def setup_scan(ctx, inputs, output):
-        h, a, weight, init_state, table, num_rows, _, _, decay = inputs
+        h, a, weight, init_state, table, num_rows, _, _, decay, _, _, _ = inputs
         ctx.save_for_backward(h, a, weight, init_state, table)
         ctx.num_rows, ctx.decay = num_rows, decay
 
@@ -302,7 +334,7 @@ def _define_ops():
         dh, da, dW, dinit = scan_backward(go, gfinal, h, a, weight, init_state, table, ctx.num_rows,
                                           bool(need[2]), bool(need[3]), ctx.decay)
         return (dh, da, dW if need[2] and weight is not None else None,
-                dinit if need[3] and init_state is not None else None, None, None, None, None, None)
+                dinit if need[3] and init_state is not None else None, None, None, None, None, None, None, None, None)
 
     scan.register_autograd(backward_scan, setup_context=setup_scan)
 
@@ -335,7 +367,7 @@ def _define_ops():
     return getattr(torch.ops, _NAMESPACE)
 
 
-def fast_weight_scan(h, a, seg: Segments, init_state=None, weight=None, decay=None):
+def fast_weight_scan(h, a, seg: Segments, init_state=None, weight=None, decay=None, guard=None):
     """Chunk-causal fast-weight read-out over a flat layout.
 
     Args:
@@ -343,13 +375,17 @@ def fast_weight_scan(h, a, seg: Segments, init_state=None, weight=None, decay=No
         init_state: optional (K, d, H) initial states, read by INIT units (`seg.init_index`; by default one per row).
         weight: optional (d, H) W_down; then the base product is included and the result has h's dtype.
         decay: `TTTConfig.state_decay`: each written unit's state is `decay * S + a^T h` (None: the plain sum).
+        guard: optional (limit, clamp, layer) of the state-norm guard (`StateNormGuard`); its clamp is skipped when
+            gradients are needed.
     Returns:
         out: (N, d) `h W^T + o` with `weight` (in the dtype autocast, or else h, computes the base product in),
             else the fast-weight part `o` alone (fp32 or wider);
         final: (R, d, H) state after each row's last unit (empty unless `seg` keeps final states), fp32 or wider.
     """
+    limit, clamp, layer = guard if guard is not None else (0.0, False, -1)
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, a, weight, init_state))
     return _OPS.scan(h, a, weight, init_state, seg.table, seg.num_rows, seg.keeps_final, autocast_dtype(h),
-                     1.0 if decay is None else float(decay))
+                     1.0 if decay is None else float(decay), float(limit), bool(clamp) and not grads, int(layer))
 
 
 def chunk_conv(t, weight, unit_of_token):
@@ -517,6 +553,10 @@ class TTTMLP(nn.Module):
         self.target = ttt_config.target
         self.clip_update_norm = ttt_config.clip_update_norm
         self.state_decay = ttt_config.state_decay
+        limits, guard = ttt_config.state_norm_limit, ttt_config.state_norm_guard
+        self.guard = None  # (limit, clamp, layer) for the scan, from the norms recorded at export
+        if limits is not None and guard != "off":
+            self.guard = (limits[ttt_config.layers.index(layer_idx)], guard == "clamp", layer_idx)
         self.ttt_warmup_steps = ttt_config.lr_warmup_steps
         self.ttt = TTTParams(self.hidden_size, ttt_config)
         self.ttt_context = None
@@ -553,7 +593,8 @@ class TTTMLP(nn.Module):
         init = state.S if state is not None and state.started else None
         # Every token real and no buffered prefix (training, plain inference): W_down joins the scan.
         fused = type(self.down_proj) is nn.Linear and layout.all_valid and not layout.has_prefix
-        out, final = fast_weight_scan(hf, a, seg, init, self.down_proj.weight if fused else None, self.state_decay)
+        out, final = fast_weight_scan(hf, a, seg, init, self.down_proj.weight if fused else None, self.state_decay,
+                                      self.guard)
         if state is not None:
             self._keep_state(state, layout, xf, tf if self.target == "input_embed" else None, final)
         if fused:
@@ -612,7 +653,7 @@ class TTTMLP(nn.Module):
             C, True, xb.device,
         )
         a = self.ttt.targets(tb, xb, hb, seg, self.clip_update_norm)
-        _, final = fast_weight_scan(hb, a, seg, state.S[dev_rows], decay=self.state_decay)
+        _, final = fast_weight_scan(hb, a, seg, state.S[dev_rows], decay=self.state_decay, guard=self.guard)
         state.S[dev_rows] = final
         state.n[rows] = 0
 
