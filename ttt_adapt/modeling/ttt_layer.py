@@ -393,25 +393,60 @@ def chunk_conv(t, weight, unit_of_token):
 
     `unit_of_token` (N,) numbers the units of the N rows of `t` in order (0, 0, 1, 1, 1, 2, ...). Written as one
     shifted product per kernel tap, masked where the tap reaches into another unit: nothing depends on the number
-    of units (a compiled layer does not recompile when the documents move).
+    of units (a compiled layer does not recompile when the documents move). Its backward recomputes the taps from
+    `t`, so nothing but `t` (the MLP input, kept anyway) is saved: no N x d tensor per tap.
     """
-    k = weight.shape[-1]
-    p = k // 2
-    w = weight[:, 0, :].to(t.dtype)  # (d, k): out[i] = sum_m w[:, m] * t[i + m - p]
-    out = t * w[:, p]
-    N = t.shape[0]
+    return _ChunkConv.apply(t, weight[:, 0, :].to(t.dtype), unit_of_token)
+
+
+def _tap_masks(unit_of_token, k):
+    """(shift, mask) per kernel tap but the centre: mask (N - |shift|, 1) says where the tap stays in its unit."""
+    N, p = unit_of_token.shape[0], k // 2
     for m in range(k):
         shift = m - p
         if shift == 0 or abs(shift) >= N:
             continue
         if shift > 0:  # token i reads token i + shift
-            same = (unit_of_token[shift:] == unit_of_token[:-shift]).unsqueeze(-1)
-            tap = F.pad(t[shift:] * same * w[:, m], (0, 0, 0, shift))
+            yield m, shift, (unit_of_token[shift:] == unit_of_token[:-shift]).unsqueeze(-1)
         else:
-            same = (unit_of_token[:shift] == unit_of_token[-shift:]).unsqueeze(-1)
-            tap = F.pad(t[:shift] * same * w[:, m], (0, 0, -shift, 0))
-        out = out + tap
-    return out
+            yield m, shift, (unit_of_token[:shift] == unit_of_token[-shift:]).unsqueeze(-1)
+
+
+class _ChunkConv(torch.autograd.Function):
+    """out[i] = sum_m w[:, m] * t[i + m - p], taps that leave token i's unit left out (see `chunk_conv`)."""
+
+    @staticmethod
+    def forward(ctx, t, w, unit_of_token):
+        ctx.save_for_backward(t, w, unit_of_token)
+        p = w.shape[1] // 2
+        out = t * w[:, p]
+        for m, shift, same in _tap_masks(unit_of_token, w.shape[1]):
+            if shift > 0:
+                tap = F.pad(t[shift:] * same * w[:, m], (0, 0, 0, shift))
+            else:
+                tap = F.pad(t[:shift] * same * w[:, m], (0, 0, -shift, 0))
+            out = out + tap
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        t, w, unit_of_token = ctx.saved_tensors
+        p = w.shape[1] // 2
+        gt = g * w[:, p] if ctx.needs_input_grad[0] else None
+        gw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        if gw is not None:
+            gw[:, p] = (g * t).sum(0)
+        for m, shift, same in _tap_masks(unit_of_token, w.shape[1]):
+            n = t.shape[0] - abs(shift)
+            g_out, t_in = (g[:n], t[shift:]) if shift > 0 else (g[-shift:], t[:n])  # out rows, the rows they read
+            if gw is not None:
+                gw[:, m] = (g_out * same * t_in).sum(0)
+            if gt is not None:
+                if shift > 0:
+                    gt[shift:] += g_out * same * w[:, m]
+                else:
+                    gt[:n] += g_out * same * w[:, m]
+        return gt, gw, None
 
 
 def clip_scales(a, h, seg: Segments, max_norm: float):
