@@ -33,6 +33,11 @@ CASES = {
     # which the shards split differently (1e-7 relative); every other gradient is float64-exact
     "gemma3_input_embed": dict(arch="gemma3", ttt=dict(layers=[1, 2], chunk_size=4, target="input_embed"),
                                rows=ROWS_24, fp32_norms=True),
+    # the state decays before each chunk's update: across ranks the earlier ranks' updates carry their powers
+    "qwen3_decay_clip_token": dict(
+        arch="qwen3", ttt=dict(layers=[0, 2], chunk_size=4, state_decay=0.7, clip_update_norm=0.05, lr_mode="token"),
+        rows=ROWS_24,
+    ),
 }
 # 4 ranks of 8 tokens: documents crossing several shards, so the state is carried through middle ranks.
 ROWS_32 = [[32], [3, 27, 2], [9, 23], [16, 16], [1, 6, 25], [30, 2], [1, 10, 21]]
@@ -41,6 +46,11 @@ CASES_4 = {
     "4_ranks_clip_sliding": dict(
         arch="qwen3", ttt=dict(layers=[1, 2], chunk_size=4, clip_update_norm=0.05), rows=ROWS_32,
         base=dict(use_sliding_window=True, sliding_window=11, max_window_layers=2),
+    ),
+    "4_ranks_decay": dict(arch="qwen3", ttt=dict(layers=[0, 3], chunk_size=4, state_decay=0.7), rows=ROWS_32),
+    "4_ranks_decay_clip_input_embed": dict(
+        arch="llama", ttt=dict(layers=[1, 2], chunk_size=4, state_decay=0.5, clip_update_norm=0.05,
+                               target="input_embed"), rows=ROWS_32,
     ),
 }
 
@@ -79,14 +89,14 @@ def _run_cases(rank, world, names):
         assert any(".mlp.ttt." in n and g.abs().sum() > 0 for n, g in grads.items()), name
 
 
-def check_dp_cp_mesh(cp):
+def check_dp_cp_mesh(cp, name="qwen3"):
     """2 data-parallel groups x 2 context-parallel ranks: each group takes half the rows (run by
     tests/test_sharding.py in the same 4-rank spawn as FSDP on that mesh)."""
     from ttt_adapt.distributed.context_parallel import prepare_model
     from ttt_adapt.loss import loss_sum, shift_labels
 
     assert (cp.dp_size, cp.dp_rank, cp.cp_rank) == (2, dist.get_rank() // 2, dist.get_rank() % 2)
-    case = CASES["qwen3"]
+    case = CASES[name]
     batch = packed_batch(case["rows"])
     _, ref_loss, ref_grads = cp_reference(case, batch)
     model = cp_model(case)
@@ -101,7 +111,7 @@ def check_dp_cp_mesh(cp):
     for n, p in model.named_parameters():
         if p.grad is not None:
             dist.all_reduce(p.grad)
-            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-9, atol=1e-10, msg=f"grad of {n}")
+            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-9, atol=1e-10, msg=f"{name}: grad of {n}")
 
 
 @pytest.mark.timeout(600)

@@ -53,8 +53,8 @@ def _check_bf16_scan(case, batch):
         seen.append(("h", h.dtype))
         return scan(h, a, *args, **kwargs)
 
-    def record_add(S, a, h):
-        out = add(S, a, h)
+    def record_add(S, a, h, *args):
+        out = add(S, a, h, *args)
         seen.append(("state", out.dtype))
         return out
 
@@ -81,6 +81,7 @@ def _run_fsdp_cp(rank, world, folder):
 
     cp = ContextParallel(cp_size=2)
     check_dp_cp_mesh(cp)  # without FSDP
+    check_dp_cp_mesh(cp, "qwen3_decay_clip_token")  # the state decays before each chunk's update
     case = QWEN3_CASE
     batch = packed_batch(case["rows"])
     _, ref_loss, ref_grads = cp_reference(case, batch)

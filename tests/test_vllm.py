@@ -76,10 +76,10 @@ FAMILY_BASES = {
 }
 
 
-def tiny_ttt(arch):
+def tiny_ttt(arch, **ttt):
     """A tiny base converted with TTT on layers 1 and 3, per-token rates, non-zero conv (head_dim 32: the smallest
     vLLM's CPU attention takes). Chunk 8 for Qwen3 (the plugin's buffer of known targets: K = 2 rows), 16 for the
-    other families (K = 5, which does not divide the chunk)."""
+    other families (K = 5, which does not divide the chunk). `ttt`: more TTTConfig settings."""
     config_cls, lm_cls, extra = FAMILY_BASES[arch]
     torch.manual_seed(0)
     config = config_cls(**{
@@ -89,7 +89,7 @@ def tiny_ttt(arch):
         **extra,
     })
     chunk = 8 if arch == "qwen3" else 16
-    model = convert(lm_cls(config).eval(), TTTConfig(layers=[1, 3], chunk_size=chunk, lr_mode="token"))
+    model = convert(lm_cls(config).eval(), TTTConfig(layers=[1, 3], chunk_size=chunk, lr_mode="token", **ttt))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -133,11 +133,14 @@ def greedy_by_full_forwards(model, prompt, n=NEW_TOKENS):
 def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_exports")
     out = {}
-    for arch in FAMILY_BASES:
-        model = tiny_ttt(arch)
-        model.save_pretrained(root / arch)
-        word_tokenizer().save_pretrained(root / arch)
-        out[arch] = (root / arch, model)
+    variants = {arch: (arch, {}) for arch in FAMILY_BASES}
+    # the state decays before each chunk's update, and updates are clipped (norms 14-29 here: some chunks are)
+    variants["qwen3_decay"] = ("qwen3", dict(state_decay=0.6, clip_update_norm=20.0))
+    for name, (arch, ttt) in variants.items():
+        model = tiny_ttt(arch, **ttt)
+        model.save_pretrained(root / name)
+        word_tokenizer().save_pretrained(root / name)
+        out[name] = (root / name, model)
     return out
 
 
@@ -241,6 +244,34 @@ def test_qwen3_chunked_prefill_cutting_prompts_anywhere_equals_full_forwards(exp
     check_exact(model, requests, results)
 
 
+def decay_matters(model, requests, results):
+    """The same tokens scored with the state decay switched off (the plain sum) differ: the decay is applied."""
+    (prompt, _), ((tokens, logprobs), *_) = requests[-1], results[-1]
+    saved = {i: m.state_decay for i, m in model.ttt_modules().items()}
+    try:
+        for m in model.ttt_modules().values():
+            m.state_decay = None
+        plain = full_forward_logprobs(model, prompt, tokens)
+    finally:
+        for i, m in model.ttt_modules().items():
+            m.state_decay = saved[i]
+    return max(abs(a - b) for a, b in zip(logprobs, plain))
+
+
+@needs_vllm
+def test_state_decay_with_chunked_prefill_and_batched_decode_equals_full_forwards(exports):
+    """`ttt.state_decay` (with clipped updates): the state decays at every chunk close, in prefill steps that cut
+    prompts anywhere (7 tokens a step, chunk 8) and in decode steps of batched requests crossing chunk ends."""
+    folder, model = exports["qwen3_decay"]
+    requests = [(p, greedy()) for p in prompts()]
+    results = run_llm(folder, requests, skip_tokenizer_init=True, max_num_batched_tokens=7, max_num_seqs=4,
+                      enable_chunked_prefill=True)
+    worst = check_exact(model, requests, results)
+    print(f"state_decay: worst logprob difference {worst:.2e}")
+    assert decay_matters(model, requests, results) > 1e-2
+    assert ttt_matters(model, requests, results) > 1e-2
+
+
 @needs_vllm
 def test_preempted_and_recomputed_requests_equal_full_forwards(exports):
     """Too few cache blocks for three long requests: vLLM preempts some when they grow into a new block and
@@ -270,10 +301,11 @@ def test_family_equals_full_forwards(exports, arch):
 
 
 @needs_vllm
-def test_batched_decode_step_equals_the_per_request_step_across_buffer_and_chunk_ends():
+@pytest.mark.parametrize("state_decay", [None, 0.7])
+def test_batched_decode_step_equals_the_per_request_step_across_buffer_and_chunk_ends(state_decay):
     """The plugin's batched decode step (requests at different positions, the common case) equals its one-request
-    path token for token, through buffer flushes (K = 21, chunk 64) and chunk closes. The one-request path itself
-    is checked against full forwards above."""
+    path token for token, through buffer flushes (K = 21, chunk 64) and chunk closes (with the state decaying at
+    each close, where set). The one-request path itself is checked against full forwards above."""
     from types import SimpleNamespace
 
     from vllm.config import VllmConfig, set_current_vllm_config
@@ -282,7 +314,8 @@ def test_batched_decode_step_equals_the_per_request_step_across_buffer_and_chunk
 
     d, H, C, n = 16, 24, 64, 200
     config = SimpleNamespace(hidden_size=d, intermediate_size=H, ttt=dict(
-        chunk_size=C, conv_kernel_size=5, clip_update_norm=1.0, use_proj=True, lr_mode="token"))
+        chunk_size=C, conv_kernel_size=5, clip_update_norm=1.0, use_proj=True, lr_mode="token",
+        state_decay=state_decay))
     torch.manual_seed(0)
     mlp = SimpleNamespace(gate_up_proj=None, down_proj=None, act_fn=None)
     with set_current_vllm_config(VllmConfig()):

@@ -8,9 +8,11 @@ group holds tokens [r * L/cp, (r+1) * L/cp). Two things cross ranks:
 * The TTT fast weights. Per row and rank, `g_r` is what the rank adds to the state of the document that is
   still open at its end, `m_r` whether that document was already open when the rank began (no document start
   on the rank). The state before the chunk a rank is in when it begins is an exclusive scan
-      A_r = sum_{j<r} g_j * prod_{j<i<r} m_i,
+      A_r = sum_{j<r} g_j * prod_{j<i<r} m_i * gamma^n_i,
   computed from an all-gather of the g_j as a masked sum (every rank keeps the collective in its autograd
-  graph; slicing the gathered list would leave rank 0 without it and deadlock in backward). A chunk that
+  graph; slicing the gathered list would leave rank 0 without it and deadlock in backward). With
+  `state_decay` gamma (1 when unset), n_i is the number of chunk updates rank i writes (chunks that end on it)
+  and g_j weighs each of rank j's chunk updates by gamma^(updates rank j writes after it). A chunk that
   straddles ranks r-1 and r is finished by rank r: rank r-1 sends the open chunk's partial update b_{r-1}
   (a first all-gather), rank r adds its own part p_r (and clips the sum if asked), so the chunk's update is
   exactly the single-process one. The conv's two-token halo comes from the neighbours' edge tokens.
@@ -120,8 +122,6 @@ def prepare_model(model) -> None:
             f"context parallelism needs attention_dropout 0 (got {config.attention_dropout}): "
             "dropout masks would differ from a single process"
         )
-    if base.config.ttt.get("state_decay") not in (None, 1, 1.0):
-        raise ValueError("context parallelism does not apply ttt.state_decay yet: set parallel.cp_size to 1")
     _register()
     base.set_attn_implementation(ATTN_IMPLEMENTATION)
 
@@ -168,10 +168,10 @@ class CPShard:
             self._doc_ids[str(device)] = self._doc_id.to(device)
         return self._doc_ids[str(device)]
 
-    def plan(self, chunk_size, kernel_size) -> _TTTPlan:
-        key = (chunk_size, kernel_size)
+    def plan(self, chunk_size, kernel_size, decay=None) -> _TTTPlan:
+        key = (chunk_size, kernel_size, decay)
         if key not in self._plans:
-            self._plans[key] = _TTTPlan.build(self, chunk_size, kernel_size)
+            self._plans[key] = _TTTPlan.build(self, chunk_size, kernel_size, decay)
         return self._plans[key]
 
     def ttt_forward(self, mlp, x, h, t):
@@ -190,13 +190,16 @@ class _TTTPlan:
     straddles: torch.Tensor  # (B,) the row begins inside a chunk begun on the previous rank
     continues: torch.Tensor  # (B,) no document starts in the row on this rank (the state passes through)
     scan_weights: torch.Tensor  # (cp, B): weight of rank j's g_j in this rank's A_r
+    decay: float  # `state_decay` (1.0 when unset)
+    carried_weights: torch.Tensor | None  # (B*Ls,) decay^(updates written after the token's unit) in `carried`
+    straddle_weights: torch.Tensor | None  # (B,) decay^(units in `carried`): the straddling chunk's update in g_r
     ext_index: torch.Tensor  # conv input rows (local tokens and valid halo tokens), into [local; left; right]
     ext_units: torch.Tensor  # unit of each conv input row
     local_in_ext: torch.Tensor  # where the local tokens are among the conv input rows
     halo: int  # edge tokens exchanged with each neighbour
 
     @classmethod
-    def build(cls, shard: CPShard, C: int, kernel_size: int) -> _TTTPlan:
+    def build(cls, shard: CPShard, C: int, kernel_size: int, decay=None) -> _TTTPlan:
         B, L, Ls, r, cp = shard.batch_size, shard.length, shard.local_length, shard.rank, shard.size
         lo, hi = shard.lo, shard.hi
         if Ls % C:  # a chunk could then span three ranks, which the exchange below does not cover
@@ -211,7 +214,7 @@ class _TTTPlan:
         unit_id = torch.cumsum(boundary.long(), 1)  # global unit of every token, per row
         e = min(kernel_size // 2, Ls)
         starts, ends, rows, state, init_index, write = [], [], [], [], [], []
-        head, tail, carried, halos = [], [], [], []
+        head, tail, carried, halos, carried_units = [], [], [], [], []
         straddles = torch.zeros(B, dtype=torch.bool)
         continues = torch.zeros(B, dtype=torch.bool)
         for b in range(B):
@@ -241,6 +244,10 @@ class _TTTPlan:
             tail.append((off + s_last, off + Ls) if open_tail else (off + Ls, off + Ls))
             first = k0 if not local_ds else local_ds[-1]
             carried.append((off + first, off + (s_last if open_tail else Ls)))
+            # the complete units in `carried` (each one written): [start, end) flat ranges
+            bounds = local_starts + [Ls]
+            carried_units.append([(off + bounds[i], off + bounds[i + 1]) for i in range(len(local_starts))
+                                  if first <= bounds[i] < (s_last if open_tail else Ls)])
             # valid halo tokens: those in the same chunk as the first / last local token
             n_left = sum(1 for q in range(1, e + 1) if lo - q >= 0 and unit_id[b, lo - q] == unit_id[b, lo])
             n_right = sum(1 for q in range(e) if hi + q < L and unit_id[b, hi + q] == unit_id[b, hi - 1])
@@ -261,13 +268,24 @@ class _TTTPlan:
                 B * Ls + B * e + b * e + torch.arange(n_right),
             ]))
             ext_units.append(torch.cat([units[:1].repeat(n_left), units, units[-1:].repeat(n_right)]))
-        # m_j: no document starts in the row on rank j; A_r = sum_{j<r} g_j prod_{j<i<r} m_i
+        # m_j: no document starts in the row on rank j; A_r = sum_{j<r} g_j prod_{j<i<r} m_i decay^n_i, with n_i
+        # the chunk updates rank i writes: the chunks whose last token it holds
         m = torch.stack([~ds[:, j * Ls : (j + 1) * Ls].any(1) for j in range(cp)]).double()
+        decay = 1.0 if decay is None else float(decay)
+        carried_weights = straddle_weights = None
+        if decay != 1.0:
+            last_of_unit = torch.cat([boundary[:, 1:], torch.ones(B, 1, dtype=torch.bool)], 1)
+            m = m * decay ** last_of_unit.view(B, cp, Ls).sum(2).T.double()
+            carried_weights = torch.zeros(B * Ls, dtype=torch.float64)
+            for units in carried_units:
+                for i, (s, end) in enumerate(units):
+                    carried_weights[s:end] = decay ** (len(units) - 1 - i)
+            straddle_weights = decay ** torch.tensor([len(units) for units in carried_units], dtype=torch.float64)
         weights = torch.zeros(cp, B, dtype=torch.float64)
         for j in range(r):
             weights[j] = m[j + 1 : r].prod(0)  # the empty product (j = r-1) is 1
-        return cls(seg, head, tail, carried, straddles, continues, weights, torch.cat(ext_index),
-                   torch.cat(ext_units), torch.cat(local_in_ext), e)
+        return cls(seg, head, tail, carried, straddles, continues, weights, decay, carried_weights, straddle_weights,
+                   torch.cat(ext_index), torch.cat(ext_units), torch.cat(local_in_ext), e)
 
     def to(self, device) -> _TTTPlan:
         if self.ext_index.device == torch.device(device):
@@ -313,7 +331,7 @@ def _partial_updates(a, h, ranges, acc) -> torch.Tensor:
 
 def _ttt_forward(shard: CPShard, mlp, x, h, t):
     ttt = mlp.ttt
-    plan = shard.plan(mlp.chunk_size, ttt.conv.kernel_size[0]).to(x.device)
+    plan = shard.plan(mlp.chunk_size, ttt.conv.kernel_size[0], mlp.state_decay).to(x.device)
     seg, group, r, cp = plan.seg, shard.group, shard.rank, shard.size
     Ls, e = x.shape[1], plan.halo
     xf, hf, tf = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1]), t.reshape(-1, t.shape[-1])
@@ -327,7 +345,7 @@ def _ttt_forward(shard: CPShard, mlp, x, h, t):
     init_state = _initial_states(shard, plan, a, hf, mlp.clip_update_norm)
 
     fused = type(mlp.down_proj) is torch.nn.Linear
-    out, _ = fast_weight_scan(hf, a, seg, init_state, mlp.down_proj.weight if fused else None)
+    out, _ = fast_weight_scan(hf, a, seg, init_state, mlp.down_proj.weight if fused else None, plan.decay)
     if fused:
         y = out.view(*x.shape[:-1], -1)
         return y if mlp.down_proj.bias is None else y + mlp.down_proj.bias
@@ -338,7 +356,8 @@ def _ttt_forward(shard: CPShard, mlp, x, h, t):
 @fast_weight_math
 def _initial_states(shard: CPShard, plan: _TTTPlan, a, hf, clip_update_norm) -> torch.Tensor:
     """(2B, d, H) the states this rank's INIT units start from (`plan.seg.init_index`): per row the state before
-    its first chunk, then that plus the straddling chunk's update; fp32 or wider under autocast too."""
+    its first chunk, then that (times the decay) plus the straddling chunk's update; fp32 or wider under autocast
+    too."""
     group, r, cp, device = shard.group, shard.rank, shard.size, a.device
     acc = torch.promote_types(hf.dtype, torch.float32)
     # Phase 1: the open chunk's partial update goes to the next rank, which finishes (and clips) that chunk.
@@ -351,11 +370,17 @@ def _initial_states(shard: CPShard, plan: _TTTPlan, a, hf, clip_update_norm) -> 
         chunk = chunk * torch.clamp(clip_update_norm / (norm + 1e-6), max=1.0)[:, None, None]
     straddle_update = chunk * straddles
     # Phase 2: exclusive scan of what each rank adds to the state it passes on.
-    continues = plan.continues.to(device=device, dtype=acc)[:, None, None]
-    passed_on = continues * straddle_update + _partial_updates(a, hf, plan.carried, acc)
+    continues = plan.continues.to(device=device, dtype=acc)
+    if plan.decay == 1.0:
+        passed_on = continues[:, None, None] * straddle_update + _partial_updates(a, hf, plan.carried, acc)
+    else:  # each update decays once for every update this rank writes after it
+        straddle_weights = (continues * plan.straddle_weights.to(device=device, dtype=acc))[:, None, None]
+        weighted = a.to(acc) * plan.carried_weights.to(device=device, dtype=acc)[:, None]
+        passed_on = straddle_weights * straddle_update + _partial_updates(weighted, hf, plan.carried, acc)
     weights = plan.scan_weights.to(device=device, dtype=acc)[:, :, None, None]
     before = (weights * _gathered(passed_on, group)).sum(0)  # A_r: the state before this rank's first chunk
-    return torch.cat([before, before + straddle_update])
+    after = before if plan.decay == 1.0 else plan.decay * before  # the straddling chunk's write decays it
+    return torch.cat([before, after + straddle_update])
 
 
 # ------------------------------------------------------------------------------------------------ attention

@@ -11,10 +11,10 @@ A slot holds, in fp32 and of fixed size (p = conv_kernel_size // 2, K = `pending
 A token's target needs p tokens after it (or its chunk's close: zero padding at the chunk's end, as in training),
 so r = max(c - p, 0) of a chunk's first c tokens have one. Known targets join U K at a time, as one rank-K
 product (so a decode step writes U once every K tokens, not every token), and all at the chunk's close, which
-adds U, clipped, to S. The position of a request's first new token (vLLM's positions) says where in its chunk it
-is: position 0 starts a fresh state (a reused slot, or recomputation after preemption, starts clean), and tokens
-of a request's first chunk read no fast weight (S is zero there). The arithmetic is `ttt_adapt.modeling`'s: the
-same dtypes at the same steps.
+adds U, clipped, to S (after multiplying S by `ttt.state_decay` where the export sets one). The position of a
+request's first new token (vLLM's positions) says where in its chunk it is: position 0 starts a fresh state (a
+reused slot, or recomputation after preemption, starts clean), and tokens of a request's first chunk read no fast
+weight (S is zero there). The arithmetic is `ttt_adapt.modeling`'s: the same dtypes at the same steps.
 """
 
 import torch
@@ -89,9 +89,8 @@ class TTTMLP(nn.Module, MambaBase):
         self.chunk_size = ttt["chunk_size"]
         self.pad = ttt["conv_kernel_size"] // 2
         self.clip_update_norm = ttt["clip_update_norm"]
-        if ttt.get("state_decay") not in (None, 1, 1.0):
-            raise ValueError("the ttt-adapt vLLM plugin does not apply ttt.state_decay yet: serve this export with "
-                             "transformers generate()")
+        decay = ttt.get("state_decay")  # exports from before the option have no key: the plain sum
+        self.state_decay = None if decay is None or float(decay) == 1.0 else float(decay)
         self.pending = pending_rows(self.chunk_size)
         self.state_shapes = state_shapes(config)
         self.ttt = TTTParams(config.hidden_size, ttt)
@@ -171,6 +170,8 @@ class TTTMLP(nn.Module, MambaBase):
             if g > f:
                 U.addmm_(known_a[: g - f].T, known_h[: g - f])
             if closes:
+                if self.state_decay is not None:  # the state decays before each chunk's update, as in training
+                    S.mul_(self.state_decay)
                 S.add_(U if self.clip_update_norm is None else U * self._clip_scale(U))
                 for t in (U, T, Hp):
                     t.zero_()
