@@ -56,15 +56,9 @@ def _check_choice(key: str, value, choices, error: type[RecipeError] = RecipeErr
 
 @dataclass
 class ModelConfig:
-    """The base checkpoint.
-
-    Args:
-        name_or_path: a Hugging Face hub id (`Qwen/Qwen3-4B-Base`) or a local folder (a family `convert` takes).
-        dtype: dtype the weights are loaded and trained in; keep float32 master weights and set
-            `train.mixed_precision` for bf16 compute.
-        attn_implementation: transformers attention backend (`sdpa`, `eager`, `flash_attention_2`, ...);
-            null lets transformers choose.
-    """
+    """The base checkpoint: `name_or_path` (a hub id such as `Qwen/Qwen3-4B-Base`, or a local folder of a family
+    `convert` takes), the `dtype` it is loaded and trained in (keep float32 master weights and set
+    `train.mixed_precision` for bf16 compute) and the transformers `attn_implementation` (null: transformers picks)."""
 
     name_or_path: str
     dtype: str = "float32"
@@ -105,24 +99,11 @@ class LoraSettings:
 
 @dataclass
 class TrainConfig:
-    """The optimisation.
+    """The optimisation: schedule, trained parameters, checkpoints, evaluation, divergence and preemption.
 
-    Steps count optimizer updates, from 1. One step sees `batch_size * grad_accum * data-parallel processes`
-    packed rows. `lr` applies to the non-TTT parameters that are trained (`full`, or the LoRA adapters);
-    `ttt_lr` to the TTT parameters (null: same as `lr`). The learning rate warms up linearly over
-    `warmup_steps` (or `warmup_ratio * max_steps`), then follows a cosine down to `min_lr_ratio * lr`.
-    Retention keeps the last `keep_last` checkpoints and, with `keep_best` (null: on when there is eval data),
-    the one with the lowest eval loss (every checkpoint is then evaluated). `save_every: 0` saves only at the end; `eval_every: 0` evaluates only at the end (if there is eval data).
-    The eval loss covers the first `eval_batches * batch_size` held-out rows, whatever the number of processes.
-    `compile: true` compiles each decoder layer with torch.compile (as torchtitan and torchtune do).
-
-    A step whose loss or gradient norm is not finite never updates the weights. `on_nonfinite: stop` ends the run
-    there; `skip` drops that step's update and goes on, up to `max_nonfinite_skips` steps in a row (one more
-    stops it). A step whose loss exceeds `spike_factor` times the median loss of the last `spike_window` steps
-    (once `spike_warmup` steps are known) is a spike: `on_spike: stop` ends the run there, before its update (exit
-    3), `skip` drops its update (up to `max_spike_skips` in a row), `warn` says so and trains on.
-    `preempt_signals` (default SIGTERM, SIGINT; add SIGUSR1 for SLURM's `--signal`) make the run
-    finish the step in flight, checkpoint it and stop; rerunning the same command resumes from there.
+    Steps count optimizer updates, from 1; one step sees `batch_size * grad_accum * data-parallel processes`
+    packed rows. What each key does: the recipe reference in docs/training.md, which lists every key of every
+    section (tests/test_docs.py keeps it complete).
     """
 
     output_dir: str
@@ -228,12 +209,9 @@ class ParallelConfig:
 
 @dataclass
 class ExportConfig:
-    """The exported model written at the end of training (`dir: null` skips the export; see `ttt_adapt.export`).
-
-    `checkpoint: best` exports the checkpoint with the lowest eval loss (`train.keep_best`) instead of the last.
-    `push_to_hub` (ORG/NAME) uploads it to `revision` (a branch; null: main) with `commit_message`; `license`
-    goes into the model card (null: the base model's).
-    """
+    """The exported model written at the end of training (`dir: null` skips it; `ttt_adapt.export`). `checkpoint:
+    best` exports the checkpoint with the lowest eval loss instead of the last; `push_to_hub` (ORG/NAME) uploads it
+    to `revision` (null: main); `license` goes into the model card (null: the base model's)."""
 
     dir: str | None = None
     checkpoint: str = "last"
@@ -397,14 +375,8 @@ def build_recipe(raw: dict) -> Recipe:
     if raw.get("eval") is not None and not isinstance(raw["eval"], dict):
         raise RecipeError("eval: must be a mapping of evaluation settings")
     parts = {}
-    for section, cls in (
-        ("model", ModelConfig),
-        ("ttt", TTTConfig),
-        ("data", DataConfig),
-        ("train", TrainConfig),
-        ("parallel", ParallelConfig),
-        ("export", ExportConfig),
-    ):
+    for section, cls in (("model", ModelConfig), ("ttt", TTTConfig), ("data", DataConfig), ("train", TrainConfig),
+                         ("parallel", ParallelConfig), ("export", ExportConfig)):
         if raw.get(section) is not None:
             parts[section] = build_dataclass(cls, raw[section], section)
     recipe = Recipe(**parts)
