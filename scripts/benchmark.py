@@ -791,7 +791,8 @@ def machine():
     }
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per benchmark (those starting with `_` are the measured child processes)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("layer", "_memory"):
@@ -859,6 +860,11 @@ def main(argv=None):
     p = sub.add_parser("_fsdp_rank")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "fsdp" and min(args.length, args.chunk, args.steps) < 1:
         parser.exit(2, "benchmark: sizes must be positive\n")

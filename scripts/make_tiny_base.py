@@ -78,7 +78,8 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; a mistake prints one line and exits 2."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=ASSETS / "tiny_qwen3_base", help="output folder (model + tokenizer)")
     p.add_argument("--corpus-dir", type=Path, default=ASSETS / "corpus", help="folder with train.jsonl and eval.jsonl")
@@ -95,7 +96,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="torch seed (init and batches)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.error = fail  # a one-line error (no usage dump), exit 2
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     for name in ("steps", "batch_size", "threads", "eval_every", "layers", "window"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

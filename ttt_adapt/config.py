@@ -15,20 +15,15 @@ working directory, like any path typed on the command line: run the shipped reci
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import signal
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import yaml
 
 from ttt_adapt._util import DTYPES, RecipeError, parse_size
 from ttt_adapt.data import DataConfig
 from ttt_adapt.modeling.configuration_ttt import LR_MODES, NORM_GUARDS, TARGETS, TTTConfig
+from ttt_adapt.recipe_loading import apply_override, build_dataclass, read_recipe_file, unknown_key_message
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 TRAINABLE = ("ttt", "full")
@@ -61,15 +56,9 @@ def _check_choice(key: str, value, choices, error: type[RecipeError] = RecipeErr
 
 @dataclass
 class ModelConfig:
-    """The base checkpoint.
-
-    Args:
-        name_or_path: a Hugging Face hub id (`Qwen/Qwen3-4B-Base`) or a local folder (a family `convert` takes).
-        dtype: dtype the weights are loaded and trained in; keep float32 master weights and set
-            `train.mixed_precision` for bf16 compute.
-        attn_implementation: transformers attention backend (`sdpa`, `eager`, `flash_attention_2`, ...);
-            null lets transformers choose.
-    """
+    """The base checkpoint: `name_or_path` (a hub id such as `Qwen/Qwen3-4B-Base`, or a local folder of a family
+    `convert` takes), the `dtype` it is loaded and trained in (keep float32 master weights and set
+    `train.mixed_precision` for bf16 compute) and the transformers `attn_implementation` (null: transformers picks)."""
 
     name_or_path: str
     dtype: str = "float32"
@@ -110,24 +99,11 @@ class LoraSettings:
 
 @dataclass
 class TrainConfig:
-    """The optimisation.
+    """The optimisation: schedule, trained parameters, checkpoints, evaluation, divergence and preemption.
 
-    Steps count optimizer updates, from 1. One step sees `batch_size * grad_accum * data-parallel processes`
-    packed rows. `lr` applies to the non-TTT parameters that are trained (`full`, or the LoRA adapters);
-    `ttt_lr` to the TTT parameters (null: same as `lr`). The learning rate warms up linearly over
-    `warmup_steps` (or `warmup_ratio * max_steps`), then follows a cosine down to `min_lr_ratio * lr`.
-    Retention keeps the last `keep_last` checkpoints and, with `keep_best` (null: on when there is eval data),
-    the one with the lowest eval loss (every checkpoint is then evaluated). `save_every: 0` saves only at the end; `eval_every: 0` evaluates only at the end (if there is eval data).
-    The eval loss covers the first `eval_batches * batch_size` held-out rows, whatever the number of processes.
-    `compile: true` compiles each decoder layer with torch.compile (as torchtitan and torchtune do).
-
-    A step whose loss or gradient norm is not finite never updates the weights. `on_nonfinite: stop` ends the run
-    there; `skip` drops that step's update and goes on, up to `max_nonfinite_skips` steps in a row (one more
-    stops it). A step whose loss exceeds `spike_factor` times the median loss of the last `spike_window` steps
-    (once `spike_warmup` steps are known) is a spike: `on_spike: stop` ends the run there, before its update (exit
-    3), `skip` drops its update (up to `max_spike_skips` in a row), `warn` says so and trains on.
-    `preempt_signals` (default SIGTERM, SIGINT; add SIGUSR1 for SLURM's `--signal`) make the run
-    finish the step in flight, checkpoint it and stop; rerunning the same command resumes from there.
+    Steps count optimizer updates, from 1; one step sees `batch_size * grad_accum * data-parallel processes`
+    packed rows. What each key does: the recipe reference in docs/training.md, which lists every key of every
+    section (tests/test_docs.py keeps it complete).
     """
 
     output_dir: str
@@ -233,12 +209,9 @@ class ParallelConfig:
 
 @dataclass
 class ExportConfig:
-    """The exported model written at the end of training (`dir: null` skips the export; see `ttt_adapt.export`).
-
-    `checkpoint: best` exports the checkpoint with the lowest eval loss (`train.keep_best`) instead of the last.
-    `push_to_hub` (ORG/NAME) uploads it to `revision` (a branch; null: main) with `commit_message`; `license`
-    goes into the model card (null: the base model's).
-    """
+    """The exported model written at the end of training (`dir: null` skips it; `ttt_adapt.export`). `checkpoint:
+    best` exports the checkpoint with the lowest eval loss instead of the last; `push_to_hub` (ORG/NAME) uploads it
+    to `revision` (null: main); `license` goes into the model card (null: the base model's)."""
 
     dir: str | None = None
     checkpoint: str = "last"
@@ -311,7 +284,7 @@ class EvalSettings:
         """Build from a plain mapping (a recipe's `eval` section), checking keys, types and values; one-line
         EvalError naming `prefix.key`."""
         try:
-            settings = _build_dataclass(cls, raw, prefix)
+            settings = build_dataclass(cls, raw, prefix)
         except EvalError:
             raise
         except RecipeError as e:  # the schema's own type errors, already "prefix.key: ...": the eval kind
@@ -402,21 +375,7 @@ SECTIONS = {"model", "ttt", "data", "train", "parallel", "export", "eval"}
 def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe; raise `RecipeError` (one line) for anything wrong."""
     path = str(path)
-    if not Path(path).is_file():
-        raise RecipeError(f"no such recipe file: {path}")
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"{path}: broken YAML{where}: {problem}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"{path}: cannot read: {e}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of sections ({', '.join(sorted(SECTIONS))})")
+    raw = read_recipe_file(path, SECTIONS)
     for item in overrides:
         apply_override(raw, item)
     recipe = build_recipe(raw)
@@ -424,49 +383,21 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
-def apply_override(raw: dict, item: str) -> None:
-    """Apply one `dotted.key=value` override to the raw recipe dict; the value is parsed as YAML."""
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise RecipeError(f"override {item!r}: expected dotted.key=value (e.g. train.max_steps=3)")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise RecipeError(f"override {item!r}: the value is not valid YAML") from None
-    *parents, leaf = key.split(".")
-    node = raw
-    for depth, part in enumerate(parents):
-        child = node.setdefault(part, {})
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise RecipeError(f"override {item!r}: {'.'.join(parents[: depth + 1])} is not a section")
-        node = child
-    node[leaf] = value
-
-
 def build_recipe(raw: dict) -> Recipe:
     """Turn a raw recipe dict into a validated `Recipe`."""
     unknown = sorted(set(raw) - SECTIONS, key=str)
     if unknown:
-        raise RecipeError(_unknown_message(str(unknown[0]), str(unknown[0]), SECTIONS))
+        raise RecipeError(unknown_key_message(str(unknown[0]), str(unknown[0]), SECTIONS))
     for section in ("model", "data", "train"):
         if raw.get(section) is None:
             raise RecipeError(f"{section}: missing section")
     if raw.get("eval") is not None and not isinstance(raw["eval"], dict):
         raise RecipeError("eval: must be a mapping of evaluation settings")
     parts = {}
-    for section, cls in (
-        ("model", ModelConfig),
-        ("ttt", TTTConfig),
-        ("data", DataConfig),
-        ("train", TrainConfig),
-        ("parallel", ParallelConfig),
-        ("export", ExportConfig),
-    ):
+    for section, cls in (("model", ModelConfig), ("ttt", TTTConfig), ("data", DataConfig), ("train", TrainConfig),
+                         ("parallel", ParallelConfig), ("export", ExportConfig)):
         if raw.get(section) is not None:
-            parts[section] = _build_dataclass(cls, raw[section], section)
+            parts[section] = build_dataclass(cls, raw[section], section)
     recipe = Recipe(**parts)
     recipe.model.validate()
     validate_ttt(recipe.ttt)
@@ -506,121 +437,8 @@ def validate_ttt(ttt: TTTConfig, section: str = "ttt"):
         _fail(f"{section}.state_decay", f"must be in (0, 1] or null, got {ttt.state_decay}")
 
 
-def _unknown_message(key: str, name: str, known) -> str:
-    close = difflib.get_close_matches(name, sorted(known), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"{key}: unknown key{hint}"
-
-
-def _build_dataclass(cls, raw, key: str):
-    """Build dataclass `cls` from mapping `raw`, checking unknown keys, missing keys and types."""
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{key}: must be a mapping of settings, got {_describe(raw)}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for name in raw:
-        if name not in known:
-            raise RecipeError(_unknown_message(f"{key}.{name}", str(name), known))
-    kwargs = {}
-    for name, f in known.items():
-        if name in raw:
-            kwargs[name] = _coerce(raw[name], hints[name], f"{key}.{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise RecipeError(f"{key}.{name}: missing (required)")
-    return cls(**kwargs)
-
-
-def _coerce(value, annotation, key: str):
-    """Check `value` against a type annotation; return it (ints widened to float, nested dataclasses built)."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _coerce(value, inner[0], key)
-        for a in inner:
-            try:
-                return _coerce(value, a, key)
-            except RecipeError:
-                pass
-        raise RecipeError(f"{key}: expected {_type_name(annotation)}, got {_describe(value)}")
-    if dataclasses.is_dataclass(annotation):
-        return _build_dataclass(annotation, value, key)
-    if origin is list:
-        if not isinstance(value, list):
-            raise RecipeError(f"{key}: expected {_type_name(annotation)}, got {_describe(value)}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{key}: expected a mapping, got {_describe(value)}")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{key}: expected true or false, got {_describe(value)}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{key}: expected an integer, got {_describe(value)}")
-        return value
-    if annotation is float:
-        # YAML 1.1 reads `5e-6` (no dot) as a string; accept it as the number it plainly is.
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{key}: expected a number, got {_describe(value)}")
-        if value != value or value in (float("inf"), float("-inf")):
-            raise RecipeError(f"{key}: expected a finite number, got {value}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"{key}: expected a string, got {_describe(value)}")
-        return value
-    if annotation is typing.Any:
-        return value
-    raise TypeError(f"{key}: unsupported annotation {annotation!r} in the recipe schema")
-
-
-def _type_name(annotation) -> str:
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
-    plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings", dict: "mappings"}
-    if annotation in names:
-        return names[annotation]
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is list:
-        return f"a list of {plural.get(args[0], _type_name(args[0]))}"
-    if args:
-        inner = " or ".join(_type_name(a) for a in args if a is not type(None))
-        return inner + (" or null" if type(None) in args else "")
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _describe(value) -> str:
-    if value is None:
-        return "null"
-    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "mapping"}
-    return f"{kind.get(type(value), type(value).__name__)} {value!r}"[:80]
-
-
 __all__ = [
-    "RecipeError",
-    "EvalError",
-    "Recipe",
-    "EvalSettings",
-    "position_bins",
-    "validate_ttt",
-    "ModelConfig",
-    "LoraSettings",
-    "TrainConfig",
-    "ParallelConfig",
-    "ExportConfig",
-    "TTTConfig",
-    "DataConfig",
-    "load_recipe",
-    "apply_override",
-    "build_recipe",
+    "RecipeError", "EvalError", "Recipe", "EvalSettings", "position_bins", "validate_ttt", "ModelConfig",
+    "LoraSettings", "TrainConfig", "ParallelConfig", "ExportConfig", "TTTConfig", "DataConfig", "load_recipe",
+    "apply_override", "build_recipe",
 ]

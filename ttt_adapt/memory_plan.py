@@ -8,7 +8,7 @@ runtime reserve. `MemoryPlan.format()` prints it and says whether it fits a devi
 
 Activation sizes per token and layer are counted from the tensors autograd saves in a Qwen3/Llama layer (inputs of
 every linear, norm, rotary and attention op, the MLP's gate/up/product) and were checked against measured CPU
-peaks (README, Performance); they are estimates, not guarantees.
+peaks (docs/performance.md); they are estimates, not guarantees.
 """
 
 from __future__ import annotations

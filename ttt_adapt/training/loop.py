@@ -12,16 +12,18 @@ micro-batches): each micro-batch contributes `sum of its token losses / global t
 of processes because DDP/FSDP average gradients over all of them (with context parallelism each rank of a
 group holds part of the same rows, so its share of the loss is summed, not averaged, across the group).
 
-Data order is a pure function of `train.seed`, the number of packed rows and a row cursor stored in each
-checkpoint, so a resumed run reads exactly the rows the uninterrupted run would have read.
+The rows come from `ttt_adapt.training.rows` (their order is a pure function of `train.seed`, the number of packed
+rows and a row cursor stored in each checkpoint, so a resumed run reads exactly the rows the uninterrupted run
+would have read), the optimizer and its schedule from `ttt_adapt.training.optimizer`.
 
 A run stops early, cleanly, in two ways (`ttt_adapt.training.stopping`): a step whose loss or gradient norm is
 not finite on any process, or whose loss spikes above `train.spike_factor` times the median of the recent steps,
-updates nothing and raises `Diverged` (`train.on_nonfinite` / `train.on_spike: stop`) or is skipped (`skip`);
-the checkpoint whose weights gave that loss is set aside (`checkpoint-N.diverged`) and retention never deletes
-the newest checkpoint a good step has vouched for (`TrainState.good_checkpoint`), so rerunning resumes from a
-good one; a stop signal (`train.preempt_signals`) lets the step in flight finish, checkpoints it and raises
-`Preempted`. One reduction per step makes every process agree on both.
+updates nothing and raises `Diverged` (`train.on_nonfinite` / `train.on_spike: stop`) or is skipped (`skip`), as
+`ttt_adapt.training.divergence` decides; the checkpoint whose weights gave that loss is set aside
+(`checkpoint-N.diverged`) and retention never deletes the newest checkpoint a good step has vouched for
+(`TrainState.good_checkpoint`), so rerunning resumes from a good one; a stop signal (`train.preempt_signals`)
+lets the step in flight finish, checkpoints it and raises `Preempted`. One reduction per step makes every
+process agree on both.
 """
 
 from __future__ import annotations
@@ -30,8 +32,6 @@ import contextlib
 import dataclasses
 import itertools
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,141 +49,20 @@ from ttt_adapt.config import Recipe
 from ttt_adapt.data import build_datasets
 from ttt_adapt.distributed.context_parallel import ContextParallel, prepare_model
 from ttt_adapt.distributed.fsdp import build_sharded_model, clip_grad_norm, fsdp_mesh, gradient_sync, is_sharded
-from ttt_adapt.loss import IGNORE_INDEX, loss_sum, shift_labels
-from ttt_adapt.model_setup import build_model, compile_decoder_layers, is_ttt_param
+from ttt_adapt.loss import IGNORE_INDEX, loss_sum
+from ttt_adapt.model_setup import build_model, compile_decoder_layers
 from ttt_adapt.modeling.modeling_ttt import set_ttt_training_step, ttt_learning_rates
 from ttt_adapt.preflight import Preflight
-from ttt_adapt.training.checkpoints import (STATE_FILE, checkpoint_path, latest_checkpoint, load_checkpoint,
-                                            save_checkpoint)
+from ttt_adapt.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from ttt_adapt.training.divergence import Verdict, nonfinite_verdict, set_aside, spike_verdict
+from ttt_adapt.training.optimizer import ADAM_BETAS, applied_lrs, apply_recipe_to_optimizer, lr_factor, param_groups
 from ttt_adapt.training.progress import MetricsFile, Progress, flat, write_atomically
 from ttt_adapt.training.resume import describe_changes
+from ttt_adapt.training.rows import RowStream, collate, count_labels, rows_per_step, split_batch
 from ttt_adapt.training.stopping import Diverged, Preempted, StopSignals, spike_ratio
 
-ADAM_BETAS = (0.9, 0.95)  # the usual choice for LM pretraining; torch's default 0.999 adapts too slowly
-NONFINITE_NAMES = {"loss": "the loss", "grad_norm": "the gradient norm"}
 
-
-# ------------------------------------------------------------------------------------------------ optimizer
-
-
-def param_groups(model, recipe: Recipe) -> list[dict]:
-    """AdamW groups: TTT vs the rest (separate learning rates), matrices decayed, vectors/scalars not."""
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        kind = "ttt" if is_ttt_param(name) else "base"
-        key = f"{kind}{'' if p.ndim >= 2 else '_no_decay'}"
-        if key not in groups:
-            groups[key] = {"params": [], "name": key, **group_settings(key, recipe)}
-        groups[key]["params"].append(p)
-    return list(groups.values())
-
-
-def group_settings(name: str, recipe: Recipe) -> dict:
-    """The recipe's learning rate (`lr` = `base_lr`, the schedule's 1) and weight decay of the group `name`."""
-    t = recipe.train
-    lr = (t.ttt_lr if t.ttt_lr is not None else t.lr) if name.startswith("ttt") else t.lr
-    return {"lr": lr, "base_lr": lr, "weight_decay": 0.0 if name.endswith("_no_decay") else t.weight_decay}
-
-
-def apply_recipe_to_optimizer(optimizer, recipe: Recipe) -> None:
-    """Give every group the recipe's settings: a restored optimizer state brings back the ones it was saved with."""
-    for group in optimizer.param_groups:
-        group.update(group_settings(group["name"], recipe))
-
-
-def applied_lrs(optimizer) -> dict:
-    """{group name: the learning rate the last `optimizer.step()` used}."""
-    return {g["name"]: g["lr"] for g in optimizer.param_groups}
-
-
-def lr_factor(step: int, recipe: Recipe) -> float:
-    """Multiplier of the learning rates at optimizer step `step` (from 1): linear warmup to 1 over the warmup
-    steps, then a cosine that would reach `min_lr_ratio` one step after `max_steps` (so no step is wasted at 0)."""
-    t = recipe.train
-    warmup = t.resolved_warmup_steps
-    if step <= warmup:
-        return step / warmup
-    progress = min(1.0, (step - warmup - 1) / max(1, t.max_steps - warmup))
-    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-# ------------------------------------------------------------------------------------------------ data
-
-
-class RowStream:
-    """The packed training rows in training order, from any row cursor.
-
-    Map-style datasets: each pass over the rows is a permutation seeded by (seed, pass), so the rows of a
-    step depend only on the cursor. Streaming datasets are read in their own (seeded) order and a resumed run
-    skips the rows already consumed.
-    """
-
-    def __init__(self, dataset, seed: int):
-        self.dataset = dataset
-        self.seed = seed
-        self.map_style = hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
-        self.num_rows = len(dataset) if self.map_style else None
-        self._perm = (None, None)  # (pass, permutation)
-        self._iter = None
-        self._cursor = 0
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            self._perm = (epoch, torch.randperm(self.num_rows, generator=g))
-        return self._perm[1]
-
-    def take(self, cursor: int, count: int) -> list[dict]:
-        """Rows `cursor .. cursor+count-1` of the training order."""
-        if self.map_style:
-            out = []
-            for k in range(cursor, cursor + count):
-                epoch, i = divmod(k, self.num_rows)
-                out.append(self.dataset[int(self._permutation(epoch)[i])])
-            return out
-        if self._iter is None or cursor != self._cursor:
-            self._iter, self._cursor = self._stream(), 0
-            for _ in itertools.islice(self._iter, cursor):
-                self._cursor += 1
-        rows = list(itertools.islice(self._iter, count))
-        self._cursor += len(rows)
-        return rows
-
-    def _stream(self):
-        for epoch in itertools.count():
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(epoch)
-            empty = True
-            for row in self.dataset:
-                empty = False
-                yield row
-            if empty:
-                raise ValueError("the training data stream is empty")
-
-
-def collate(rows: list[dict], device) -> dict:
-    """Stack packed rows into tensors on `device`."""
-    batch = {k: torch.tensor([list(r[k]) for r in rows], dtype=torch.long) for k in rows[0]}
-    mask = batch["attention_mask"]
-    # Attention masks are dropped (below) so packed documents stay apart; that is exact only if padding never
-    # precedes a real token, as `ttt_adapt.data` guarantees (padding ends the last row).
-    if bool((mask[:, 1:] > mask[:, :-1]).any()):
-        raise ValueError("a packed row has padding before real tokens; only trailing padding is supported")
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def split_batch(batch: dict, cp: ContextParallel, chunk_size: int) -> tuple[dict, object]:
-    """Labels shifted (`ttt_adapt.loss.shift_labels`), then this rank's shard of the rows with context
-    parallelism; (batch, None) without it."""
-    batch = shift_labels(batch)
-    return cp.shard(batch, chunk_size) if cp.enabled else (batch, None)
-
-
-def count_labels(batch) -> int:
-    """Tokens with a label in a batch from `split_batch` (labels already shifted)."""
-    return int((batch["labels"] != IGNORE_INDEX).sum())
+# ------------------------------------------------------------------------------------------------ eval loss
 
 
 @torch.no_grad()
@@ -441,71 +320,21 @@ def train_step(run: Run, step: int, signals: StopSignals) -> StepResult:
     return result
 
 
-def rows_per_step(recipe: Recipe, cp: ContextParallel) -> int:
-    return recipe.train.batch_size * recipe.train.grad_accum * cp.dp_size  # the ranks of a CP group share rows
-
-
-def on_nonfinite(run: Run, step: int, result: StepResult):
-    """Step `step` had a non-finite loss or gradient norm and updated nothing: log it, then raise `Diverged`
-    unless `train.on_nonfinite: skip` allows one more skipped step in a row."""
-    t = run.recipe.train
-    run.state.nonfinite_in_a_row += 1
-    in_a_row = run.state.nonfinite_in_a_row
-    what = " and ".join(f"{NONFINITE_NAMES[k]} ({getattr(result, k)})" for k in result.nonfinite)
-    what += " is not finite" if len(result.nonfinite) == 1 else " are not finite"
-    stop = t.on_nonfinite == "stop" or in_a_row > t.max_nonfinite_skips
-    if stop:
-        log_progress(run)  # the steps before it, if not logged yet
-    run.progress.metrics.write({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
-                                "skipped": not stop, "diverged": stop})
-    if stop:
-        if t.on_nonfinite == "skip":
-            what += f" ({in_a_row} steps in a row, train.max_nonfinite_skips={t.max_nonfinite_skips})"
-        diverge(run, step, what)
-    run.accelerator.print(f"step {step}: {what}; its update is skipped ({in_a_row} in a row)")
-
-
-def on_spike(run: Run, step: int, result: StepResult):
-    """Step `step`'s loss spiked: log it, then raise `Diverged` (`train.on_spike: stop`, or `skip` after too many
-    skipped steps in a row), skip its update (`skip`) or only say so (`warn`)."""
-    t = run.recipe.train
-    median = result.loss / result.spike
-    what = (f"the loss spiked to {result.loss:.4g}, {result.spike:.2f} x the median {median:.4g} of the last "
-            f"{len(run.state.recent_losses)} steps (train.spike_factor={t.spike_factor:g})")
-    if t.on_spike == "warn":
-        run.accelerator.print(f"warning: step {step}: {what}; training on (train.on_spike=warn)")
+def on_bad_step(run: Run, step: int, verdict: Verdict):
+    """Act on the `Verdict` of a step that updated nothing (or spiked under `train.on_spike: warn`): log it, then
+    raise `Diverged` (setting aside the checkpoint whose weights gave its loss), or say its update is skipped."""
+    if verdict.warn:
+        run.accelerator.print(f"warning: step {step}: {verdict.what}; training on (train.on_spike=warn)")
         return
-    run.state.spikes_in_a_row += 1
-    in_a_row = run.state.spikes_in_a_row
-    stop = t.on_spike == "stop" or in_a_row > t.max_spike_skips
-    if stop:
-        log_progress(run)
-    run.progress.metrics.write({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
-                                "spike_ratio": result.spike, "skipped": not stop, "diverged": stop})
-    if stop:
-        if t.on_spike == "skip":
-            what += f" ({in_a_row} steps in a row, train.max_spike_skips={t.max_spike_skips})"
-        diverge(run, step, what, remedy="lower train.lr, set train.clip_grad_norm, or raise train.spike_factor "
-                                        "if such losses are expected")
-    run.accelerator.print(f"step {step}: {what}; its update is skipped ({in_a_row} in a row)")
-
-
-def diverge(run: Run, step: int, what: str, **kwargs):
-    """Raise `Diverged` for step `step`. The weights that gave its loss are those after step `step - 1`: a
-    checkpoint of them (written this session, not verified by a good step after it) is renamed
-    `checkpoint-N.diverged`, so that rerunning resumes from the last good one instead."""
-    accelerator, out = run.accelerator, Path(run.recipe.train.output_dir)
-    good = run.state.good_checkpoint
-    bad = checkpoint_path(out, step - 1)
-    set_aside = None
-    if step - 1 >= run.resumed_step and step - 1 != good and (bad / STATE_FILE).is_file():
-        set_aside = bad.with_name(f"{bad.name}.diverged")
-        if accelerator.is_main_process:
-            if set_aside.exists():
-                shutil.rmtree(set_aside)
-            os.replace(bad, set_aside)
-        accelerator.wait_for_everyone()
-    raise Diverged(step, what, latest_checkpoint(out), set_aside, **kwargs)
+    if verdict.stop:
+        log_progress(run)  # the steps before it, if not logged yet
+    run.progress.metrics.write(verdict.record)
+    if verdict.stop:
+        out = Path(run.recipe.train.output_dir)
+        aside = set_aside(run.accelerator, out, step, run.state.good_checkpoint, run.resumed_step)
+        advice = {"remedy": verdict.remedy} if verdict.remedy else {}
+        raise Diverged(step, verdict.what, latest_checkpoint(out), aside, **advice)
+    run.accelerator.print(f"step {step}: {verdict.what}; its update is skipped ({verdict.in_a_row} in a row)")
 
 
 def log_progress(run: Run) -> None:
@@ -543,9 +372,9 @@ def train(run: Run) -> list[dict]:
             step = state.step + 1
             result = train_step(run, step, signals)
             if result.nonfinite:
-                on_nonfinite(run, step, result)
+                on_bad_step(run, step, nonfinite_verdict(state, t, step, result))
             elif result.spike is not None:
-                on_spike(run, step, result)
+                on_bad_step(run, step, spike_verdict(state, t, step, result))
             if not result.nonfinite:
                 state.nonfinite_in_a_row = 0
             if result.spike is None:

@@ -2,10 +2,10 @@
 
 Rerunning a run with other settings is the usual remedy after a loss spike (lower `train.lr`, turn on clipping,
 train longer). The optimizer state restored from a checkpoint carries the learning rates and weight decay it was
-saved with; the loop overwrites them with the recipe's (`ttt_adapt.training.loop.apply_recipe_to_optimizer`) and
-recomputes the schedule from the recipe at every step, so every optimisation setting applies as given: learning
-rates, weight decay, warmup, `max_steps`, `min_lr_ratio`, clipping, the TTT learning-rate warmup and update
-clipping (read by the model built from the recipe), batch size, evaluation, export.
+saved with; the loop overwrites them with the recipe's (`ttt_adapt.training.optimizer.apply_recipe_to_optimizer`)
+and recomputes the schedule from the recipe at every step, so every optimisation setting applies as given: learning
+rates, weight decay, warmup, `max_steps`, `min_lr_ratio`, clipping, the TTT learning-rate warmup and update clipping
+(read by the model built from the recipe), batch size, evaluation, export.
 
 What cannot be honoured is refused (`RecipeError`, one line, before anything is built): another base model or
 dtype, another TTT layout (layers, chunk size, kernel, projection, rate mode, target: the weights would not
