@@ -79,3 +79,21 @@ def test_generation_and_padded_batches_are_unchanged(monkeypatch):
             assert torch.equal(a, b)
         torch.testing.assert_close(model(ids, attention_mask=mask).logits, ref_model(ids, attention_mask=mask).logits,
                                    rtol=1e-10, atol=1e-10)
+
+
+def test_flex_attention_forward_equals_ttt_packed_on_packed_rows_with_sliding_windows(device):
+    """transformers' `flex_attention` (a sparse BlockMask from the restarting positions) isolates the packed
+    documents and honours the sliding windows as `ttt_packed` does; fp32 (flex takes no float64 on CPU), 1e-5 on
+    every device. Forward only: torch has no flex backward on CPU (training with it is refused there, preflight)."""
+    ids, pos = _packed()
+    packed, flex = _model(**SLIDING).float().eval(), _model(**SLIDING).float().eval()
+    attention.use_packed_attention(packed)
+    flex.set_attn_implementation("flex_attention")
+    ids, pos = ids.to(device), pos.to(device)
+    packed, flex = packed.to(device), flex.to(device)
+    with torch.no_grad():
+        ref = packed(ids, position_ids=pos, use_cache=False).logits
+        out = flex(ids, position_ids=pos, use_cache=False).logits
+        unpacked = flex(ids, use_cache=False).logits  # the same rows read as one document each
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (unpacked - ref).abs().max() > 1e-2  # the documents really are isolated, not one causal row

@@ -252,3 +252,14 @@ def test_fp16_on_cpu_is_refused_with_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert err == ("adapt.py: error: train.mixed_precision: fp16 needs a GPU (CPU autocast has no fp16 gradient "
                    "scaler); use bf16 or no")
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="flex attention trains on an accelerator")
+def test_flex_attention_on_cpu_is_refused_with_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "run"
+    assert script_main("adapt")([*LOOP, "model.attn_implementation=flex_attention", f"train.output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("adapt.py: error: model.attn_implementation: flex_attention cannot train on CPU (torch has no flex "
+                   "attention backward there); use sdpa (packed rows then run as ttt_packed) or train on a GPU")
+    assert not out.exists()
