@@ -96,8 +96,9 @@ FAMILY_ARCHS = {
 }
 
 
-def tiny_base(arch="qwen3", seed=0, layers=4, tie=False, **overrides):
-    """A tiny random causal LM of a family in FAMILY_ARCHS, built locally (nothing downloaded)."""
+def tiny_base(arch="qwen3", seed=0, layers=4, tie=False, device="cpu", **overrides):
+    """A tiny random causal LM of a family in FAMILY_ARCHS, built locally (nothing downloaded), on `device`
+    (built on CPU first: the same weights on every device)."""
     import transformers
 
     config_cls, lm_cls = {
@@ -119,7 +120,7 @@ def tiny_base(arch="qwen3", seed=0, layers=4, tie=False, **overrides):
     common.update(extra)
     common.update(overrides)
     config = getattr(transformers, config_cls)(**common)
-    return getattr(transformers, lm_cls)(config).eval()
+    return getattr(transformers, lm_cls)(config).eval().to(device)
 
 
 def randomize_ttt(model, seed=1, scale=0.3):
