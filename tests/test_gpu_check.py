@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -97,3 +98,25 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("gpu_check.py: error: ") and message in err and "\n" not in err, err
     assert not any(p.name in ("a", "b", "c") for p in tmp_path.iterdir())  # nothing written
+
+
+def test_a_part_past_its_limit_is_stopped_with_its_children(tmp_path, monkeypatch):
+    """A hang costs only its own part: at its limit the part's whole process group gets SIGINT (pytest still
+    writes its report), and SIGKILL after a grace period if it ignores that."""
+    gpu_check = _module()
+    monkeypatch.setattr(gpu_check, "GRACE_S", 1)
+    hang = ("import signal, subprocess, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            "open(sys.argv[1], 'w').write(str(child.pid)); print('started', flush=True); time.sleep(60)")
+    pid_file = tmp_path / "child.pid"
+    with open(tmp_path / "log", "w") as log:
+        result = gpu_check.run_part("hang", [sys.executable, "-c", hang, str(pid_file)], 2, dict(os.environ), log)
+    assert result["status"] == "timed out after 2 s" and result["exit"] is None and result["seconds"] < 10
+    assert "started" in result["output_tail"]
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the grandchild went with the group
+        if not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the part's child outlived its limit")
