@@ -229,6 +229,8 @@ def run_check(args) -> dict:
             results[name] = run_part(name, commands[name], min(LIMITS_S[name], left), env, log)
             if name == "tests":
                 results[name] |= pytest_counts(tmp / "tests.xml")
+                if results[name]["status"] == "passed" and not results[name].get("passed"):
+                    results[name]["status"] = "failed (no test ran)"
             elif name == "train":
                 results[name] |= train_results(tmp / "run", tmp / "export")
             print(f"gpu_check: {name} {results[name]['status']} in {results[name]['seconds']:.0f} s", flush=True)

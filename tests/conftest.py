@@ -39,8 +39,7 @@ def pytest_configure(config):
     except RuntimeError:
         raise pytest.UsageError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, ...)") from None
     if device.type != "cpu":
-        backend = getattr(torch, device.type, None)
-        if backend is None or not backend.is_available():
+        if not getattr(getattr(torch, device.type, None), "is_available", lambda: False)():
             pytest.exit(f"--device {name}: no {device.type} device here (torch.{device.type}.is_available() is "
                         "False): nothing run", returncode=0)
         if device.type == "cuda":
@@ -50,24 +49,23 @@ def pytest_configure(config):
     DEVICE = os.environ[DEVICE_ENV] = str(device)  # test modules import it; subprocesses inherit it
 
 
-def test_device() -> str:
+def selected_device() -> str:
     """The device of the device-capable tests (`--device`, or TTT_TEST_DEVICE; cpu by default)."""
     return os.environ.get(DEVICE_ENV) or "cpu"
 
 
-test_device.__test__ = False  # a helper, not a test
-DEVICE = test_device()
+DEVICE = selected_device()
 
 
 @pytest.fixture
 def device():
     """The torch device of the device-capable tests (`--device`)."""
-    return torch.device(test_device())
+    return torch.device(selected_device())
 
 
 def cpu_only(reason: str):
     """Skip mark of a device-capable module's test that runs on CPU only, with the reason, on another device."""
-    return pytest.mark.skipif(torch.device(test_device()).type != "cpu", reason=reason)
+    return pytest.mark.skipif(torch.device(selected_device()).type != "cpu", reason=reason)
 
 
 def _cache_kw():
