@@ -131,7 +131,8 @@ def run(args) -> dict:
     inputs = [torch.randn(1, h, L, size["head_dim"], generator=g).to(device, dtype)
               for h in (size["heads"], size["kv_heads"], size["kv_heads"])]
     grad_out = torch.randn(1, L, size["heads"], size["head_dim"], generator=g).to(device)
-    result = {"benchmark": "packed_attention", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    result = {"benchmark": "packed_attention", "device": name,
               "torch": torch.__version__, "dtype": str(dtype), "toy": args.toy, "doc_lengths": docs, "rows": []}
     for window in (None, size["window"]):
         fns, mask_ms = attention_fns(size, docs, window, device)

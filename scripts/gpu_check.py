@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The prepared GPU check: one command that proves a GPU run in 8 minutes on a bare, offline machine.
 
-    python scripts/gpu_check.py [--wheels DIR] [--out exports/gpu_check] [--toy] [--parts tests,train,benchmark,attention]
+    python scripts/gpu_check.py [--wheels DIR] [--out exports/gpu_check] [--toy]
+                                [--parts tests,train,benchmark,attention] [--budget 480]
 
 First the wheels in DIR whose distributions are not installed (`datasets` and its needs: docs/gpu.md has the
 `pip download` line) are installed into a temporary folder that the parts import from. Then four parts run one
@@ -42,8 +43,8 @@ PARTS = ("tests", "train", "benchmark", "attention")
 BUDGET_S = 480  # 8 minutes for the four parts together
 LIMITS_S = {"tests": 140, "train": 110, "benchmark": 140, "attention": 90}  # each part's own limit
 GRACE_S = 15  # after its limit a part gets SIGINT (pytest still writes its report), then SIGKILL after this long
-DEVICE_TESTS = ["tests/test_modeling.py", "tests/test_mixed_precision.py", "tests/test_compile.py", "tests/test_loss.py",
-                "tests/test_attention.py", "tests/test_export.py", "tests/test_remote_code.py",
+DEVICE_TESTS = ["tests/test_modeling.py", "tests/test_mixed_precision.py", "tests/test_compile.py",
+                "tests/test_loss.py", "tests/test_attention.py", "tests/test_export.py", "tests/test_remote_code.py",
                 "tests/test_eval_swapped_state.py", "tests/test_eval_run.py", "tests/test_eval_tasks.py"]
 NOT_ON_DEVICE = "not two_processes and not two_ranks and not lm_eval"  # gloo ranks; lm-eval runs take minutes
 TOY_TESTS = ["tests/test_attention.py::test_generation_and_padded_batches_are_unchanged"]
@@ -212,8 +213,8 @@ def run_check(args) -> dict:
         toy = ["--toy"] * args.toy
         commands = {
             "tests": tests_command(args, tmp),
-            "train": [sys.executable, "scripts/adapt.py", "recipes/tiny_qwen3.yaml", *(TOY_TRAIN if args.toy else TRAIN),
-                      f"train.output_dir={tmp / 'run'}", f"export.dir={tmp / 'export'}"],
+            "train": [sys.executable, "scripts/adapt.py", "recipes/tiny_qwen3.yaml",
+                      *(TOY_TRAIN if args.toy else TRAIN), f"train.output_dir={tmp / 'run'}", f"export.dir={tmp / 'export'}"],
             "benchmark": [sys.executable, "scripts/benchmark.py", "gpu", *toy, "--repeats", "1" if args.toy else "2",
                           "--out", str(out / "benchmark.json")],
             "attention": [sys.executable, "scripts/benchmark_attention.py", *toy, "--repeats", "1" if args.toy else "3",
@@ -270,7 +271,8 @@ def summary_rows(results: dict) -> list[dict]:
     if "tests" in results:
         r = results["tests"]
         counts = ", ".join(f"{r[k]} {k}" for k in ("passed", "failed", "errors", "skipped") if k in r) or "no report"
-        add("tests", "pytest on the device", counts + (f"; first failure {r['failures'][0]}" if r.get("failures") else ""))
+        first = f"; first failure {r['failures'][0]}" if r.get("failures") else ""
+        add("tests", "pytest on the device", counts + first)
     if "train" in results:
         r = results["train"]
         loss = f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}" if r.get("last_loss") is not None else "no loss"

@@ -166,4 +166,5 @@ def test_static_cache_is_refused_with_one_line():
     """`cache_implementation="static"` (what compiled static-shape decoding uses) cannot hold the fast weights."""
     model = ttt_model(chunk_size=4)
     with pytest.raises(ValueError, match=r"^In-Place TTT models need a DynamicCache, got StaticCache$"):
-        model.generate(torch.randint(3, 97, (1, 5)).to(DEVICE), max_new_tokens=3, cache_implementation="static", pad_token_id=0)
+        model.generate(torch.randint(3, 97, (1, 5)).to(DEVICE), max_new_tokens=3, cache_implementation="static",
+                       pad_token_id=0)

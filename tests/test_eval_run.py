@@ -162,7 +162,8 @@ def test_token_losses_match_full_logits(files, monkeypatch):
     monkeypatch.setattr(loss_by_position, "LOGIT_SLICE", 7)  # several slices, the last one partial
     losses = loss_by_position.token_losses(model, rows, batch_size=2)
     with torch.no_grad():
-        logits = model(input_ids=rows["input_ids"].to(DEVICE), attention_mask=rows["attention_mask"].long().to(DEVICE)).logits.cpu()
+        logits = model(input_ids=rows["input_ids"].to(DEVICE),
+                       attention_mask=rows["attention_mask"].long().to(DEVICE)).logits.cpu()
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), rows["input_ids"][:, 1:],
                                                  reduction="none")
     mask = rows["attention_mask"]

@@ -57,7 +57,8 @@ def test_softcapped_logits_loss_and_every_gradient_equal_the_plain_computation(b
 
 
 def test_gemma3_model_loss_applies_its_final_logit_softcapping():
-    model = randomize_ttt(convert(tiny_base("gemma3", final_logit_softcapping=0.5, device=DEVICE), TTTConfig(layers=[1], chunk_size=4)))
+    base = tiny_base("gemma3", final_logit_softcapping=0.5, device=DEVICE)
+    model = randomize_ttt(convert(base, TTTConfig(layers=[1], chunk_size=4)))
     model = model.double()
     ids = torch.randint(3, 97, (1, 13)).to(DEVICE)
     labels = torch.cat([ids[:, 1:], torch.full((1, 1), IGNORE).to(DEVICE)], 1)

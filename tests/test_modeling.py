@@ -10,7 +10,8 @@ from ttt_adapt.compat import enable_activation_checkpointing
 
 
 def ttt_model(arch="qwen3", chunk_size=4, layers=(0, 2), seed=0, **kw):
-    model = convert(tiny_base(arch, seed=seed, device=DEVICE), TTTConfig(layers=list(layers), chunk_size=chunk_size, **kw))
+    config = TTTConfig(layers=list(layers), chunk_size=chunk_size, **kw)
+    model = convert(tiny_base(arch, seed=seed, device=DEVICE), config)
     return randomize_ttt(model).eval()
 
 
@@ -144,7 +145,8 @@ def test_continuation_without_fast_weight_state_refused():
         for kw in ({"use_cache": False}, {"use_cache": True}, {CACHE_KW: DynamicCache(config=model.config)}):
             with pytest.raises(ValueError, match=msg):  # a decode step that dropped (or replaced) the cache
                 model(ids[:, 8:], position_ids=torch.tensor([[8], [8]]).to(DEVICE), **kw)
-        flat = torch.tensor([[0, 1, 2, 3, 12, 0, 1]]).to(DEVICE)  # vLLM: a new prompt's prefill, another's decode, a third
+        # vLLM: a new prompt's prefill, another's decode, a third
+        flat = torch.tensor([[0, 1, 2, 3, 12, 0, 1]]).to(DEVICE)
         with pytest.raises(ValueError, match=msg):
             model(ids[:1, :7], position_ids=flat, use_cache=False)
         with pytest.raises(ValueError, match=msg):  # a prompt's second prefill chunk

@@ -131,7 +131,8 @@ FINE_TUNE = BLOCK_TTT_ADAPT + textwrap.dedent(
             m.register_forward_hook(lambda mod, args, out: autocast.add(torch.is_autocast_enabled(device)))
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 97, (8, 20), generator=g)]  # 5 chunks
-    args = TrainingArguments(output_dir=out, bf16=True, use_cpu=device == "cpu", max_steps=3, per_device_train_batch_size=2,
+    args = TrainingArguments(output_dir=out, bf16=True, use_cpu=device == "cpu", max_steps=3,
+                             per_device_train_batch_size=2,
                              learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[],
                              gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
     trainer = Trainer(model=model, args=args, train_dataset=rows)
@@ -147,8 +148,9 @@ FINE_TUNE = BLOCK_TTT_ADAPT + textwrap.dedent(
 
 
 def test_export_fine_tunes_with_trainer_bf16_without_ttt_adapt(tmp_path):
-    """transformers' Trainer with bf16=True (CPU or CUDA autocast, `--device`) and reentrant gradient checkpointing, as a downstream
-    user runs it on an export whose rows span 5 chunks (target input_embed): finite losses, weights trained."""
+    """transformers' Trainer with bf16=True (CPU or CUDA autocast, `--device`) and reentrant gradient checkpointing,
+    as a downstream user runs it on an export whose rows span 5 chunks (target input_embed): finite losses, weights
+    trained."""
     model = convert(tiny_base("llama", tie=True), TTTConfig(layers=[0, 2], chunk_size=4, target="input_embed"))
     randomize_ttt(model).save_pretrained(tmp_path / "export")
     script = tmp_path / "fine_tune.py"
