@@ -200,6 +200,8 @@ def run_check(args) -> dict:
         raise CheckError(f"--out: is a file, not a folder: {out}")
     wheels, present = missing_wheels(Path(args.wheels)) if args.wheels else ([], [])
     out.mkdir(parents=True, exist_ok=True)
+    for name in (*args.parts, "check"):  # a part that fails now must not show an earlier run's result
+        (out / f"{name}.json").unlink(missing_ok=True)
     machine = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                "python": sys.version.split()[0], "toy": args.toy}
     with tempfile.TemporaryDirectory() as tmp, open(out / "gpu_check.log", "w") as log:
