@@ -24,7 +24,8 @@ issue-13 memory models. `train-step`: forward + backward + AdamW step as trainin
 documents, the blocked loss, `ttt_packed` attention; `ttt_plain`: full logits and transformers' dense mask, as
 before); time (interleaved, median) and peak memory (fresh process, as above), with the memory plan's estimate.
 `generate`: prefill of the prompt, then greedy decoding one token at a time with the cache.
-`gpu`: the prepared GPU check (`bench_gpu`); `--toy` runs it at CPU size.
+`gpu`: the GPU benchmark of the prepared GPU check (`bench_gpu`; `scripts/gpu_check.py` runs it); `--toy` runs it at
+CPU size.
 
 `cp`: context parallelism (`ttt_adapt.distributed.context_parallel`) on that TTT model: one training step (forward + backward + AdamW)
 of a row of N x L tokens split over N gloo ranks, against L tokens on 1 rank (and N x L on 1 rank, what context
@@ -540,6 +541,7 @@ def bench_gpu(args):
 
     from ttt_adapt import convert
     from ttt_adapt.attention import use_packed_attention
+    from ttt_adapt.flops import bf16_peak_tflops, train_step_flops
     from ttt_adapt.loss import causal_lm_loss_sum, linear_cross_entropy
 
     size = GPU_SIZES["toy" if args.toy else "full"]
@@ -548,6 +550,8 @@ def bench_gpu(args):
     amp = torch.bfloat16 if cuda else torch.float32  # CPU bf16 autocast is slow and proves nothing here
     result = {"benchmark": "gpu", "machine": machine() | {"device": torch.cuda.get_device_name() if cuda else "cpu"},
               "toy": args.toy, "dtype": str(amp)}
+    peak_tflops = bf16_peak_tflops(result["machine"]["device"]) if cuda else None
+    result["bf16_peak_tflops"] = peak_tflops
 
     def sync():
         if cuda:
@@ -571,7 +575,8 @@ def bench_gpu(args):
                     m.ttt.conv.weight.normal_(0, 0.02)
         return model.to(device)
 
-    # (1) one training step at `tokens` with gradient checkpointing, every weight trained, AdamW
+    # (1) one training step at `tokens` with gradient checkpointing, every weight trained, AdamW; model FLOPs
+    # utilisation against the card's bf16 peak; peak memory against the memory plan (`adapt.py --plan`)
     L = size["tokens"]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, size["model"]["vocab_size"], (1, L), generator=g).to(device)
@@ -601,8 +606,13 @@ def bench_gpu(args):
             loss = step()
             sync()
             times.append(time.perf_counter() - t0)
-        rows.append({"variant": variant, "tokens": L, "tok_s": L / statistics.median(times), "peak_gib": peak_gib(),
-                     "loss_per_token": loss / L})
+        seconds = statistics.median(times)
+        flops = train_step_flops(model.config, [[L // 4] * 4], ttt_layers=len(range(0, model.config.num_hidden_layers,
+                                                                                    6)) if variant == "ttt" else 0)
+        rows.append({"variant": variant, "tokens": L, "tok_s": L / seconds, "peak_gib": peak_gib(),
+                     "loss_per_token": loss / L, "model_tflops": flops / seconds / 1e12,
+                     "mfu": flops / seconds / (peak_tflops * 1e12) if peak_tflops else None,
+                     "plan_gib": gpu_plan_gib(size, L, cuda) if variant == "ttt" else None})
         del model, optimizer
     result["train_step"] = rows
 
@@ -683,7 +693,9 @@ def bench_gpu(args):
 
     print(f"gpu check on {result['machine']['device']} ({'toy sizes' if args.toy else 'Qwen3-0.6B shape'}), {amp}")
     print(f"(1) train step, {L} tokens, checkpointing:  " + "  ".join(
-        f"{r['variant']}: {r['tok_s']:,.0f} tok/s, peak {r['peak_gib']:.2f} GiB" for r in rows))
+        f"{r['variant']}: {r['tok_s']:,.0f} tok/s, {r['model_tflops']:.2f} TFLOP/s"
+        + (f" (MFU {100 * r['mfu']:.1f}%)" if r["mfu"] is not None else "") + f", peak {r['peak_gib']:.2f} GiB"
+        + (f" (plan {r['plan_gib']:.2f} GiB)" if r["plan_gib"] is not None else "") for r in rows))
     print(f"(2) MLP fwd+bwd, {L} tokens:  " + "  ".join(
         f"chunk {r['chunk']} {r['variant']}: {r['ms']:.1f} ms / {r['peak_gib']:.2f} GiB" for r in mlp_rows))
     print("(3) generate:  " + "  ".join(
@@ -692,6 +704,29 @@ def bench_gpu(args):
     print("(4) liger: " + (json.dumps({k: v for k, v in liger.items() if k != "available"}) if liger["available"]
                            else "not installed (or no CUDA): skipped"))
     return result
+
+
+def gpu_plan_gib(size, tokens, cuda) -> float | None:
+    """What `scripts/adapt.py RECIPE --plan` estimates for `bench_gpu`'s TTT train step (GiB); None without `datasets`
+    (recipes import it; the GPU check installs it from wheels)."""
+    import tempfile
+
+    from transformers import Qwen3Config
+
+    try:
+        from ttt_adapt.config import load_recipe
+        from ttt_adapt.memory_plan import plan_memory
+    except ImportError:
+        return None
+    config = Qwen3Config(max_position_embeddings=131072, **size["model"])
+    with tempfile.TemporaryDirectory() as folder:
+        config.save_pretrained(folder)
+        recipe = load_recipe(os.path.join(REPO, "recipes", "tiny_qwen3.yaml"), [
+            f"model.name_or_path={folder}", f"data.seq_len={tokens}", "train.batch_size=1", "train.trainable=full",
+            "train.gradient_checkpointing=true", "train.mixed_precision=" + ("bf16" if cuda else "'no'"),
+            f"ttt.layers={list(range(0, config.num_hidden_layers, 6))}", f"ttt.chunk_size={size['chunk']}",
+        ])
+        return plan_memory(recipe, config, device="cuda" if cuda else "cpu").total / 2**30
 
 
 def fsdp_rank(args):

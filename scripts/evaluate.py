@@ -116,9 +116,10 @@ def evaluate(args) -> int:
     report = run_evaluation(settings, args.base, args.adapted, args.out, dtype=dtype or "float32",
                             log=lambda m: print(m, file=sys.stderr))
     print((Path(args.out) / "report.md").read_text(), end="")
-    flag = report.get("long_context", {}).get("flag")
-    if flag:
-        print(f"evaluate.py: WARNING: {flag}", file=sys.stderr)
+    from ttt_adapt.eval.long_context import warnings_of
+
+    for line in warnings_of(report.get("long_context", {})):
+        print(f"evaluate.py: WARNING: {line}", file=sys.stderr)
     return 0
 
 

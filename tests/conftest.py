@@ -18,6 +18,55 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 IGNORE = -100
 
+# ---------------------------------------------------------------------------------------------- the test device
+# `pytest --device cuda` (or TTT_TEST_DEVICE=cuda) runs the device-capable tests (model contract, mixed precision,
+# compile, loss, attention, export reload, evaluation) on that device: their models and inputs go there with
+# `.to(DEVICE)` (transformers' `torch_device`), or through the `device` fixture. Everything else (gloo ranks,
+# scripts in subprocesses) runs where it always runs. The default, cpu, is the suite as it always was. On CUDA,
+# fp32 stays fp32 (TF32 off for matmuls and cuDNN convolutions), so the fp32 tolerances hold on every device.
+DEVICE_ENV = "TTT_TEST_DEVICE"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default=None, metavar="DEVICE",
+                     help=f"torch device of the device-capable tests: cpu (default), cuda, cuda:1 (env {DEVICE_ENV})")
+
+
+def pytest_configure(config):
+    name = config.getoption("--device") or os.environ.get(DEVICE_ENV) or "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise pytest.UsageError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type != "cpu":
+        if not getattr(getattr(torch, device.type, None), "is_available", lambda: False)():
+            pytest.exit(f"--device {name}: no {device.type} device here (torch.{device.type}.is_available() is "
+                        "False): nothing run", returncode=0)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+    global DEVICE
+    DEVICE = os.environ[DEVICE_ENV] = str(device)  # test modules import it; subprocesses inherit it
+
+
+def selected_device() -> str:
+    """The device of the device-capable tests (`--device`, or TTT_TEST_DEVICE; cpu by default)."""
+    return os.environ.get(DEVICE_ENV) or "cpu"
+
+
+DEVICE = selected_device()
+
+
+@pytest.fixture
+def device():
+    """The torch device of the device-capable tests (`--device`)."""
+    return torch.device(selected_device())
+
+
+def cpu_only(reason: str):
+    """Skip mark of a device-capable module's test that runs on CPU only, with the reason, on another device."""
+    return pytest.mark.skipif(torch.device(selected_device()).type != "cpu", reason=reason)
+
 
 def _cache_kw():
     from transformers import Qwen3ForCausalLM
@@ -45,8 +94,9 @@ FAMILY_ARCHS = {
 }
 
 
-def tiny_base(arch="qwen3", seed=0, layers=4, tie=False, **overrides):
-    """A tiny random causal LM of a family in FAMILY_ARCHS, built locally (nothing downloaded)."""
+def tiny_base(arch="qwen3", seed=0, layers=4, tie=False, device="cpu", **overrides):
+    """A tiny random causal LM of a family in FAMILY_ARCHS, built locally (nothing downloaded), on `device`
+    (built on CPU first: the same weights on every device)."""
     import transformers
 
     config_cls, lm_cls = {
@@ -68,7 +118,7 @@ def tiny_base(arch="qwen3", seed=0, layers=4, tie=False, **overrides):
     common.update(extra)
     common.update(overrides)
     config = getattr(transformers, config_cls)(**common)
-    return getattr(transformers, lm_cls)(config).eval()
+    return getattr(transformers, lm_cls)(config).eval().to(device)
 
 
 def randomize_ttt(model, seed=1, scale=0.3):

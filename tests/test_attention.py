@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ttt_adapt.attention as attention
-from conftest import LargestTensor, randomize_ttt, tiny_base
+from conftest import DEVICE, LargestTensor, randomize_ttt, tiny_base
 
 SLIDING = dict(use_sliding_window=True, sliding_window=5, max_window_layers=2)
 DOCS = [[9, 17, 14], [20, 20], [40]]
@@ -14,7 +14,7 @@ def _model(arch="qwen3", **base):
     from ttt_adapt import TTTConfig, convert
 
     model = convert(tiny_base(arch, **base).double(), TTTConfig(layers=[0, 2], chunk_size=4))
-    return randomize_ttt(model).double().train()
+    return randomize_ttt(model).double().train().to(DEVICE)
 
 
 def _packed(docs_per_row=DOCS, seed=0):
@@ -22,7 +22,7 @@ def _packed(docs_per_row=DOCS, seed=0):
     L = sum(docs_per_row[0])
     ids = torch.randint(3, 97, (len(docs_per_row), L), generator=g)
     pos = torch.stack([torch.cat([torch.arange(n) for n in docs]) for docs in docs_per_row])
-    return ids, pos
+    return ids.to(DEVICE), pos.to(DEVICE)
 
 
 @pytest.mark.parametrize("arch,base", [("qwen3", {}), ("qwen3", SLIDING), ("llama", {})])
@@ -31,7 +31,7 @@ def test_packed_rows_in_blocks_equal_dense_mask_sdpa_and_each_document_alone(arc
     ids, pos = _packed()
     ref_model, model = _model(arch, **base), _model(arch, **base)
     attention.use_packed_attention(model)
-    w = torch.randn(*ids.shape, 97, dtype=torch.float64)
+    w = torch.randn(*ids.shape, 97, dtype=torch.float64).to(DEVICE)
     ref = ref_model(ids, position_ids=pos, use_cache=False).logits
     out = model(ids, position_ids=pos, use_cache=False).logits
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -79,3 +79,19 @@ def test_generation_and_padded_batches_are_unchanged(monkeypatch):
             assert torch.equal(a, b)
         torch.testing.assert_close(model(ids, attention_mask=mask).logits, ref_model(ids, attention_mask=mask).logits,
                                    rtol=1e-10, atol=1e-10)
+
+
+def test_flex_attention_forward_equals_ttt_packed_on_packed_rows_with_sliding_windows():
+    """transformers' `flex_attention` (a sparse BlockMask from the restarting positions) isolates the packed
+    documents and honours the sliding windows as `ttt_packed` does; fp32 (flex takes no float64 on CPU), 1e-5 on
+    every device. Forward only: torch has no flex backward on CPU (training with it is refused there, preflight)."""
+    ids, pos = _packed()
+    packed, flex = _model(**SLIDING).float().eval(), _model(**SLIDING).float().eval()
+    attention.use_packed_attention(packed)
+    flex.set_attn_implementation("flex_attention")
+    with torch.no_grad():
+        ref = packed(ids, position_ids=pos, use_cache=False).logits
+        out = flex(ids, position_ids=pos, use_cache=False).logits
+        unpacked = flex(ids, use_cache=False).logits  # the same rows read as one document each
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (unpacked - ref).abs().max() > 1e-2  # the documents really are isolated, not one causal row

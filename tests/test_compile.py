@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo
-from conftest import tiny_base
+from conftest import DEVICE, tiny_base
 from test_modeling import ttt_model
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -18,9 +18,9 @@ TTT_KW = [{}, {"lr_mode": "token", "target": "input_embed", "clip_update_norm": 
 def _batch(step, L=16):
     """Two rows whose documents end at a different place every step (the chunk layout changes, the shapes do not)."""
     g = torch.Generator().manual_seed(step)
-    ids = torch.randint(3, 97, (2, L), generator=g)
+    ids = torch.randint(3, 97, (2, L), generator=g).to(DEVICE)
     cut = 3 + step
-    return ids, torch.cat([torch.arange(cut), torch.arange(L - cut)]).expand(2, -1)
+    return ids, torch.cat([torch.arange(cut).to(DEVICE), torch.arange(L - cut).to(DEVICE)]).expand(2, -1)
 
 
 def _layer_call(model, idx, ids, pos):
@@ -94,7 +94,7 @@ def test_compiled_forward_decodes_64_tokens_without_reaching_the_recompile_limit
     (each a flush); the same tokens as eager, and no function recompiled up to the limit (it raises here)."""
     torch._dynamo.reset()
     model = ttt_model(chunk_size=8, layers=(0, 1, 3))
-    ids = torch.randint(3, 97, (2, 5))
+    ids = torch.randint(3, 97, (2, 5)).to(DEVICE)
     kw = dict(max_new_tokens=64, do_sample=False, pad_token_id=0, eos_token_id=None)
     ref = model.generate(ids, **kw)
     model.forward = torch.compile(model.forward, backend="eager")
@@ -150,10 +150,10 @@ def test_train_compile_must_be_a_bool(tmp_path):
 def test_converted_model_compiles_with_base_unchanged():
     """Compiling does not change what a converted model computes at step 0: still the base's logits."""
     torch._dynamo.reset()
-    base = tiny_base()
+    base = tiny_base(device=DEVICE)
     from ttt_adapt import TTTConfig, convert
 
-    ids = torch.randint(3, 97, (2, 13))
+    ids = torch.randint(3, 97, (2, 13)).to(DEVICE)
     with torch.no_grad():
         ref = base(ids).logits
         model = convert(base, TTTConfig(layers=[0, 2], chunk_size=4))
@@ -166,4 +166,5 @@ def test_static_cache_is_refused_with_one_line():
     """`cache_implementation="static"` (what compiled static-shape decoding uses) cannot hold the fast weights."""
     model = ttt_model(chunk_size=4)
     with pytest.raises(ValueError, match=r"^In-Place TTT models need a DynamicCache, got StaticCache$"):
-        model.generate(torch.randint(3, 97, (1, 5)), max_new_tokens=3, cache_implementation="static", pad_token_id=0)
+        model.generate(torch.randint(3, 97, (1, 5)).to(DEVICE), max_new_tokens=3, cache_implementation="static",
+                       pad_token_id=0)

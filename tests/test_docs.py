@@ -206,7 +206,8 @@ def check_text(page: Path, text: str, keys: set[str], repo: Path = REPO) -> list
     sections = {k.rsplit(".", 1)[0] for k in keys}
     for span in SPAN.findall(prose):
         m = KEY.match(span)
-        if m and m.group(0) not in keys | sections and not m.group(0).endswith(".*"):
+        is_file_name = re.fullmatch(r"[\w-]+\.(json|jsonl|yaml|md|py|png|txt|log)", span)  # e.g. `train.json`
+        if m and not is_file_name and m.group(0) not in keys | sections and not m.group(0).endswith(".*"):
             problems.append(f"{page.name}: `{span}` names no recipe key")
         if span.startswith(REPO_FOLDERS) and not any(c in span for c in " *<>[") and not (repo / span).exists():
             problems.append(f"{page.name}: `{span}` does not exist")

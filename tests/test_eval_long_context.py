@@ -8,7 +8,13 @@ import pytest
 from eval_fixtures import files  # noqa: F401 (a fixture)
 
 from ttt_adapt.eval import EvalError, EvalSettings, load_model, markdown_table, run_evaluation
-from ttt_adapt.eval.long_context import long_bins, long_documents, measure_long_context, worse_than_base
+from ttt_adapt.eval.long_context import (
+    long_bins,
+    long_documents,
+    measure_long_context,
+    worse_than_base,
+    worse_within_training_length,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,8 +64,13 @@ def test_flag_names_the_first_worse_bin_and_the_worst_change():
                "change_vs_base_percent": [0.0, -1.0, -1.6, 0.5, 34.0, 116.0]}
     assert worse_than_base(section) == ("worse than the base past 1024 tokens: +116.0 % (positions 4096-8192; "
                                         "trained on 1024-token rows)")
+    assert worse_within_training_length(section) is None
     section["change_vs_base_percent"] = [0.0, -2.3, -3.2, -3.5, -3.5, -3.5]
+    assert worse_than_base(section) is None and worse_within_training_length(section) is None
+    section["change_vs_base_percent"] = [0.0, 0.9, 0.5, -2.9, -3.0, -2.9]  # in-length bins: a line of their own
     assert worse_than_base(section) is None
+    assert worse_within_training_length(section) == ("worse than the base within the training length on the long "
+                                                     "documents: +0.9 % (positions 128-512; trained on 1024-token rows)")
 
 
 def test_report_table_plot_and_skip(files):
@@ -73,7 +84,8 @@ def test_report_table_plot_and_skip(files):
     md = (out / "report.md").read_text()
     assert "| 64-128 * |" in md and "| 0-8 |" in md  # bins past the training length marked
     assert (out / "loss_past_training_length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (f"WARNING: {section['flag']}" in md) == (section["flag"] is not None)
+    for line in (section["flag"], section["worse_within_training_length"]):
+        assert (f"WARNING: {line}" in md) == (line is not None)
     # documents that never pass the training length: said so, nothing measured
     short = run_evaluation(dataclasses.replace(settings, long_corpus=None, seq_len=256, max_length=512), files["base"],
                            files["adapted"],

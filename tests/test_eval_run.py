@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import script_main
+from conftest import DEVICE, script_main
 from eval_fixtures import CHUNK, REPO, document, files  # noqa: F401 (a fixture)
 
 from ttt_adapt import TTTConfig, convert
@@ -157,12 +157,13 @@ def test_token_losses_match_full_logits(files, monkeypatch):
 
     import ttt_adapt.eval.loss_by_position as loss_by_position
 
-    model = AutoModelForCausalLM.from_pretrained(files["adapted"]).eval()
+    model = AutoModelForCausalLM.from_pretrained(files["adapted"]).eval().to(DEVICE)
     rows = tokenize_documents(files["tokenizer"], [document(1), document(2)[:50]], 96, pad_id=1)
     monkeypatch.setattr(loss_by_position, "LOGIT_SLICE", 7)  # several slices, the last one partial
     losses = loss_by_position.token_losses(model, rows, batch_size=2)
     with torch.no_grad():
-        logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"].long()).logits
+        logits = model(input_ids=rows["input_ids"].to(DEVICE),
+                       attention_mask=rows["attention_mask"].long().to(DEVICE)).logits.cpu()
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), rows["input_ids"][:, 1:],
                                                  reduction="none")
     mask = rows["attention_mask"]
@@ -174,8 +175,8 @@ def test_in_memory_models_as_training_passes_them(files, tmp_path):
     """train.py hands over the trained model in memory (in train mode): it is evaluated, then left in train mode."""
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(files["base"]).eval()
-    adapted = AutoModelForCausalLM.from_pretrained(files["adapted"]).train()
+    base = AutoModelForCausalLM.from_pretrained(files["base"]).eval().to(DEVICE)
+    adapted = AutoModelForCausalLM.from_pretrained(files["adapted"]).train().to(DEVICE)
     settings = EvalSettings(corpus=str(files["corpus"]), seq_len=64, lengths=[128], tasks=["kv_retrieval"],
                             num_samples=2)
     r = run_evaluation(settings, base, adapted, tmp_path, tokenizer=files["tokenizer"], log=lambda m: None)

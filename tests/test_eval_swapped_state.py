@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import randomize_ttt
+from conftest import DEVICE, randomize_ttt
 
 from ttt_adapt import TTTConfig, convert
 from ttt_adapt.eval import bootstrap_difference, fast_weight_sources, swap_partners
@@ -17,7 +17,7 @@ CHUNK = 8
 
 def ttt_model(tiny, target="hidden_states", clip=None):
     config = TTTConfig(layers=[0, 2], chunk_size=CHUNK, target=target, clip_update_norm=clip, lr_init=0.5)
-    return randomize_ttt(convert(tiny(layers=3).double(), config), scale=0.3).eval()
+    return randomize_ttt(convert(tiny(layers=3, device=DEVICE).double(), config), scale=0.3).eval()
 
 
 def naive_swapped_logits(model, a_ids, b_ids):
@@ -51,7 +51,7 @@ def prefix_states(m, x, t):
     h = m.act_fn(m.gate_proj(x)) * m.up_proj(x)
     w = m.ttt.conv.weight[:, 0, :]
     k, p = w.shape[1], w.shape[1] // 2
-    S = [torch.zeros(w.shape[0], h.shape[1], dtype=h.dtype)]
+    S = [torch.zeros(w.shape[0], h.shape[1], dtype=h.dtype, device=h.device)]
     for c0 in range(0, len(x), CHUNK):
         n = min(CHUNK, len(x) - c0)
         update = torch.zeros_like(S[0])
@@ -69,11 +69,11 @@ def prefix_states(m, x, t):
 def test_swapped_state_equals_token_by_token_reference(tiny, target, clip):
     model = ttt_model(tiny, target, clip)
     g = torch.Generator().manual_seed(0)
-    a = torch.randint(3, 97, (1, 37), generator=g)  # chunks of 8: 4 full, one partial
-    b = torch.randint(3, 97, (1, 45), generator=g)  # longer: read up to a's length
-    c = torch.randint(3, 97, (1, 37), generator=g)
-    ids = torch.zeros(4, 45, dtype=torch.long)
-    mask = torch.zeros(4, 45, dtype=torch.long)
+    a = torch.randint(3, 97, (1, 37), generator=g).to(DEVICE)  # chunks of 8: 4 full, one partial
+    b = torch.randint(3, 97, (1, 45), generator=g).to(DEVICE)  # longer: read up to a's length
+    c = torch.randint(3, 97, (1, 37), generator=g).to(DEVICE)
+    ids = torch.zeros(4, 45, dtype=torch.long).to(DEVICE)
+    mask = torch.zeros(4, 45, dtype=torch.long).to(DEVICE)
     for row, doc in enumerate([a, b, c, b]):
         ids[row, : doc.shape[1]], mask[row, : doc.shape[1]] = doc[0], 1
     mask[3, 37:] = 0  # b cut to a's length: still the same fast weights for a's chunks
@@ -97,7 +97,7 @@ def test_no_state_equals_fast_weights_never_written(tiny):
     silent = copy.deepcopy(model)
     for m in silent.model.ttt_modules().values():
         m.ttt.lr.data.zero_()
-    ids = torch.randint(3, 97, (2, 29), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 97, (2, 29), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with torch.no_grad():
         with fast_weight_sources(model, None):
             none = model(input_ids=ids, use_cache=False).logits
@@ -106,7 +106,7 @@ def test_no_state_equals_fast_weights_never_written(tiny):
     torch.testing.assert_close(none, expected, rtol=0, atol=1e-12)
     assert not torch.allclose(none, own)
     with fast_weight_sources(model, [1, 1]), pytest.raises(RuntimeError, match="at least as long"):
-        model(input_ids=ids, attention_mask=torch.tensor([[1] * 29, [1] * 20 + [0] * 9]), use_cache=False)
+        model(input_ids=ids, attention_mask=torch.tensor([[1] * 29, [1] * 20 + [0] * 9]).to(DEVICE), use_cache=False)
 
 
 def test_swap_partners_read_a_document_at_least_as_long():

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import randomize_ttt
+from conftest import DEVICE, randomize_ttt
 from eval_fixtures import PROSE, REPO, document, files  # noqa: F401 (a fixture)
 
 from ttt_adapt import TTTConfig, convert
@@ -70,7 +70,7 @@ def test_generate_left_padded_batch_matches_one_by_one(files):
     tokenizer = files["tokenizer"]
     prompts = [tokenizer(t)["input_ids"] for t in (document(1)[:90], document(2)[:37], document(3)[:61])]
     for folder in (files["base"], files["adapted"]):
-        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder).eval().to(DEVICE)
         batched = generate(model, tokenizer, prompts, batch_size=3, max_new_tokens=6)
         assert batched == [generate(model, tokenizer, [p], batch_size=1, max_new_tokens=6)[0] for p in prompts]
 

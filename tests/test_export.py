@@ -18,7 +18,7 @@ import yaml
 from huggingface_hub import metadata_load
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import load_file, load_model, save_file
-from conftest import BLOCK_TTT_ADAPT, make_tiny_files, recipe_dict, script_main, write_recipe
+from conftest import BLOCK_TTT_ADAPT, DEVICE, make_tiny_files, recipe_dict, script_main, write_recipe
 
 import ttt_adapt.export.card as card_module
 import ttt_adapt.export.folder as folder_module
@@ -33,7 +33,8 @@ from ttt_adapt.pipeline import adapt
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "hf_export_test_SeCrEtToKeN_0123456789"
-# fp32 reload is exact; merged LoRA differs by rounding; a bf16 cast in memory also rounds the rotary buffers
+# fp32 reload is exact (on every device: the reload runs the same kernels on the same device as the expected logits);
+# merged LoRA differs by rounding; a bf16 cast in memory also rounds the rotary buffers
 ATOL = {"plain": 0, "lora": 1e-5, "bf16": 1e-2}
 MODELING_FILES = {"configuration_ttt.py", "modeling_ttt.py", "ttt_layer.py"}
 
@@ -81,14 +82,14 @@ RELOAD = BLOCK_TTT_ADAPT + textwrap.dedent(
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoModelForCausalLM, pipeline
     for case in json.loads(sys.argv[1]):
-        expected = load_file(case["expected"])
-        lm = AutoModelForCausalLM.from_pretrained(case["folder"], trust_remote_code=True).eval()
+        expected = load_file(case["expected"], device=case["device"])
+        lm = AutoModelForCausalLM.from_pretrained(case["folder"], trust_remote_code=True).eval().to(case["device"])
         assert type(lm).__name__ == "TTTQwen3ForCausalLM", type(lm).__name__
         assert lm.dtype == getattr(torch, case["dtype"]), lm.dtype
         with torch.no_grad():
             torch.testing.assert_close(lm(expected["ids"]).logits, expected["logits"], rtol=0, atol=case["atol"])
             if "hidden" in expected:
-                model = AutoModel.from_pretrained(case["folder"], trust_remote_code=True).eval()
+                model = AutoModel.from_pretrained(case["folder"], trust_remote_code=True).eval().to(case["device"])
                 assert type(model).__name__ == "TTTQwen3Model", type(model).__name__
                 torch.testing.assert_close(model(expected["ids"]).last_hidden_state, expected["hidden"], rtol=0, atol=0)
         if case["pipeline"]:
@@ -106,10 +107,10 @@ RELOAD = BLOCK_TTT_ADAPT + textwrap.dedent(
 
 def test_exports_reload_without_ttt_adapt_and_give_the_trained_logits(runs, exports, tmp_path):
     torch.manual_seed(0)
-    ids = torch.randint(3, 33, (2, 40))  # longer than one chunk (32): the trained fast-weight path is used
-    plain, lora = trained_model(runs["plain"], 2), trained_model(runs["lora"], 1)
+    ids = torch.randint(3, 33, (2, 40)).to(DEVICE)  # longer than one chunk (32): the trained fast-weight path is used
+    plain, lora = trained_model(runs["plain"], 2).to(DEVICE), trained_model(runs["lora"], 1).to(DEVICE)
     with torch.no_grad():
-        untrained = build_model(runs["plain"]).eval()(ids).logits
+        untrained = build_model(runs["plain"]).eval().to(DEVICE)(ids).logits
         expected = {
             "plain": {"ids": ids, "logits": plain(ids).logits, "hidden": plain.model(ids).last_hidden_state},
             "lora": {"ids": ids, "logits": lora(input_ids=ids).logits},  # peft forward, LoRA not merged
@@ -118,8 +119,8 @@ def test_exports_reload_without_ttt_adapt_and_give_the_trained_logits(runs, expo
     assert not torch.allclose(expected["plain"]["logits"], untrained)  # training changed the outputs
     cases = []
     for name, tensors in expected.items():
-        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
-        cases.append({"folder": str(exports[name]), "expected": str(tmp_path / f"{name}.safetensors"),
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp_path / f"{name}.safetensors"))
+        cases.append({"folder": str(exports[name]), "expected": str(tmp_path / f"{name}.safetensors"), "device": DEVICE,
                       "dtype": "bfloat16" if name == "bf16" else "float32", "atol": ATOL[name],
                       "pipeline": name == "plain"})
     (tmp_path / "reload.py").write_text(RELOAD)

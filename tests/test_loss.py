@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import LargestTensor, randomize_ttt, tiny_base
+from conftest import DEVICE, LargestTensor, cpu_only, randomize_ttt, tiny_base
 from ttt_adapt import TTTConfig, convert
 from ttt_adapt.loss import causal_lm_loss_sum, linear_cross_entropy
 
@@ -18,13 +18,13 @@ def _plain(hidden, weight, labels, bias=None):
 
 def _inputs(n=23, d=6, V=11, bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(2, n, d, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(V, d, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(V, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    hidden = torch.randn(2, n, d, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    weight = torch.randn(V, d, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    b = torch.randn(V, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_() if bias else None
     labels = torch.randint(0, V, (2, n), generator=g)
     labels[torch.rand(2, n, generator=g) < 0.3] = IGNORE
     labels[0, 0] = IGNORE
-    return hidden, weight, b, labels
+    return hidden, weight, b, labels.to(DEVICE)
 
 
 def _grads(loss, tensors):
@@ -57,10 +57,11 @@ def test_softcapped_logits_loss_and_every_gradient_equal_the_plain_computation(b
 
 
 def test_gemma3_model_loss_applies_its_final_logit_softcapping():
-    model = randomize_ttt(convert(tiny_base("gemma3", final_logit_softcapping=0.5), TTTConfig(layers=[1], chunk_size=4)))
+    base = tiny_base("gemma3", final_logit_softcapping=0.5, device=DEVICE)
+    model = randomize_ttt(convert(base, TTTConfig(layers=[1], chunk_size=4)))
     model = model.double()
-    ids = torch.randint(3, 97, (1, 13))
-    labels = torch.cat([ids[:, 1:], torch.full((1, 1), IGNORE)], 1)
+    ids = torch.randint(3, 97, (1, 13)).to(DEVICE)
+    labels = torch.cat([ids[:, 1:], torch.full((1, 1), IGNORE).to(DEVICE)], 1)
     logits = model(ids).logits
     ref = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     out = causal_lm_loss_sum(model, labels, input_ids=ids)
@@ -102,9 +103,9 @@ def test_bad_labels_and_shapes_are_refused():
 def test_no_tensor_grows_with_tokens_times_vocabulary():
     g = torch.Generator().manual_seed(0)
     N, d, V = 512, 8, 1000
-    hidden = torch.randn(N, d, generator=g, requires_grad=True)
-    weight = torch.randn(V, d, generator=g, requires_grad=True)
-    labels = torch.randint(0, V, (N,), generator=g)
+    hidden = torch.randn(N, d, generator=g).to(DEVICE).requires_grad_()
+    weight = torch.randn(V, d, generator=g).to(DEVICE).requires_grad_()
+    labels = torch.randint(0, V, (N,), generator=g).to(DEVICE)
     with LargestTensor() as mode:
         linear_cross_entropy(hidden, weight, labels, block_size=32).backward()
     assert mode.largest <= 32 * V, mode.largest  # one block of logits, never N x V
@@ -116,7 +117,7 @@ def test_no_tensor_grows_with_tokens_times_vocabulary():
 def _ttt_lm(tie):
     from ttt_adapt import TTTConfig, convert
 
-    model = convert(tiny_base(tie=tie).double(), TTTConfig(layers=[0, 2], chunk_size=4))
+    model = convert(tiny_base(tie=tie, device=DEVICE).double(), TTTConfig(layers=[0, 2], chunk_size=4))
     return randomize_ttt(model).double().train()
 
 
@@ -131,7 +132,7 @@ def _batch():
     pos = torch.cat([torch.arange(10), torch.arange(14)]).expand(2, 24)
     labels = torch.cat([ids[:, 1:], torch.full((2, 1), IGNORE)], 1)
     labels[:, 9] = IGNORE
-    return ids, labels, pos
+    return ids.to(DEVICE), labels.to(DEVICE), pos.to(DEVICE)
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -158,6 +159,7 @@ def test_model_loss_equals_full_logits_loss_with_every_gradient(tie, lora):
         torch.testing.assert_close(g, ref_grads[n], rtol=1e-10, atol=1e-12, msg=n)
 
 
+@cpu_only("a gloo process group: multi-process tests stay on CPU")
 def test_ddp_wrapped_model_trains_through_its_own_forward(tmp_path):
     """DDP (1 gloo process): the loss runs inside DDP's forward, so gradient sync sees every parameter, twice."""
     import torch.distributed as dist
@@ -177,3 +179,27 @@ def test_ddp_wrapped_model_trains_through_its_own_forward(tmp_path):
                 torch.testing.assert_close(p.grad, r.grad, rtol=1e-10, atol=1e-12, msg=n)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.device(DEVICE).type != "cuda", reason="Liger-Kernel runs on CUDA only (pytest --device cuda)")
+def test_liger_kernel_loss_and_gradients_close_to_the_blocked_loss(device):
+    """Where Liger-Kernel is installed, `backend="auto"` on CUDA is its fused kernel: the same loss and gradients as
+    our blocked loss, under bf16 autocast (bf16 logits: 1e-2 relative)."""
+    from ttt_adapt.loss import _liger
+
+    if _liger() is None:
+        pytest.skip("liger-kernel is not installed (pip install ttt-adapt[liger])")
+    g = torch.Generator().manual_seed(0)
+    N, d, V = 300, 64, 1000
+    hidden = torch.randn(N, d, generator=g).to(device).requires_grad_()
+    weight = (torch.randn(V, d, generator=g) * 0.1).to(device).requires_grad_()
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::7] = IGNORE
+    labels = labels.to(device)
+    results = []
+    for backend in ("torch", "auto"):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = linear_cross_entropy(hidden, weight, labels, backend=backend)
+        results.append((loss.detach().float(), *torch.autograd.grad(loss, [hidden, weight])))
+    for ours, liger in zip(*results):
+        torch.testing.assert_close(liger.float(), ours.float(), rtol=1e-2, atol=1e-3)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import CACHE_KW, FAMILY_ARCHS, script_main, tiny_base
+from conftest import CACHE_KW, DEVICE, FAMILY_ARCHS, script_main, tiny_base
 from test_modeling import gen_positions, left_padded_rows, ttt_model
 from test_sharding import REPO, _launch
 from transformers import DynamicCache
@@ -26,16 +26,16 @@ LOGITS_ATOL = 0.02
 
 
 def autocast():
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16)  # CPU or CUDA autocast: same tolerances
 
 
 def _scan_inputs(seed=0, N=23, d=6, H=10, chunk=4):
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(N, H, generator=g).bfloat16().requires_grad_()
-    a = torch.randn(N, d, generator=g).bfloat16().requires_grad_()
-    w = torch.randn(d, H, generator=g).requires_grad_()  # an fp32 master weight, as autocast training has
+    h = torch.randn(N, H, generator=g).to(DEVICE).bfloat16().requires_grad_()
+    a = torch.randn(N, d, generator=g).to(DEVICE).bfloat16().requires_grad_()
+    w = torch.randn(d, H, generator=g).to(DEVICE).requires_grad_()  # an fp32 master weight, as autocast training has
     seg = Segments.build(torch.tensor([N]), torch.tensor([True]), None, torch.zeros(1, dtype=torch.long), chunk,
-                         True, "cpu")
+                         True, DEVICE)
     return h, a, w, seg
 
 
@@ -46,7 +46,7 @@ def test_scan_under_autocast_is_the_scan_without_it(fused):
     results = []
     for amp in (False, True):
         h, a, w, seg = _scan_inputs()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16, enabled=amp):
             out, final = fast_weight_scan(h, a, seg, weight=w if fused else None)
             base = torch.nn.functional.linear(h, w) if fused and amp else None  # autocast's stock down_proj
             (out.float().square().sum() + final.square().sum()).backward()  # backward inside autocast too
@@ -66,7 +66,7 @@ def test_scan_under_autocast_is_the_scan_without_it(fused):
 @pytest.mark.parametrize("ttt_kw", [{}, {"lr_mode": "token", "target": "input_embed", "clip_update_norm": 0.5}])
 def test_forward_backward_on_five_chunks_close_to_fp32(arch, ttt_kw):
     model = ttt_model(arch, chunk_size=4, **ttt_kw).train()
-    ids = torch.randint(3, 97, (2, 20))  # 5 chunks a row
+    ids = torch.randint(3, 97, (2, 20)).to(DEVICE)  # 5 chunks a row
     loss32 = model(ids, labels=ids).loss
     loss32.backward()
     grads32 = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -86,8 +86,8 @@ def test_forward_backward_on_five_chunks_close_to_fp32(arch, ttt_kw):
 @pytest.mark.parametrize("ttt_kw", [{}, {"lr_mode": "token", "target": "input_embed"}])
 def test_converted_equals_base_at_step_zero_under_autocast(arch, ttt_kw):
     """Exact: every op is the stock one or, in the scan, computed as autocast computes the stock down_proj."""
-    base = tiny_base(arch)
-    ids = torch.randint(3, 97, (2, 37))
+    base = tiny_base(arch, device=DEVICE)
+    ids = torch.randint(3, 97, (2, 37)).to(DEVICE)
     with torch.no_grad(), autocast():
         ref = base(ids).logits
         model = convert(base, TTTConfig(layers=[0, 3], chunk_size=8, **ttt_kw))
@@ -97,7 +97,7 @@ def test_converted_equals_base_at_step_zero_under_autocast(arch, ttt_kw):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cached_decoding_equals_full_forward_under_autocast(arch):
     model = ttt_model(arch, chunk_size=4, clip_update_norm=0.5)
-    ids = torch.randint(3, 97, (2, 19))
+    ids = torch.randint(3, 97, (2, 19)).to(DEVICE)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     pos = gen_positions(mask)
@@ -119,7 +119,7 @@ def test_left_padded_batch_and_packed_documents_under_autocast(arch):
     model = ttt_model(arch, chunk_size=4)
     rows, ids, mask = left_padded_rows()
     L = ids.shape[1]
-    pos = torch.cat([torch.arange(len(r)) for r in rows]).unsqueeze(0)
+    pos = torch.cat([torch.arange(len(r)).to(DEVICE) for r in rows]).unsqueeze(0)
     with torch.no_grad(), autocast():
         batch = model(ids, attention_mask=mask, position_ids=gen_positions(mask)).logits.float()
         packed = model(torch.cat(rows).unsqueeze(0), position_ids=pos, use_cache=False).logits[0].float()
@@ -136,7 +136,7 @@ def test_generate_and_beam_search_under_autocast(arch):
     """Cached generation works under autocast; beam scores are the full forward's log-probabilities of the beams
     (log-softmax of bf16 logits: the same LOGITS_ATOL per token, 8 tokens summed -> 8x)."""
     model = ttt_model(arch, chunk_size=3)
-    ids = torch.randint(3, 97, (2, 4))
+    ids = torch.randint(3, 97, (2, 4)).to(DEVICE)
     with autocast():
         sampled = model.generate(ids, do_sample=True, num_return_sequences=2, top_k=5, max_new_tokens=9,
                                  pad_token_id=0, eos_token_id=None)
@@ -182,7 +182,7 @@ def loop_runs(tmp_path_factory):
     seen, scan = set(), ttt_layer.fast_weight_scan
 
     def record(h, *args, **kwargs):
-        seen.add((torch.is_autocast_enabled("cpu"), h.dtype))
+        seen.add((torch.is_autocast_enabled(h.device.type), h.dtype))  # the loop trains on CUDA where there is one
         return scan(h, *args, **kwargs)
 
     cwd = os.getcwd()
@@ -252,3 +252,14 @@ def test_fp16_on_cpu_is_refused_with_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert err == ("adapt.py: error: train.mixed_precision: fp16 needs a GPU (CPU autocast has no fp16 gradient "
                    "scaler); use bf16 or no")
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="flex attention trains on an accelerator")
+def test_flex_attention_on_cpu_is_refused_with_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "run"
+    assert script_main("adapt")([*LOOP, "model.attn_implementation=flex_attention", f"train.output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("adapt.py: error: model.attn_implementation: flex_attention cannot train on CPU (torch has no flex "
+                   "attention backward there); use sdpa (packed rows then run as ttt_packed) or train on a GPU")
+    assert not out.exists()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import CACHE_KW, FAMILY_ARCHS, randomize_ttt, tiny_base
+from conftest import CACHE_KW, DEVICE, FAMILY_ARCHS, randomize_ttt, tiny_base
 from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from ttt_adapt import TTTConfig, convert
@@ -10,7 +10,8 @@ from ttt_adapt.compat import enable_activation_checkpointing
 
 
 def ttt_model(arch="qwen3", chunk_size=4, layers=(0, 2), seed=0, **kw):
-    model = convert(tiny_base(arch, seed=seed), TTTConfig(layers=list(layers), chunk_size=chunk_size, **kw))
+    config = TTTConfig(layers=list(layers), chunk_size=chunk_size, **kw)
+    model = convert(tiny_base(arch, seed=seed, device=DEVICE), config)
     return randomize_ttt(model).eval()
 
 
@@ -27,8 +28,8 @@ def gen_positions(mask):
 @pytest.mark.parametrize("ttt_kw", [{}, {"lr_mode": "token", "target": "input_embed", "state_decay": 0.7}])
 def test_converted_equals_base_at_step_zero(arch, ttt_kw):
     tie = arch in ("llama", "gemma3")
-    base = tiny_base(arch, tie=tie)
-    ids = torch.randint(3, 97, (2, 37))
+    base = tiny_base(arch, tie=tie, device=DEVICE)
+    ids = torch.randint(3, 97, (2, 37)).to(DEVICE)
     with torch.no_grad():
         ref = base(ids).logits
         model = convert(base, TTTConfig(layers=[0, 3], chunk_size=8, **ttt_kw))
@@ -62,7 +63,7 @@ def test_input_embed_target_is_what_the_decoder_receives(arch):
     """Gemma 3 scales its embeddings inside `embed_tokens`: the `input_embed` target is the decoder's input,
     scale included, for every family."""
     model = ttt_model(arch, target="input_embed")
-    ids = torch.randint(3, 97, (2, 9))
+    ids = torch.randint(3, 97, (2, 9)).to(DEVICE)
     seen = {}
 
     def decoder_input(module, args, kwargs):
@@ -84,7 +85,7 @@ def test_input_embed_target_is_what_the_decoder_receives(arch):
 def test_ttt_changes_only_later_chunks():
     model = ttt_model(chunk_size=8)
     base_logits = None
-    ids = torch.randint(3, 97, (1, 24))
+    ids = torch.randint(3, 97, (1, 24)).to(DEVICE)
     with torch.no_grad():
         got = model(ids).logits
         for m in model.ttt_modules().values():
@@ -102,7 +103,7 @@ def test_ttt_changes_only_later_chunks():
 )
 def test_incremental_decoding_equals_full_forward(arch, kw):
     model = ttt_model(arch, chunk_size=4, **kw)
-    ids = torch.randint(3, 97, (2, 19))
+    ids = torch.randint(3, 97, (2, 19)).to(DEVICE)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding on row 1
     pos = gen_positions(mask)
@@ -122,13 +123,13 @@ def test_incremental_decoding_equals_full_forward(arch, kw):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_multi_token_continuation_with_cache_equals_full_forward(arch, decay):
     model = ttt_model(arch, chunk_size=4, state_decay=decay)
-    ids = torch.randint(3, 97, (2, 23))
+    ids = torch.randint(3, 97, (2, 23)).to(DEVICE)
     with torch.no_grad():
         full = model(ids).logits
         cache = DynamicCache(config=model.config)
         parts = []
         for a, b in [(0, 6), (6, 7), (7, 13), (13, 16), (16, 23)]:  # prefill, a step, then chunks mid-way
-            pos = torch.arange(a, b).unsqueeze(0).expand(2, -1)
+            pos = torch.arange(a, b).to(DEVICE).unsqueeze(0).expand(2, -1)
             parts.append(model(ids[:, a:b], position_ids=pos, **{CACHE_KW: cache}, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-5)
 
@@ -138,34 +139,35 @@ def test_continuation_without_fast_weight_state_refused():
     caller dropping the cache, or vLLM's transformers backend (new tokens of every request flattened into one row,
     their positions, no cache) -- would silently drop the updates of earlier chunks: it raises instead."""
     model = ttt_model("qwen3", chunk_size=4)
-    ids = torch.randint(3, 97, (2, 9))
+    ids = torch.randint(3, 97, (2, 9)).to(DEVICE)
     msg = "continues a sequence .* without its fast-weight state"
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         model(ids[:, :8], **{CACHE_KW: cache}, use_cache=True)
         for kw in ({"use_cache": False}, {"use_cache": True}, {CACHE_KW: DynamicCache(config=model.config)}):
             with pytest.raises(ValueError, match=msg):  # a decode step that dropped (or replaced) the cache
-                model(ids[:, 8:], position_ids=torch.tensor([[8], [8]]), **kw)
-        flat = torch.tensor([[0, 1, 2, 3, 12, 0, 1]])  # vLLM: a new prompt's prefill, another's decode, a third
+                model(ids[:, 8:], position_ids=torch.tensor([[8], [8]]).to(DEVICE), **kw)
+        # vLLM: a new prompt's prefill, another's decode, a third
+        flat = torch.tensor([[0, 1, 2, 3, 12, 0, 1]]).to(DEVICE)
         with pytest.raises(ValueError, match=msg):
             model(ids[:1, :7], position_ids=flat, use_cache=False)
         with pytest.raises(ValueError, match=msg):  # a prompt's second prefill chunk
-            model(ids[:, 4:], position_ids=torch.arange(4, 9).expand(2, 5), use_cache=False)
+            model(ids[:, 4:], position_ids=torch.arange(4, 9).to(DEVICE).expand(2, 5), use_cache=False)
         # What stays allowed: the cached step, fresh sequences, packed rows, left pads carrying any position.
-        model(ids[:, 8:], position_ids=torch.tensor([[8], [8]]), **{CACHE_KW: cache}, use_cache=True)
-        model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]]).expand(2, 9), use_cache=False)
+        model(ids[:, 8:], position_ids=torch.tensor([[8], [8]]).to(DEVICE), **{CACHE_KW: cache}, use_cache=True)
+        model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]]).to(DEVICE).expand(2, 9), use_cache=False)
         mask = torch.ones_like(ids)
         mask[1, :3] = 0
-        model(ids, attention_mask=mask, position_ids=torch.arange(9).expand(2, 9), use_cache=False)
+        model(ids, attention_mask=mask, position_ids=torch.arange(9).to(DEVICE).expand(2, 9), use_cache=False)
         model(ids, attention_mask=mask, position_ids=gen_positions(mask))
 
 
 def left_padded_rows(lengths=(14, 9, 5)):
     """Random rows of `lengths` tokens, and the left-padded batch of them: (rows, ids, attention mask)."""
-    rows = [torch.randint(3, 97, (n,)) for n in lengths]
+    rows = [torch.randint(3, 97, (n,)).to(DEVICE) for n in lengths]
     L = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), L, dtype=torch.long)
-    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    ids = torch.zeros(len(rows), L, dtype=torch.long).to(DEVICE)
+    mask = torch.zeros(len(rows), L, dtype=torch.long).to(DEVICE)
     for i, r in enumerate(rows):
         ids[i, L - len(r) :], mask[i, L - len(r) :] = r, 1
     return rows, ids, mask
@@ -188,9 +190,9 @@ def test_left_padded_batch_equals_rows_alone(arch, decay):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_packed_documents_equal_each_alone(arch, decay):
     model = ttt_model(arch, chunk_size=4, state_decay=decay)
-    docs = [torch.randint(3, 97, (n,)) for n in (9, 3, 12)]
+    docs = [torch.randint(3, 97, (n,)).to(DEVICE) for n in (9, 3, 12)]
     ids = torch.cat(docs).unsqueeze(0)
-    pos = torch.cat([torch.arange(len(d)) for d in docs]).unsqueeze(0)
+    pos = torch.cat([torch.arange(len(d)).to(DEVICE) for d in docs]).unsqueeze(0)
     with torch.no_grad():
         packed = model(ids, position_ids=pos, use_cache=False).logits[0]  # as transformers: packing needs no cache
         start = 0
@@ -203,22 +205,22 @@ def test_packed_documents_equal_each_alone(arch, decay):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_generate_left_padded_batch_matches_rows_alone(arch):
     model = ttt_model(arch, chunk_size=4)
-    rows = [torch.randint(3, 97, (n,)) for n in (7, 3)]
-    ids = torch.zeros(2, 7, dtype=torch.long)
-    mask = torch.zeros(2, 7, dtype=torch.long)
+    rows = [torch.randint(3, 97, (n,)).to(DEVICE) for n in (7, 3)]
+    ids = torch.zeros(2, 7, dtype=torch.long).to(DEVICE)
+    mask = torch.zeros(2, 7, dtype=torch.long).to(DEVICE)
     for i, r in enumerate(rows):
         ids[i, 7 - len(r) :] = r
         mask[i, 7 - len(r) :] = 1
     kw = dict(max_new_tokens=11, do_sample=False, pad_token_id=0, eos_token_id=None)
     batch = model.generate(ids, attention_mask=mask, **kw)
     for i, r in enumerate(rows):
-        alone = model.generate(r.unsqueeze(0), attention_mask=torch.ones(1, len(r), dtype=torch.long), **kw)
+        alone = model.generate(r.unsqueeze(0), attention_mask=torch.ones(1, len(r), dtype=torch.long).to(DEVICE), **kw)
         assert torch.equal(batch[i, 7:], alone[0, len(r) :])
 
 
 def test_generate_greedy_equals_argmax_of_full_forward():
     model = ttt_model(chunk_size=4)
-    ids = torch.randint(3, 97, (1, 6))
+    ids = torch.randint(3, 97, (1, 6)).to(DEVICE)
     out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         logits = model(out).logits
@@ -227,7 +229,7 @@ def test_generate_greedy_equals_argmax_of_full_forward():
 
 def test_beam_search_sampling_and_return_sequences_run():
     model = ttt_model(chunk_size=3)
-    ids = torch.randint(3, 97, (2, 5))
+    ids = torch.randint(3, 97, (2, 5)).to(DEVICE)
     common = dict(max_new_tokens=9, pad_token_id=0, eos_token_id=None)
     beams = model.generate(ids, num_beams=3, num_return_sequences=2, do_sample=False, **common)
     assert beams.shape == (4, 14)
@@ -245,7 +247,7 @@ def test_beam_search_reorders_fast_weights(arch):
     """Beam search must give the same best sequence as scoring candidates by full forwards would allow:
     checked by comparing beam scores with the full-forward log-probability of the returned beams."""
     model = ttt_model(arch, chunk_size=3)
-    ids = torch.randint(3, 97, (1, 4))
+    ids = torch.randint(3, 97, (1, 4)).to(DEVICE)
     out = model.generate(
         ids, num_beams=3, num_return_sequences=3, do_sample=False, max_new_tokens=8, pad_token_id=0,
         eos_token_id=None, output_scores=True, return_dict_in_generate=True, length_penalty=0.0,
@@ -266,7 +268,7 @@ def test_speculative_decoding_refused_before_any_token(how):
     calls = []
     for m in (model, assistant):
         m.register_forward_pre_hook(lambda mod, args: calls.append(type(mod).__name__))
-    ids = torch.randint(3, 97, (1, 5))
+    ids = torch.randint(3, 97, (1, 5)).to(DEVICE)
     kwargs = dict(max_new_tokens=3, pad_token_id=0)
     if how == "assistant_model":
         kwargs["assistant_model"] = assistant
@@ -283,8 +285,8 @@ def test_speculative_decoding_refused_before_any_token(how):
 
 def test_gradient_checkpointing_gives_same_gradients():
     model = ttt_model(chunk_size=4).train()
-    ids = torch.randint(3, 97, (2, 13))
-    pos = torch.cat([torch.arange(6), torch.arange(7)]).unsqueeze(0).expand(2, -1)
+    ids = torch.randint(3, 97, (2, 13)).to(DEVICE)
+    pos = torch.cat([torch.arange(6).to(DEVICE), torch.arange(7).to(DEVICE)]).unsqueeze(0).expand(2, -1)
 
     def grads():
         model.zero_grad()
@@ -305,8 +307,8 @@ def test_reentrant_gradient_checkpointing_gives_same_gradients(arch, target):
     carries gradients back through a layer's positional tensor arguments only, so the `input_embed` target reaches
     the TTT layer as one (not only through the TTT context)."""
     model = ttt_model(arch, chunk_size=4, target=target, lr_mode="token").train()
-    ids = torch.randint(3, 97, (2, 13))
-    pos = torch.cat([torch.arange(6), torch.arange(7)]).unsqueeze(0).expand(2, -1)
+    ids = torch.randint(3, 97, (2, 13)).to(DEVICE)
+    pos = torch.cat([torch.arange(6).to(DEVICE), torch.arange(7).to(DEVICE)]).unsqueeze(0).expand(2, -1)
 
     def grads():
         model.zero_grad()
@@ -324,9 +326,9 @@ def test_reentrant_gradient_checkpointing_gives_same_gradients(arch, target):
 def test_auto_classes_resolve_ttt_model_types(tmp_path):
     model = ttt_model()
     model.save_pretrained(tmp_path)
-    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).to(DEVICE)
     assert type(again).__name__ == "TTTQwen3ForCausalLM"
-    ids = torch.randint(3, 97, (1, 11))
+    ids = torch.randint(3, 97, (1, 11)).to(DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
 
@@ -377,7 +379,7 @@ def test_not_gated_multimodal_bidirectional_and_already_converted_rejected():
 def test_bf16_model_accumulates_fast_weights_in_fp32():
     model32 = ttt_model(chunk_size=4)
     model16 = ttt_model(chunk_size=4).to(torch.bfloat16)
-    ids = torch.randint(3, 97, (1, 18))
+    ids = torch.randint(3, 97, (1, 18)).to(DEVICE)
     with torch.no_grad():
         cache = DynamicCache(config=model16.config)
         out16 = model16(ids, **{CACHE_KW: cache}, use_cache=True).logits

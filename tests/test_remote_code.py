@@ -1,29 +1,33 @@
 """An export of every family reloads in a fresh process without ttt_adapt (trust_remote_code) and equals the
-in-memory model. Each export is a LoRA-tuned model merged first, as export.py does; one process checks them all."""
+in-memory model. Each export is a LoRA-tuned model merged first, as export.py does; one process checks them all.
+The in-memory models and the reloads run on the test device (`--device`; the scripts read TTT_TEST_DEVICE)."""
 
 import subprocess
 import sys
 import textwrap
 
 import torch
-from conftest import BLOCK_TTT_ADAPT, FAMILY_ARCHS, randomize_ttt, tiny_base
+from conftest import BLOCK_TTT_ADAPT, DEVICE, FAMILY_ARCHS, randomize_ttt, tiny_base
 from safetensors.torch import save_file
 
 from ttt_adapt import TTTConfig, convert
 
 RELOAD = BLOCK_TTT_ADAPT + textwrap.dedent(
     """
+    import os
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoModelForCausalLM
 
+    DEVICE = os.environ.get("TTT_TEST_DEVICE", "cpu")
+
 
     def check(folder, expected):
-        lm = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-        assert type(lm).__name__ == expected["name"].numpy().tobytes().decode(), type(lm).__name__
+        lm = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval().to(DEVICE)
+        assert type(lm).__name__ == expected["name"].cpu().numpy().tobytes().decode(), type(lm).__name__
         with torch.no_grad():
             torch.testing.assert_close(lm(expected["ids"]).logits, expected["logits"], rtol=0, atol=0)
-            base = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+            base = AutoModel.from_pretrained(folder, trust_remote_code=True).eval().to(DEVICE)
             torch.testing.assert_close(base(expected["ids"]).last_hidden_state, expected["hidden"], rtol=0, atol=0)
         kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
         out = lm.generate(expected["ids"][:1, :5], max_new_tokens=7, **kw)
@@ -37,18 +41,19 @@ RELOAD = BLOCK_TTT_ADAPT + textwrap.dedent(
         assert torch.equal(out, greedy), (out, greedy)
         # a left-padded batch == each prompt alone
         prompts = [expected["ids"][0, :9], expected["ids"][1, :4]]
-        ids = torch.zeros(2, 9, dtype=torch.long)
-        mask = torch.zeros(2, 9, dtype=torch.long)
+        ids = torch.zeros(2, 9, dtype=torch.long, device=DEVICE)
+        mask = torch.zeros(2, 9, dtype=torch.long, device=DEVICE)
         for i, p in enumerate(prompts):
             ids[i, 9 - len(p):], mask[i, 9 - len(p):] = p, 1
         batch = lm.generate(ids, attention_mask=mask, max_new_tokens=6, **kw)
         for i, p in enumerate(prompts):
-            alone = lm.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=6, **kw)
+            alone = lm.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long, device=DEVICE),
+                                max_new_tokens=6, **kw)
             assert torch.equal(batch[i, 9:], alone[0, len(p):]), (i, batch[i, 9:], alone[0, len(p):])
 
 
     for folder, expected in zip(sys.argv[1::2], sys.argv[2::2]):
-        check(folder, load_file(expected))
+        check(folder, load_file(expected, device=DEVICE))
         print("reloaded ok", folder)
     """
 )
@@ -59,10 +64,10 @@ def _merged_lora_model(arch):
     merged; the merged model must give the LoRA model's logits."""
     from peft import LoraConfig, get_peft_model
 
-    model = convert(tiny_base(arch, tie=arch in ("llama", "gemma3")),
+    model = convert(tiny_base(arch, tie=arch in ("llama", "gemma3"), device=DEVICE),
                     TTTConfig(layers=[0, 2], chunk_size=4, lr_mode="token"))
     model = randomize_ttt(model).eval()
-    ids = torch.randint(3, 97, (2, 15))
+    ids = torch.randint(3, 97, (2, 15)).to(DEVICE)
     with torch.no_grad():
         plain = model(ids).logits
         torch.manual_seed(0)
@@ -94,7 +99,7 @@ def test_every_family_exports_and_reloads_without_ttt_adapt(tmp_path):
             }
         folder = tmp_path / arch
         model.save_pretrained(folder)
-        save_file(expected, str(tmp_path / f"{arch}.safetensors"))
+        save_file({k: v.cpu() for k, v in expected.items()}, str(tmp_path / f"{arch}.safetensors"))
         args += [str(folder), str(tmp_path / f"{arch}.safetensors")]
         files = {p.name for p in folder.iterdir()}
         assert {"configuration_ttt.py", "modeling_ttt.py", "ttt_layer.py", "model.safetensors"} <= files
@@ -112,19 +117,22 @@ def test_every_family_exports_and_reloads_without_ttt_adapt(tmp_path):
 
 FINE_TUNE = BLOCK_TTT_ADAPT + textwrap.dedent(
     """
+    import os
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     folder, out = sys.argv[1], sys.argv[2]
+    device = torch.device(os.environ.get("TTT_TEST_DEVICE", "cpu")).type
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     autocast = set()
     for m in model.modules():
         if type(m).__name__ == "TTTMLP":
-            m.register_forward_hook(lambda mod, args, out: autocast.add(torch.is_autocast_enabled("cpu")))
+            m.register_forward_hook(lambda mod, args, out: autocast.add(torch.is_autocast_enabled(device)))
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 97, (8, 20), generator=g)]  # 5 chunks
-    args = TrainingArguments(output_dir=out, bf16=True, use_cpu=True, max_steps=3, per_device_train_batch_size=2,
+    args = TrainingArguments(output_dir=out, bf16=True, use_cpu=device == "cpu", max_steps=3,
+                             per_device_train_batch_size=2,
                              learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[],
                              gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
     trainer = Trainer(model=model, args=args, train_dataset=rows)
@@ -140,8 +148,9 @@ FINE_TUNE = BLOCK_TTT_ADAPT + textwrap.dedent(
 
 
 def test_export_fine_tunes_with_trainer_bf16_without_ttt_adapt(tmp_path):
-    """transformers' Trainer with bf16=True (CPU autocast) and reentrant gradient checkpointing, as a downstream
-    user runs it on an export whose rows span 5 chunks (target input_embed): finite losses, weights trained."""
+    """transformers' Trainer with bf16=True (CPU or CUDA autocast, `--device`) and reentrant gradient checkpointing,
+    as a downstream user runs it on an export whose rows span 5 chunks (target input_embed): finite losses, weights
+    trained."""
     model = convert(tiny_base("llama", tie=True), TTTConfig(layers=[0, 2], chunk_size=4, target="input_embed"))
     randomize_ttt(model).save_pretrained(tmp_path / "export")
     script = tmp_path / "fine_tune.py"

@@ -44,6 +44,7 @@ def preflight(recipe: Recipe, accelerator) -> Preflight:
     """Every check of a training run on this launch (`accelerator`: its process count and mixed precision)."""
     base = check_run(recipe)
     check_world(recipe, accelerator.num_processes)
+    check_attention(recipe, accelerator.device.type)
     fsdp = fsdp_request(recipe)
     if fsdp is not None:
         check_fsdp_run(fsdp, accelerator.mixed_precision)
@@ -189,6 +190,14 @@ def check_world(recipe: Recipe, num_processes: int) -> None:
     check_cp_size(recipe.parallel.cp_size, num_processes)
 
 
+def check_attention(recipe: Recipe, device_type: str) -> None:
+    """The recipe's attention backend can train on this device: torch has no flex attention backward on CPU
+    (RecipeError, one line, instead of torch's error at the first backward)."""
+    if recipe.model.attn_implementation == "flex_attention" and device_type == "cpu" and recipe.parallel.cp_size == 1:
+        raise RecipeError("model.attn_implementation: flex_attention cannot train on CPU (torch has no flex attention "
+                          "backward there); use sdpa (packed rows then run as ttt_packed) or train on a GPU")
+
+
 def check_fsdp_run(request: FSDPRequest, mixed_precision: str) -> None:
     """Refuse (RecipeError, one line) an FSDP run that would not shard or could not be exact."""
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -204,4 +213,4 @@ def check_fsdp_run(request: FSDPRequest, mixed_precision: str) -> None:
 
 
 __all__ = ["Base", "Preflight", "preflight", "check_run", "check_files", "base_config", "check_base", "check_eval",
-           "check_world", "check_fsdp_run"]
+           "check_world", "check_attention", "check_fsdp_run"]

@@ -5,13 +5,16 @@ Long held-out documents (`EvalSettings.long_corpus`: the eval corpus by default,
 from `ttt_adapt.corpus`) are read up to `max_length` tokens (8 x the training length by default, as far as the
 documents reach) by the base and by the adapted model with its own, a swapped and no fast-weight state. Bins:
 0, L/8, L/2, L (the training length L), then doubling up to the end. `worse_than_base` is the one-line flag the
-report, the plot, the model card and `scripts/evaluate.py` show when any bin is worse than the base.
+report, the plot, the model card and `scripts/evaluate.py` show when a bin past the training length is worse than
+the base; `worse_within_training_length` the line they add when a bin of the long documents before it is.
 """
 
 from __future__ import annotations
 
-import torch
+from contextlib import contextmanager
 
+
+from ttt_adapt._util import unwrap
 from ttt_adapt.corpus import RECALL_GAP, generate_documents
 from ttt_adapt.eval.inputs import read_corpus
 from ttt_adapt.eval.loss_by_position import (
@@ -80,12 +83,13 @@ def measure_long_context(base_model, adapted_model, tokenizer, docs: list[str], 
     batch = max(1, settings.batch_size * train_length // reach)
     log(f"evaluate: past the training length: {len(lengths)} documents of <= {reach} tokens (trained on "
         f"{train_length}), base and adapted with own, swapped and no fast-weight state")
-    base = token_losses(base_model, rows, batch)
-    own = token_losses(adapted_model, rows, batch)
     partners = swap_partners(lengths.tolist())
     paired = [i for i, p in enumerate(partners) if p is not None]
-    swapped = swapped_token_losses(adapted_model, rows, partners, batch)
-    none = stateless_token_losses(adapted_model, rows, batch)
+    with blocked_attention(base_model), blocked_attention(adapted_model):
+        base = token_losses(base_model, rows, batch)
+        own = token_losses(adapted_model, rows, batch)
+        swapped = swapped_token_losses(adapted_model, rows, partners, batch)
+        none = stateless_token_losses(adapted_model, rows, batch)
     means = {name: bin_means(losses, weights, edges) for name, losses in
              (("base", base), ("adapted", own), ("adapted_no_state", none))}
     means["adapted_swapped_state"] = bin_means(swapped[paired], weights[paired], edges)
@@ -100,22 +104,56 @@ def measure_long_context(base_model, adapted_model, tokenizer, docs: list[str], 
                                                seed=settings.seed),
     )
     section["flag"] = worse_than_base(section)
-    if section["flag"]:
-        log(f"evaluate: WARNING: {section['flag']}")
+    section["worse_within_training_length"] = worse_within_training_length(section)
+    for line in warnings_of(section):
+        log(f"evaluate: WARNING: {line}")
     return section
 
 
+def warnings_of(section: dict) -> list[str]:
+    """The section's one-line warnings: the flag past the training length first, then the bins within it."""
+    return [line for line in (section.get("flag"), section.get("worse_within_training_length")) if line]
+
+
+@contextmanager
+def blocked_attention(model):
+    """Inside, `model` attends with `ttt_adapt.attention`'s `ttt_packed` (queries in blocks over the keys they can
+    see: causality and sliding windows skip the rest, where SDPA with a mask computes all L x L scores; the same
+    values); its own implementation is restored after. Rows without padding only: padded ones fall back to SDPA."""
+    from ttt_adapt.attention import use_packed_attention
+
+    lm = unwrap(model)
+    before = lm.config._attn_implementation
+    use_packed_attention(lm)
+    try:
+        yield
+    finally:
+        lm.set_attn_implementation(before)
+
+
 def worse_than_base(section: dict) -> str | None:
-    """One line naming where the adapted model is worse than its base (None if no bin is), e.g. "worse than the
-    base past 2048 tokens: +34.0 % (positions 2048-4096; trained on 1024-token rows)"."""
-    worse = [(k, c) for k, c in enumerate(section.get("change_vs_base_percent") or []) if c is not None and c > 0]
+    """One line naming where, past the training length, the adapted model is worse than its base (None if no bin
+    there is), e.g. "worse than the base past 2048 tokens: +34.0 % (positions 2048-4096; trained on 1024-token
+    rows)". Bins within the training length are `worse_within_training_length`'s."""
+    return _worse(section, past=True)
+
+
+def worse_within_training_length(section: dict) -> str | None:
+    """One line naming the bins of the long documents within the training length where the adapted model is worse
+    than its base (None if none is)."""
+    return _worse(section, past=False)
+
+
+def _worse(section: dict, past: bool) -> str | None:
+    edges, train_length = section.get("bins") or [], section.get("train_length")
+    worse = [(k, c) for k, c in enumerate(section.get("change_vs_base_percent") or [])
+             if c is not None and c > 0 and (edges[k] >= train_length) == past]
     if not worse:
         return None
-    edges = section["bins"]
-    first = worse[0][0]
     k, c = max(worse, key=lambda kc: kc[1])
-    return (f"worse than the base past {edges[first]} tokens: {c:+.1f} % (positions {edges[k]}-{edges[k + 1]}; "
-            f"trained on {section['train_length']}-token rows)")
+    where = f"past {edges[worse[0][0]]} tokens" if past else "within the training length on the long documents"
+    return (f"worse than the base {where}: {c:+.1f} % (positions {edges[k]}-{edges[k + 1]}; trained on "
+            f"{train_length}-token rows)")
 
 
 def markdown_long_table(section: dict) -> str:
@@ -137,9 +175,11 @@ def markdown_long_table(section: dict) -> str:
                  "" if change is None else f"{change:+.1f} %",
                  _interval(section["adapted_minus_base"][k]), _interval(section["own_minus_swapped"][k])]
         lines.append("| " + " | ".join(cells) + " |")
-    flag = section.get("flag")
-    lines += ["", f"**WARNING: {flag}**" if flag else
-              f"The adapted model is at least as good as its base in every bin, up to {edges[-1]} tokens."]
+    lines.append("")
+    lines += [f"**WARNING: {line}**" for line in warnings_of(section)]
+    if not section.get("flag"):
+        lines.append(f"Past the training length the adapted model is at least as good as its base in every bin, up to "
+                     f"{edges[-1]} tokens.")
     return "\n".join(lines) + "\n"
 
 
@@ -152,4 +192,4 @@ def _interval(d) -> str:
 
 
 __all__ = ["SYNTHETIC", "long_bins", "long_documents", "measure_long_context", "worse_than_base",
-           "markdown_long_table"]
+           "worse_within_training_length", "warnings_of", "markdown_long_table", "blocked_attention"]

@@ -81,7 +81,11 @@ def _batch_losses(lm, x, m):
     at 32k positions would not fit as one logits tensor."""
     device = next(lm.parameters()).device
     x, m = x.to(device), m.to(device)
-    hidden = lm.model(input_ids=x, attention_mask=m.long(), use_cache=False).last_hidden_state
+    if bool(m.all()):  # no padding: no mask, so an attention that skips what it cannot see (`ttt_packed`) may
+        positions = torch.arange(x.shape[1], device=device).expand(x.shape)
+        hidden = lm.model(input_ids=x, position_ids=positions, use_cache=False).last_hidden_state
+    else:
+        hidden = lm.model(input_ids=x, attention_mask=m.long(), use_cache=False).last_hidden_state
     loss = torch.zeros(x.shape, dtype=torch.float32, device=device)
     for s in range(0, x.shape[1] - 1, LOGIT_SLICE):
         e = min(s + LOGIT_SLICE, x.shape[1] - 1)
