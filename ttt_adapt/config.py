@@ -31,7 +31,7 @@ from ttt_adapt.data import DataConfig
 from ttt_adapt.modeling.configuration_ttt import LR_MODES, TARGETS, TTTConfig
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
-TRAINABLE = ("ttt", "full")
+TRAINABLE = ("ttt", "instruct", "full")  # instruct: TTT parameters + the TTT layers' down_proj
 MIXED_PRECISION = ("no", "bf16", "fp16")
 ON_NONFINITE = ("stop", "skip")
 ON_SPIKE = ("stop", "skip", "warn")
@@ -112,8 +112,13 @@ class LoraSettings:
 class TrainConfig:
     """The optimisation.
 
+    `trainable`: `ttt` (the TTT parameters only), `instruct` (those and the `down_proj` of the TTT layers: the
+    instruct-model setting of the published code's forks, which keeps the rest of a chat model as it was) or `full`
+    (every weight); LoRA (`lora.r > 0`) adds adapters to `ttt`.
+
     Steps count optimizer updates, from 1. One step sees `batch_size * grad_accum * data-parallel processes`
-    packed rows. `lr` applies to the non-TTT parameters that are trained (`full`, or the LoRA adapters);
+    packed rows. `lr` applies to the non-TTT parameters that are trained (`full`, `instruct`'s down_proj, or the LoRA
+    adapters);
     `ttt_lr` to the TTT parameters (null: same as `lr`). The learning rate warms up linearly over
     `warmup_steps` (or `warmup_ratio * max_steps`), then follows a cosine down to `min_lr_ratio * lr`.
     Retention keeps the last `keep_last` checkpoints and, with `keep_best` (null: on when there is eval data),
@@ -190,8 +195,9 @@ class TrainConfig:
         _check_choice("train.trainable", self.trainable, TRAINABLE)
         _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         self.lora.validate()
-        if self.lora.r > 0 and self.trainable == "full":
-            _fail("train.lora.r", "LoRA needs train.trainable: ttt (full training already trains every weight)")
+        if self.lora.r > 0 and self.trainable != "ttt":
+            _fail("train.lora.r", f"LoRA needs train.trainable: ttt (trainable: {self.trainable} already trains weights "
+                  "LoRA would adapt)")
         for name in self.trackers:
             _check_choice("train.trackers", name, TRACKERS)
         if len(set(self.trackers)) != len(self.trackers):
