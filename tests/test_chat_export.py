@@ -24,11 +24,11 @@ CHAT = BLOCK_TTT_ADAPT + textwrap.dedent(
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
     folder, conversation = sys.argv[1], json.loads(sys.argv[2])
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True)
-    assert tokenizer.decode(prompt["input_ids"][0, -3:]).endswith("assistant:\\n")
+    assert tokenizer.decode(prompt["input_ids"][0]).endswith("?<|endoftext|>\\nassistant:\\n")
     out = model.generate(**prompt, max_new_tokens=24, do_sample=False)[0, prompt["input_ids"].shape[1]:]
     end_of_turn = model.generation_config.eos_token_id
     assert out[-1].item() == end_of_turn and len(out) < 24, tokenizer.decode(out)  # stopped at the end of its turn
