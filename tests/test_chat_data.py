@@ -94,14 +94,15 @@ def test_rows_hold_whole_conversations_with_assistant_labels_only(tokenizer, tmp
 
 def test_prompt_completion_rows_and_template_kwargs(tokenizer, tmp_path):
     path = write_rows(tmp_path / "pc.jsonl", [
-        {"prompt": [{"role": "user", "content": "Name a colour."}], "completion": [{"role": "assistant", "content": "Teal."}]},
+        {"prompt": [{"role": "user", "content": "Name a colour."}],
+         "completion": [{"role": "assistant", "content": "Teal."}]},
         {"prompt": "Name a bird.", "completion": "Heron."},
     ])
     rows = list(build_datasets(chat_config(path, tmp_path), tokenizer)[0])
     assert sorted(s for r in rows for s in labelled_text(tokenizer, r)) == ["Heron.<|endoftext|>", "Teal.<|endoftext|>"]
     tok = AutoTokenizer.from_pretrained(ASSETS / "tiny_qwen3_base")
-    tok.chat_template = TEMPLATE.read_text().replace("message['content'] + eos_token -}}{%- endgeneration",
-                                                     "(prefix or '') + message['content'] + eos_token -}}{%- endgeneration")
+    marked = "message['content'] + eos_token -}}{%- endgeneration"
+    tok.chat_template = TEMPLATE.read_text().replace(marked, "(prefix or '') + " + marked)
     rows = list(build_datasets(chat_config(path, tmp_path, chat_template_kwargs={"prefix": "Sure: "}), tok)[0])
     assert sorted(s for r in rows for s in labelled_text(tok, r))[0] == "Sure: Heron.<|endoftext|>"
 

@@ -20,7 +20,8 @@ def _item(plan, name):
     return dict((n, b) for n, b, _ in plan.items + plan.transient)[name]
 
 
-@pytest.mark.parametrize("overrides", [(), ("train.trainable=full",), ("train.trainable=instruct",), ("train.lora.r=4",)])
+@pytest.mark.parametrize("overrides", [(), ("train.trainable=full",), ("train.trainable=instruct",),
+                                       ("train.lora.r=4",)])
 def test_parameter_counts_are_those_of_the_model_training_builds(overrides):
     from ttt_adapt.model_setup import build_model
 
