@@ -53,6 +53,7 @@ def test_the_tiny_chat_default_trains_evaluates_exports_and_chats(tmp_path, monk
     assert report["kind"] == "chat" and report["converted"]["equals_base"]
     for model in ("base", "adapted", "adapted_swapped_state", "adapted_no_state"):
         assert report[model]["answers"] > 0 and 0 <= report[model]["answer_accuracy"] <= 1
+        assert 0 <= report[model]["assistant_token_accuracy"] <= 1
         assert any(v is not None for v in report[model]["assistant_loss_by_position"])
     export = tmp_path / "export"
     assert (export / "chat_template.jinja").read_text() == (REPO / recipe.data.chat_template_path).read_text()

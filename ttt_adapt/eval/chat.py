@@ -6,8 +6,9 @@ chat template the run trained with, its first `seq_len` tokens kept, and read on
   end-of-turn token included), averaged in position bins; the converted base must equal the base;
 - answer accuracy: the share of assistant turns that greedy decoding reproduces exactly, end-of-turn token
   included (every token of the turn is the argmax given the conversation before it, which is what greedy
-  `generate()` would write and where it would stop); for the tiny chat default (`ttt_adapt.corpus
-  .generate_conversations`) every assistant turn answers a question about a fact stated far back;
+  `generate()` would write and where it would stop), and the share of assistant tokens that are the argmax; for
+  the tiny chat default (`ttt_adapt.corpus.generate_conversations`) every assistant turn answers a question about
+  a fact stated far back;
 - the adapted model's fast-weight controls, as for documents (`ttt_adapt.eval.run.state_controls`): each
   conversation read with the fast weights another one writes (swapped state), or none (no state), with the
   bootstrap interval of own - swapped on the assistant tokens.
@@ -122,15 +123,21 @@ def _forward(lm, x, m):
 
 
 def answer_accuracy(hit: torch.Tensor, rows: dict, keep=None) -> dict:
-    """Share of assistant turns whose every token is the greedy choice; over the rows in `keep` (default all)."""
+    """Share of assistant turns whose every token is the greedy choice (`answer_accuracy`), and of assistant tokens
+    that are (`assistant_token_accuracy`: each given the reference before it); over the rows in `keep` (default
+    all)."""
     correct = total = 0
-    for i in keep if keep is not None else range(len(hit)):
+    keep = list(keep) if keep is not None else list(range(len(hit)))
+    tokens = rows["assistant"][keep]
+    token_accuracy = float(hit[keep][tokens].float().mean()) if tokens.any() else None
+    for i in keep:
         turns = rows["turn"][i]
         for t in range(int(turns.max()) + 1):
             span = turns == t
             total += 1
             correct += bool(hit[i][span].all())
-    return {"answer_accuracy": correct / total if total else None, "answers": total}
+    return {"answer_accuracy": correct / total if total else None, "answers": total,
+            "assistant_token_accuracy": token_accuracy}
 
 
 def measure(model, rows, edges, batch_size, keep=None, **kwargs) -> tuple[dict, torch.Tensor]:

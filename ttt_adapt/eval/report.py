@@ -47,6 +47,8 @@ def markdown_table(report: dict) -> str:
         answers = report["base"].get("answers")
         rows.append([f"answer accuracy (greedy reproduces the reference; {answers} answers)",
                      [report[m].get("answer_accuracy") for m in models], None])
+        rows.append(["assistant-token accuracy (argmax = reference)",
+                     [report[m].get("assistant_token_accuracy") for m in models], None])
     for task, by_length in report["base"].get("tasks", {}).items():
         for length in by_length:
             values = [report[m].get("tasks", {}).get(task, {}).get(length) for m in models]

@@ -109,7 +109,7 @@ def export_model(
     model.to(torch_dtype)
     model.config.dtype = torch_dtype
     model.config.use_cache = True  # training turned it off; generation wants it
-    chat = isinstance(tokenizer.chat_template, str)
+    chat = isinstance(getattr(tokenizer, "chat_template", None), str)
     if chat:
         stop_at_end_of_turn(model.generation_config, end_of_turn_id(tokenizer, recipe.data.chat_template_kwargs))
     card = render_model_card(
