@@ -61,7 +61,8 @@ def test_answer_accuracy_is_what_greedy_generation_writes(chat):
     wrong["input_ids"][0, -1] = (wrong["input_ids"][0, -1] + 1) % len(tokenizer)
     _, hit = read_conversations_with(model, wrong, batch_size=1)
     result = answer_accuracy(hit, wrong)
-    assert result["answer_accuracy"] == 0.0 and result["assistant_token_accuracy"] == pytest.approx(1 - 1 / (length - n))
+    assert result["answer_accuracy"] == 0.0
+    assert result["assistant_token_accuracy"] == pytest.approx(1 - 1 / (length - n))
 
 
 def test_the_chat_report_renders_in_the_evaluation_table():

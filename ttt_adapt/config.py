@@ -196,8 +196,8 @@ class TrainConfig:
         _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         self.lora.validate()
         if self.lora.r > 0 and self.trainable != "ttt":
-            _fail("train.lora.r", f"LoRA needs train.trainable: ttt (trainable: {self.trainable} already trains weights "
-                  "LoRA would adapt)")
+            _fail("train.lora.r", f"LoRA needs train.trainable: ttt (trainable: {self.trainable} already trains "
+                  "weights LoRA would adapt)")
         for name in self.trackers:
             _check_choice("train.trackers", name, TRACKERS)
         if len(set(self.trackers)) != len(self.trackers):

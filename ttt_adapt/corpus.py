@@ -181,7 +181,8 @@ def generate_conversations(n: int, seed: int, questions: int = 4, min_chars: int
     if n < 0 or questions < 1:
         raise ValueError(f"need n >= 0 and questions >= 1, got {n}, {questions}")
     if min_chars < RECALL_GAP or max_chars < min_chars + _MAX_TAIL:
-        raise ValueError(f"need min_chars >= {RECALL_GAP} and max_chars >= min_chars + {_MAX_TAIL}, got {min_chars}, {max_chars}")
+        raise ValueError(f"need min_chars >= {RECALL_GAP} and max_chars >= min_chars + {_MAX_TAIL}, got {min_chars}, "
+                         f"{max_chars}")
     conversations = []
     for i in range(n):
         rng = random.Random(f"ttt_adapt.corpus.chat/{seed}/{i}")

@@ -130,4 +130,5 @@ def compile_decoder_layers(model) -> None:
         layer.compile()
 
 
-__all__ = ["build_model", "trained_names", "compile_decoder_layers", "decoder_layers", "recipe_tokenizer", "is_ttt_param", "is_converted"]
+__all__ = ["build_model", "trained_names", "compile_decoder_layers", "decoder_layers", "recipe_tokenizer",
+           "is_ttt_param", "is_converted"]

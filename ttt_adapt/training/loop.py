@@ -353,7 +353,8 @@ def load_data(accelerator, recipe: Recipe, tokenizer) -> tuple[RowStream, list |
             message = first_line(e, None)
             raise RecipeError(message if message.startswith("data") else f"data: {message}") from None
         except DatasetGenerationError as e:  # a malformed file: the reason is in the cause
-            files = " or ".join(s.path for _, s in recipe.data.sources()) + (f" or {recipe.data.eval_path}" if recipe.data.eval_path else "")
+            paths = [s.path for _, s in recipe.data.sources()] + [recipe.data.eval_path] * bool(recipe.data.eval_path)
+            files = " or ".join(paths)
             raise RecipeError(f"data: cannot read {files}: {first_line(e.__cause__ or e, None)}") from None
     eval_data = None
     if eval_rows is not None:
