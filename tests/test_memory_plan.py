@@ -20,7 +20,8 @@ def _item(plan, name):
     return dict((n, b) for n, b, _ in plan.items + plan.transient)[name]
 
 
-@pytest.mark.parametrize("overrides", [(), ("train.trainable=full",), ("train.lora.r=4",)])
+@pytest.mark.parametrize("overrides", [(), ("train.trainable=full",), ("train.trainable=instruct",),
+                                       ("train.lora.r=4",)])
 def test_parameter_counts_are_those_of_the_model_training_builds(overrides):
     from ttt_adapt.model_setup import build_model
 
@@ -31,7 +32,8 @@ def test_parameter_counts_are_those_of_the_model_training_builds(overrides):
 
 
 @pytest.mark.parametrize("overrides", [("train.lora.r=4", "train.lora.dropout=0.1"), ("train.trainable=full",
-                                                                                     "train.gradient_checkpointing=true")])
+                                                                                     "train.gradient_checkpointing=true"),
+                                       ("train.trainable=instruct",)])
 def test_the_planned_model_is_the_one_training_builds_on_meta(overrides):
     """The plan's model comes from `build_model` on the meta device: the same modules (LoRA dropout included),
     parameters, shapes and trainable flags as the model training builds, and no memory."""

@@ -100,7 +100,7 @@ def test_overrides_take_yaml_values(tmp_path, corpus):
         (["train.batch_size=-1"], "train.batch_size: must be >= 1"),
         (["train.lr=0"], "train.lr: must be > 0"),
         (["train.ttt_lr=-1e-3"], "train.ttt_lr: must be > 0"),
-        (["train.trainable=lora"], "train.trainable: must be one of ttt, full"),
+        (["train.trainable=lora"], "train.trainable: must be one of ttt, instruct, full"),
         (["train.mixed_precision=fp8"], "train.mixed_precision: must be one of no, bf16, fp16"),
         (["train.lora.r=-1"], "train.lora.r: must be >= 0"),
         (["train.lora.r=4", "train.lora.dropout=1"], "train.lora.dropout: must be in [0, 1)"),
@@ -195,7 +195,8 @@ PUBLISHED = {"qwen3_4b.yaml": 36, "qwen3_8b.yaml": 36, "llama3_1_8b.yaml": 32, "
 
 
 def test_every_shipped_recipe_is_checked():
-    assert {p.name for p in (REPO / "recipes").glob("*.yaml")} == {*PUBLISHED, "tiny_qwen3.yaml"}
+    instruct = {"qwen3_4b_instruct.yaml", "llama3_1_8b_instruct.yaml", "tiny_qwen3_chat.yaml"}  # test_chat_recipes.py
+    assert {p.name for p in (REPO / "recipes").glob("*.yaml")} == {*PUBLISHED, "tiny_qwen3.yaml", *instruct}
 
 
 @pytest.mark.parametrize("name, num_layers", PUBLISHED.items())

@@ -26,7 +26,7 @@ from ttt_adapt.modeling.configuration_ttt import LR_MODES, NORM_GUARDS, TARGETS,
 from ttt_adapt.recipe_loading import apply_override, build_dataclass, read_recipe_file, unknown_key_message
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
-TRAINABLE = ("ttt", "full")
+TRAINABLE = ("ttt", "instruct", "full")  # instruct: TTT parameters + the TTT layers' down_proj
 MIXED_PRECISION = ("no", "bf16", "fp16")
 ON_NONFINITE = ("stop", "skip")
 ON_SPIKE = ("stop", "skip", "warn")
@@ -101,6 +101,8 @@ class LoraSettings:
 class TrainConfig:
     """The optimisation: schedule, trained parameters, checkpoints, evaluation, divergence and preemption.
 
+    `trainable`: `ttt` (the TTT parameters only), `instruct` (those and the `down_proj` of the TTT layers: for chat
+    models) or `full` (every weight); LoRA (`lora.r > 0`) adds adapters to `ttt`.
     Steps count optimizer updates, from 1; one step sees `batch_size * grad_accum * data-parallel processes`
     packed rows. What each key does: the recipe reference in docs/training.md, which lists every key of every
     section (tests/test_docs.py keeps it complete).
@@ -166,8 +168,9 @@ class TrainConfig:
         _check_choice("train.trainable", self.trainable, TRAINABLE)
         _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         self.lora.validate()
-        if self.lora.r > 0 and self.trainable == "full":
-            _fail("train.lora.r", "LoRA needs train.trainable: ttt (full training already trains every weight)")
+        if self.lora.r > 0 and self.trainable != "ttt":
+            _fail("train.lora.r", f"LoRA needs train.trainable: ttt (trainable: {self.trainable} already trains "
+                  "weights LoRA would adapt)")
         for name in self.trackers:
             _check_choice("train.trackers", name, TRACKERS)
         if len(set(self.trackers)) != len(self.trackers):

@@ -142,6 +142,10 @@ class _Document:
 
 
 def _document(rng: random.Random, min_chars: int, max_chars: int) -> str:
+    return _written(rng, min_chars, max_chars).text
+
+
+def _written(rng: random.Random, min_chars: int, max_chars: int) -> _Document:
     target = rng.randint(min_chars + 1, max_chars - _MAX_TAIL)
     doc = _Document(rng, target)
     doc.write(f"The chronicle of {doc.towns[0]}, book {doc.fresh(lambda: str(rng.randint(1, 99)))}.\n\n")
@@ -153,7 +157,8 @@ def _document(rng: random.Random, min_chars: int, max_chars: int) -> str:
         doc.write(doc.queries() if rng.random() < 0.4 else doc.paragraph())
     if "\nQ: " not in "".join(doc.parts):  # short documents end with at least one query
         doc.write(doc.queries())
-    return "".join(doc.parts)[:-1]  # every block ends in a blank line; keep one newline
+    doc.text = "".join(doc.parts)[:-1]  # every block ends in a blank line; keep one newline
+    return doc
 
 
 def generate_documents(n: int, seed: int, min_chars: int = 2000, max_chars: int = 8000) -> list[str]:
@@ -166,9 +171,55 @@ def generate_documents(n: int, seed: int, min_chars: int = 2000, max_chars: int 
     return [_document(random.Random(f"ttt_adapt.corpus/{seed}/{i}"), min_chars, max_chars) for i in range(n)]
 
 
+def generate_conversations(n: int, seed: int, questions: int = 4, min_chars: int = 2000,
+                           max_chars: int = 8000) -> list[list[dict]]:
+    """`n` long conversations (`messages` lists): a synthetic document in the first user turn with the first
+    question after it, then up to `questions` questions in all, one a turn, each answered by the assistant as the
+    document's query lines are (`A: 4821.`). Every question asks for a binding last stated at least `RECALL_GAP`
+    characters before the end of the document, so only a memory of the document answers it. Seeded like
+    `generate_documents` (the same (n, seed) gives the same list)."""
+    if n < 0 or questions < 1:
+        raise ValueError(f"need n >= 0 and questions >= 1, got {n}, {questions}")
+    if min_chars < RECALL_GAP or max_chars < min_chars + _MAX_TAIL:
+        raise ValueError(f"need min_chars >= {RECALL_GAP} and max_chars >= min_chars + {_MAX_TAIL}, got {min_chars}, "
+                         f"{max_chars}")
+    conversations = []
+    for i in range(n):
+        rng = random.Random(f"ttt_adapt.corpus.chat/{seed}/{i}")
+        doc = _written(rng, min_chars, max_chars)
+        far = [k for k, seen in enumerate(doc.last_seen) if len(doc.text) - seen >= RECALL_GAP]
+        asked = rng.sample(far, min(questions, len(far))) or [0]  # the registry is always far back
+        messages = []
+        for j, k in enumerate(asked):
+            question, answer = doc.bindings[k]
+            user = f"Read this chronicle, then answer my questions.\n\n{doc.text.rstrip()}\n\nQ: {question}" if j == 0 \
+                else f"Q: {question}"
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": f"A: {answer}."}]
+        conversations.append(messages)
+    return conversations
+
+
 def recall_spans(text: str) -> list[tuple[int, int]]:
     """Character spans of the query answers in `text`: the tokens only a long-range memory can predict."""
     return [m.span(1) for m in _QUERY.finditer(text)]
+
+
+# The shipped chat corpus of the tiny chat default (ttt_adapt/assets/chat/): write_chat_corpus(folder, **TINY_CHAT)
+TINY_CHAT = {"n_train": 400, "n_eval": 32, "seed": 0, "min_chars": 2000, "max_chars": 3200}
+
+
+def write_chat_corpus(out_dir, n_train: int, n_eval: int, seed: int = 0, **kwargs) -> dict:
+    """Write `train.jsonl` and `eval.jsonl` ({"messages": [...]} a line) of `generate_conversations(n, stream,
+    **kwargs)` to `out_dir`, the train split from stream 2*seed and the eval split from 2*seed + 1; return the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, n, stream in (("train", n_train, 2 * seed), ("eval", n_eval, 2 * seed + 1)):
+        paths[split] = out / f"{split}.jsonl"
+        with open(paths[split], "w") as f:
+            for messages in generate_conversations(n, stream, **kwargs):
+                f.write(json.dumps({"messages": messages}) + "\n")
+    return paths
 
 
 def write_corpus(out_dir, n_train: int, n_eval: int, seed: int = 0) -> dict:

@@ -21,7 +21,7 @@ import hashlib
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from datasets import Dataset, Features, IterableDataset, List, Value, load_dataset
 from datasets.exceptions import DatasetNotFoundError
@@ -39,6 +39,21 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "t
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 STREAMING_SHUFFLE_BUFFER = 1000  # documents held in memory by the streaming shuffle
 _PACKING_VERSION = "1"  # bump when the packed layout changes, to invalidate cached rows
+FORMATS = ("text", "chat")  # plain documents; conversations (`ttt_adapt.chat_data`)
+ON_BAD_ROW = ("error", "skip")
+
+
+@dataclass
+class DataSource:
+    """One corpus of a `data.mix`: where it lives (as `data.path`), its format and its weight (the share of the
+    documents and conversations drawn from it; weights need not sum to 1)."""
+
+    path: str
+    format: str = "text"
+    weight: float = 1.0
+    name: str | None = None
+    split: str = "train"
+    text_field: str = "text"
 
 
 @dataclass
@@ -53,9 +68,16 @@ class DataConfig:
     `eval_fraction` of the documents; 0 disables evaluation. `min_doc_len` counts the tokens of
     a tokenised document including the appended eos. `num_proc` parallelises loading and
     tokenising map-style datasets (streams ignore it).
+
+    Conversations (`format: chat`, see `ttt_adapt.chat_data` and docs/chat.md): rows with `messages` or
+    `prompt`/`completion`, rendered with the tokenizer's chat template (or the Jinja file `chat_template_path`,
+    as TRL's `chat_template_path`), `chat_template_kwargs` passed to it; only assistant tokens are labelled. A bad
+    row stops the run with one line naming it (`on_bad_row: error`) or is skipped and counted (`skip`). `mix`
+    replaces `path`: several sources (`DataSource`), text and chat, drawn by weight; `format` and `eval_path`
+    then describe the held-out file, if any.
     """
 
-    path: str
+    path: str | None = None
     name: str | None = None
     split: str = "train"
     text_field: str = "text"
@@ -67,13 +89,25 @@ class DataConfig:
     num_proc: int | None = None
     cache_dir: str | None = None
     seed: int = 0
+    format: str = "text"
+    chat_template_path: str | None = None
+    chat_template_kwargs: dict = field(default_factory=dict)
+    on_bad_row: str = "error"
+    mix: list[DataSource] | None = None
 
     def validate(self) -> DataConfig:
         """Raise a one-line RecipeError ("data.key: ...") naming the first bad value; return self. Reads no files
         (`check_files` does)."""
-        for field in ("path", "text_field", "split"):
-            if not isinstance(getattr(self, field), str) or not getattr(self, field):
-                raise RecipeError(f"data.{field}: must be a non-empty string, got {getattr(self, field)!r}")
+        if self.mix is not None:
+            _validate_mix(self)
+        elif self.path is None:
+            raise RecipeError("data.path: missing (required, or list the sources in data.mix)")
+        for name in ("text_field", "split") + (("path",) if self.mix is None else ()):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise RecipeError(f"data.{name}: must be a non-empty string, got {getattr(self, name)!r}")
+        for name, value, choices in (("format", self.format, FORMATS), ("on_bad_row", self.on_bad_row, ON_BAD_ROW)):
+            if value not in choices:
+                raise RecipeError(f"data.{name}: must be one of {', '.join(choices)}; got {value!r}")
         if not _is_int(self.seq_len) or self.seq_len < 2:
             raise RecipeError(f"data.seq_len: must be an integer >= 2, got {self.seq_len!r}")
         if not isinstance(self.eval_fraction, (int, float)) or not 0 <= self.eval_fraction < 1:
@@ -87,11 +121,39 @@ class DataConfig:
     def check_files(self) -> DataConfig:
         """Raise a one-line RecipeError if a local `path` or `eval_path` is missing, empty or of an unknown
         type; return self."""
-        if _looks_local(self.path):
-            _local_files(self.path, "path")
+        for key, source in self.sources():
+            if _looks_local(source.path):
+                _local_files(source.path, key)
+        if self.chat_template_path is not None and not os.path.isfile(os.path.expanduser(self.chat_template_path)):
+            raise RecipeError(f"data.chat_template_path: no such file {self.chat_template_path!r}")
         if self.eval_path is not None:
             _local_files(self.eval_path, "eval_path")
         return self
+
+    def sources(self) -> list[tuple[str, DataSource]]:
+        """(recipe key, source) of every training corpus: `data.path` alone, or each `data.mix` entry."""
+        if self.mix is None:
+            return [("path", DataSource(self.path, self.format, 1.0, self.name, self.split, self.text_field))]
+        return [(f"mix[{i}].path", source) for i, source in enumerate(self.mix)]
+
+    def uses_chat(self) -> bool:
+        return self.format == "chat" or any(s.format == "chat" for _, s in self.sources())
+
+
+def _validate_mix(cfg: DataConfig) -> None:
+    if cfg.path is not None:
+        raise RecipeError("data.path: set either data.path or data.mix, not both")
+    if not cfg.mix:
+        raise RecipeError("data.mix: is empty; list at least one source, or use data.path")
+    for i, source in enumerate(cfg.mix):
+        key = f"data.mix[{i}]"
+        for name in ("path", "split", "text_field"):
+            if not getattr(source, name):
+                raise RecipeError(f"{key}.{name}: must be a non-empty string, got {getattr(source, name)!r}")
+        if source.format not in FORMATS:
+            raise RecipeError(f"{key}.format: must be one of {', '.join(FORMATS)}; got {source.format!r}")
+        if not source.weight > 0:
+            raise RecipeError(f"{key}.weight: must be > 0, got {source.weight}")
 
 
 def _is_int(value) -> bool:

@@ -14,15 +14,30 @@ from accelerate.utils import set_seed
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ttt_adapt._util import RecipeError, first_line, unwrap
+from ttt_adapt.chat_data import set_chat_template
 from ttt_adapt.compat import enable_activation_checkpointing
 from ttt_adapt.config import Recipe
 from ttt_adapt.convert import convert
 from ttt_adapt.modeling import FAMILIES
+from ttt_adapt.modeling.ttt_layer import TTTMLP
 
 
 def is_ttt_param(name: str) -> bool:
     """TTT parameters live in each TTT layer's `mlp.ttt` submodule (also under peft's modules_to_save)."""
     return ".mlp.ttt." in name
+
+
+def trained_names(model, trainable: str) -> set[str]:
+    """Names of the parameters `train.trainable` trains: the TTT parameters (`ttt`), those and the `down_proj` of
+    every TTT layer (`instruct`), or all of them (`full`)."""
+    names = [name for name, _ in model.named_parameters()]
+    if trainable == "full":
+        return set(names)
+    down = set()
+    if trainable == "instruct":
+        down = {f"{prefix}.down_proj.{n}" for prefix, module in model.named_modules() if isinstance(module, TTTMLP)
+                for n, _ in module.down_proj.named_parameters()}
+    return {name for name in names if is_ttt_param(name) or name in down}
 
 
 def is_converted(model_type) -> bool:
@@ -31,8 +46,11 @@ def is_converted(model_type) -> bool:
 
 
 def recipe_tokenizer(recipe: Recipe):
-    """The base model's tokenizer; it must have an eos token (packing ends every document with it)."""
+    """The base model's tokenizer, with the chat template of `data.chat_template_path` when the recipe names one; it
+    must have an eos token (packing ends every document with it)."""
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path)
+    if recipe.data.chat_template_path is not None:
+        set_chat_template(tokenizer, recipe.data.chat_template_path)
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token (needed to separate packed documents)")
     return tokenizer
@@ -88,8 +106,9 @@ def _build_model(recipe: Recipe, device, config):
             raise RecipeError(f"train.lora.target_modules: peft refused {t.lora.target_modules}: {first_line(e, None)}") \
                 from None
     else:
+        trained = trained_names(model, t.trainable)
         for name, p in model.named_parameters():
-            p.requires_grad_(t.trainable == "full" or is_ttt_param(name))
+            p.requires_grad_(name in trained)
     if not any(is_ttt_param(n) and p.requires_grad for n, p in model.named_parameters()):
         raise RuntimeError("no trainable TTT parameter found after conversion")
     return model
@@ -111,4 +130,5 @@ def compile_decoder_layers(model) -> None:
         layer.compile()
 
 
-__all__ = ["build_model", "compile_decoder_layers", "decoder_layers", "recipe_tokenizer", "is_ttt_param", "is_converted"]
+__all__ = ["build_model", "trained_names", "compile_decoder_layers", "decoder_layers", "recipe_tokenizer",
+           "is_ttt_param", "is_converted"]

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from transformers import AutoConfig
 
 from ttt_adapt._util import RecipeError, first_line, looks_like_local_path
+from ttt_adapt.chat_data import check_chat_template
 from ttt_adapt.config import EvalError, Recipe
 from ttt_adapt.distributed.context_parallel import check_cp_size
 from ttt_adapt.distributed.fsdp import FSDPRequest, fsdp_request
@@ -182,6 +183,11 @@ def checked_tokenizer(recipe: Recipe, config):
             f"model.name_or_path: the tokenizer of {name!r} has {len(tokenizer)} tokens, "
             f"more than the model's vocab_size {config.vocab_size}"
         )
+    if recipe.data.uses_chat():  # conversations need a template that marks the assistant's tokens
+        try:
+            check_chat_template(tokenizer, recipe.data.chat_template_kwargs, repr(name))
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
     return tokenizer
 
 

@@ -8,12 +8,21 @@ from pathlib import Path
 from ttt_adapt.eval.long_context import markdown_long_table
 
 
+LOSS_KEYS = {  # per-bin losses a report may hold -> row label (chat reports: `ttt_adapt.eval.chat`)
+    "loss_by_position": "loss",
+    "recall_loss_by_position": "recall-answer loss",
+    "assistant_loss_by_position": "assistant-token loss",
+}
 MODELS = {  # report entry -> column / legend label, in table order
     "base": "base",
     "adapted": "adapted",
     "adapted_swapped_state": "adapted, swapped state",
     "adapted_no_state": "adapted, no state",
 }
+
+
+PLOT_TITLES = {"loss_by_position": "all tokens", "recall_loss_by_position": "answers of long-range queries",
+               "assistant_loss_by_position": "assistant tokens"}
 
 
 def markdown_table(report: dict) -> str:
@@ -27,7 +36,7 @@ def markdown_table(report: dict) -> str:
     if control:
         header.append(f"own - swapped ({control['confidence']:.0%} CI)")
     rows = []
-    for key, label in (("loss_by_position", "loss"), ("recall_loss_by_position", "recall-answer loss")):
+    for key, label in LOSS_KEYS.items():
         if key not in report["base"]:
             continue
         for k, (a, b) in enumerate(zip(edges, edges[1:])):
@@ -36,6 +45,12 @@ def markdown_table(report: dict) -> str:
                 continue  # no such tokens in this bin (e.g. no recall answer that early)
             interval = (control.get(key) or [None] * len(edges))[k] if control else None
             rows.append([f"{label}, positions {a}-{b}", values, interval])
+    if "answer_accuracy" in report["base"]:
+        answers = report["base"].get("answers")
+        rows.append([f"answer accuracy (greedy reproduces the reference; {answers} answers)",
+                     [report[m].get("answer_accuracy") for m in models], None])
+        rows.append(["assistant-token accuracy (argmax = reference)",
+                     [report[m].get("assistant_token_accuracy") for m in models], None])
     for task, by_length in report["base"].get("tasks", {}).items():
         for length in by_length:
             values = [report[m].get("tasks", {}).get(task, {}).get(length) for m in models]
@@ -106,7 +121,7 @@ def plot_loss_by_position(report: dict, path) -> None:
 
     edges = report["bins"]
     x = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
-    keys = [k for k in ("loss_by_position", "recall_loss_by_position") if k in report["base"]]
+    keys = [k for k in LOSS_KEYS if k in report["base"]]
     control = report.get("own_minus_swapped")
     fig, axes = plt.subplots(1, len(keys) + bool(control), figsize=(6 * (len(keys) + bool(control)), 4), squeeze=False)
     styles = {"base": "o-", "converted": "x:", "adapted": "s-", "adapted_swapped_state": "d--", "adapted_no_state": "^:"}
@@ -115,18 +130,18 @@ def plot_loss_by_position(report: dict, path) -> None:
             values = report.get(name, {}).get(key)
             if values:
                 ax.plot(*_points(x, values), style, label=MODELS.get(name, name))
-        _axes(ax, x, edges, "loss (nats/token)",
-              "all tokens" if key == "loss_by_position" else "answers of long-range queries")
+        _axes(ax, x, edges, "loss (nats/token)", PLOT_TITLES[key])
     if control:
         ax = axes[0][-1]
-        for key, style in (("loss_by_position", "s-"), ("recall_loss_by_position", "d--")):
+        for key, style in (("loss_by_position", "s-"), ("recall_loss_by_position", "d--"),
+                           ("assistant_loss_by_position", "o-")):
             intervals = [(xi, d) for xi, d in zip(x, control.get(key) or []) if d is not None]
             if intervals:
                 mean = [d["mean"] for _, d in intervals]
                 err = [[m - d["low"] for m, (_, d) in zip(mean, intervals)],
                        [d["high"] - m for m, (_, d) in zip(mean, intervals)]]
                 ax.errorbar([xi for xi, _ in intervals], mean, yerr=err, fmt=style, capsize=3,
-                            label="all tokens" if key == "loss_by_position" else "recall answers")
+                            label=PLOT_TITLES[key])
         ax.axhline(0, color="grey", lw=0.8)
         _axes(ax, x, edges, "own - swapped loss (nats/token)", f"own - swapped state ({control['confidence']:.0%} CI)")
     fig.tight_layout()

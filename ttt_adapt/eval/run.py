@@ -140,8 +140,22 @@ def state_controls(model, rows: dict, own: torch.Tensor, weights: dict, settings
 
 def evaluate_recipe(recipe, adapted, out_dir=None) -> dict:
     """`run_evaluation` for a training run: its base (`model.name_or_path`), `adapted` (the trained model in memory,
-    or a folder), the recipe's `eval` settings; writes `<train.output_dir>/eval/` unless `out_dir` is given."""
+    or a folder), the recipe's `eval` settings; writes `<train.output_dir>/eval/` unless `out_dir` is given. A chat
+    recipe (`data.format: chat`) is measured on its held-out conversations (`ttt_adapt.eval.chat`)."""
     out_dir = out_dir if out_dir is not None else Path(recipe.train.output_dir) / "eval"
+    if recipe.data.format == "chat":  # held-out conversations (data.eval_path): `ttt_adapt.eval.chat`
+        from ttt_adapt.eval.chat import run_chat_evaluation
+        from ttt_adapt.model_setup import recipe_tokenizer
+
+        settings = recipe.eval_settings()
+        if settings.corpus is None:
+            raise EvalError("eval.corpus: not set, and the recipe has no data.eval_path to default to")
+        name = describe(adapted)
+        if isinstance(adapted, (str, Path)):
+            adapted = load_model(adapted, recipe.model.dtype)
+        base = load_model(recipe.model.name_or_path, recipe.model.dtype, next(adapted.parameters()).device)
+        return run_chat_evaluation(settings, base, adapted, recipe_tokenizer(recipe), out_dir,
+                                   recipe.data.chat_template_kwargs, names=(recipe.model.name_or_path, name))
     return run_evaluation(recipe.eval, recipe.model.name_or_path, adapted, out_dir, dtype=recipe.model.dtype)
 
 

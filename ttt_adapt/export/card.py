@@ -18,8 +18,9 @@ CODE_NOTE = re.compile(r"<!-- ttt-adapt:code -->.*?<!-- /ttt-adapt:code -->\n?",
 
 
 def render_model_card(config, recipe, state: dict, checkpoint: Path, *, report=None, license="other",
-                      repo_id=None, revision=None, best: bool = False) -> str:
-    """The README.md: Hub metadata, TTT settings, training summary, evaluation table, usage."""
+                      repo_id=None, revision=None, best: bool = False, chat: bool = False) -> str:
+    """The README.md: Hub metadata, TTT settings, training summary, evaluation table, usage (`chat`: a chat
+    example through `pipeline("text-generation")`, for a tokenizer with a chat template)."""
     base = recipe.model.name_or_path
     family = config.model_type.removeprefix("ttt_")
     metadata = {
@@ -33,7 +34,8 @@ def render_model_card(config, recipe, state: dict, checkpoint: Path, *, report=N
     name = repo_id.split("/")[-1] if repo_id else Path(checkpoint).parent.name
     shown_base = base if not looks_like_local_path(base) else f"a local checkpoint ({Path(base).name})"
     t = recipe.train
-    trained = f"{t.trainable} parameters" + (f" + LoRA r={t.lora.r} (merged)" if t.lora.r else "")
+    trained = {"ttt": "TTT parameters", "instruct": "TTT parameters + the TTT layers' down_proj (instruct)",
+               "full": "every parameter"}[t.trainable] + (f" + LoRA r={t.lora.r} (merged)" if t.lora.r else "")
     parts = [
         f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---\n",
         f"# {name}\n",
@@ -71,11 +73,23 @@ def render_model_card(config, recipe, state: dict, checkpoint: Path, *, report=N
         f'model = AutoModelForCausalLM.from_pretrained("{load_from}", trust_remote_code=True{pin})\n'
         'inputs = tokenizer("A long document ...", return_tensors="pt")\n'
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))\n```\n",
+        *([_chat_usage(load_from, pin)] if chat else []),
         "`trust_remote_code=True` runs the Python files of this repository (`configuration_ttt.py`, "
         "`modeling_ttt.py`, `ttt_layer.py`; they need only torch and transformers). Read them, then pin "
         "`revision` to the commit you read so later pushes cannot change the code you run.\n",
     ]
     return "\n".join(parts)
+
+
+def _chat_usage(load_from: str, pin: str) -> str:
+    return (
+        "A chat model: its tokenizer carries the chat template it was trained with, and `generation_config.json` stops "
+        "at the template's end-of-turn token.\n\n"
+        "```python\nfrom transformers import pipeline\n\n"
+        f'chat = pipeline("text-generation", model="{load_from}", trust_remote_code=True{pin})\n'
+        'messages = [{"role": "user", "content": "A long document ...\\n\\nWhat does it say about ...?"}]\n'
+        'print(chat(messages, max_new_tokens=64)[0]["generated_text"][-1]["content"])\n```\n'
+    )
 
 
 def _table(header: list, rows: list[list]) -> str:

@@ -7,7 +7,8 @@
 model the recipe trained with the checkpoint's weights (`ttt_adapt.training.checkpoints.load_checkpoint_model`: loaded
 strictly, finite, LoRA merged), and writes: `config.json` (the `ttt_*` model_type, `auto_map`, the TTT
 settings, the base model's id), the modeling files, safetensors weights (sharded with an index above
-`max_shard_size`), the tokenizer, `generation_config.json` and a `README.md` model card.
+`max_shard_size`), the tokenizer (with the chat template the run trained with, `data.chat_template_path`, if any),
+`generation_config.json` (stopping at the chat template's end-of-turn token too) and a `README.md` model card.
 
 `refresh_code(folder)` repairs an export made with older code: it rewrites the modeling files and the config
 metadata to this version's code (tested with the transformers range in `TESTED_TRANSFORMERS`) without touching
@@ -35,6 +36,7 @@ from safetensors import safe_open
 
 from ttt_adapt import modeling
 from ttt_adapt._util import DTYPES, RecipeError, first_line, parse_size
+from ttt_adapt.chat_data import end_of_turn_id
 from ttt_adapt.config import build_recipe
 from ttt_adapt.export import ExportError
 from ttt_adapt.export.card import base_license, render_model_card, with_code_note
@@ -108,8 +110,11 @@ def export_model(
     model.to(torch_dtype)
     model.config.dtype = torch_dtype
     model.config.use_cache = True  # training turned it off; generation wants it
+    chat = isinstance(getattr(tokenizer, "chat_template", None), str)
+    if chat:
+        stop_at_end_of_turn(model.generation_config, end_of_turn_id(tokenizer, recipe.data.chat_template_kwargs))
     card = render_model_card(
-        model.config, recipe, state, checkpoint, report=report, best=best,
+        model.config, recipe, state, checkpoint, report=report, best=best, chat=chat,
         license=license or recipe_license or base_license(recipe.model.name_or_path) or "other",
         repo_id=push_to_hub, revision=revision,
     )
@@ -134,6 +139,17 @@ def record_state_norms(config, report: dict | None) -> None:
         return
     if all(v > 0 for v in norms["max"]):
         config.ttt = {**ttt, "state_norm_limit": [float(v) for v in norms["max"]]}
+
+
+def stop_at_end_of_turn(generation_config, token_id: int | None) -> None:
+    """Add the chat template's end-of-turn token to the generation config's stop tokens (`eos_token_id`)."""
+    if token_id is None:
+        return
+    eos = generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if token_id not in eos:
+        eos.append(token_id)
+    generation_config.eos_token_id = eos[0] if len(eos) == 1 else eos
 
 
 def refresh_code(folder, *, push_to_hub: str | None = None, private: bool = False, revision: str | None = None,

@@ -46,7 +46,7 @@ from ttt_adapt._util import RecipeError, first_line
 from ttt_adapt.attention import use_packed_attention
 from ttt_adapt.compat import enable_activation_checkpointing
 from ttt_adapt.config import Recipe
-from ttt_adapt.data import build_datasets
+from ttt_adapt.data_mix import build_datasets
 from ttt_adapt.distributed.context_parallel import ContextParallel, prepare_model
 from ttt_adapt.distributed.fsdp import build_sharded_model, clip_grad_norm, fsdp_mesh, gradient_sync, is_sharded
 from ttt_adapt.loss import IGNORE_INDEX, loss_sum
@@ -227,12 +227,13 @@ def load_data(accelerator, recipe: Recipe, tokenizer) -> tuple[RowStream, list |
     t = recipe.train
     with accelerator.main_process_first():
         try:
-            train_rows, eval_rows = build_datasets(recipe.data, tokenizer)
+            train_rows, eval_rows = build_datasets(recipe.data, tokenizer, log=accelerator.print)
         except ValueError as e:
             message = first_line(e, None)
             raise RecipeError(message if message.startswith("data") else f"data: {message}") from None
         except DatasetGenerationError as e:  # a malformed file: the reason is in the cause
-            files = recipe.data.path + (f" or {recipe.data.eval_path}" if recipe.data.eval_path else "")
+            paths = [s.path for _, s in recipe.data.sources()] + [recipe.data.eval_path] * bool(recipe.data.eval_path)
+            files = " or ".join(paths)
             raise RecipeError(f"data: cannot read {files}: {first_line(e.__cause__ or e, None)}") from None
     eval_data = None
     if eval_rows is not None:
