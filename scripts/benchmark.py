@@ -1,6 +1,6 @@
 """Benchmarks: the cost of In-Place TTT, measured (never asserted in unit tests).
 
-    python scripts/benchmark.py layer [--length 16384 --chunk 512 --hidden 1024 --intermediate 3072 --repeats 3]
+    python scripts/benchmark.py layer [--length 16384 --chunk 512 --hidden 1024 --intermediate 3072 --repeats 3 --state-decay G]
     python scripts/benchmark.py train-step [--lengths 2048,4096 --repeats 3 --model mid|small --vocab 4096
                                             --trainable full|ttt --checkpointing --variants base,ttt,ttt_plain
                                             --compile]
@@ -70,13 +70,13 @@ VARIANTS = ("plain", "ttt", "published", "loop")
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
-def make_mlp(d, H, chunk, seed=0):
+def make_mlp(d, H, chunk, seed=0, state_decay=None):
     from transformers import Qwen3Config
     from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
 
     torch.manual_seed(seed)
     base = Qwen3MLP(Qwen3Config(hidden_size=d, intermediate_size=H))
-    mlp = TTTMLP(base, TTTConfig(chunk_size=chunk), layer_idx=0)
+    mlp = TTTMLP(base, TTTConfig(chunk_size=chunk, state_decay=state_decay), layer_idx=0)
     with torch.no_grad():
         mlp.ttt.conv.weight.normal_(0, 0.02)
         mlp.ttt.target_proj.weight.normal_(0, 0.02)
@@ -137,7 +137,7 @@ def _rss_kib(field):
 
 def measure_memory(args):
     """In a fresh subprocess: MiB by which one forward+backward raises the peak resident set."""
-    base, mlp = make_mlp(args.hidden, args.intermediate, args.chunk)
+    base, mlp = make_mlp(args.hidden, args.intermediate, args.chunk, state_decay=args.state_decay)
     x = torch.randn(1, args.length, args.hidden, requires_grad=True)
     w = torch.randn(1, args.length, args.hidden)
     before = _rss_kib("VmRSS")
@@ -146,7 +146,7 @@ def measure_memory(args):
 
 
 def bench_layer(args):
-    base, mlp = make_mlp(args.hidden, args.intermediate, args.chunk)
+    base, mlp = make_mlp(args.hidden, args.intermediate, args.chunk, state_decay=args.state_decay)
     x = torch.randn(1, args.length, args.hidden, requires_grad=True)
     w = torch.randn(1, args.length, args.hidden)
     times = {v: [] for v in VARIANTS}
@@ -164,7 +164,8 @@ def bench_layer(args):
     for _ in range(args.repeats):
         for v in VARIANTS:
             cmd = [sys.executable, __file__, "_memory", "--variant", v, "--length", str(args.length), "--chunk",
-                   str(args.chunk), "--hidden", str(args.hidden), "--intermediate", str(args.intermediate)]
+                   str(args.chunk), "--hidden", str(args.hidden), "--intermediate", str(args.intermediate),
+                   *(["--state-decay", str(args.state_decay)] if args.state_decay is not None else [])]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
             memory[v].append(json.loads(out.strip().splitlines()[-1])["peak_mib"])
     memory = {v: statistics.median(m) for v, m in memory.items()}
@@ -839,6 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--repeats", type=int, default=3)
         p.add_argument("--out", default="exports/benchmark_layer.json")
         p.add_argument("--variant", choices=VARIANTS, default="ttt")
+        p.add_argument("--state-decay", type=float, default=None, help="the TTT MLP's ttt.state_decay (default off)")
     for name in ("train-step", "_memory_step"):
         p = sub.add_parser(name)
         p.add_argument("--lengths", type=_ints, default=[2048, 4096])
