@@ -115,6 +115,10 @@ class TTTState:
             layer = {"S": st.S.detach().clone(), "buf_x": st.buf_x.detach().clone(), "n": st.n.detach().clone()}
             if st.buf_t is not None:
                 layer["buf_t"] = st.buf_t.detach().clone()
+            stale = torch.arange(layer["buf_x"].shape[1]).unsqueeze(0) >= layer["n"].cpu().unsqueeze(1)  # (B, C)
+            for name in ("buf_x", "buf_t"):  # slots past the pending part hold leftovers of earlier chunks
+                if name in layer:
+                    layer[name][stale.to(layer[name].device)] = 0
             if layer["S"].shape[0] != B:
                 raise ValueError(f"the cache holds {layer['S'].shape[0]} rows, {B} token counts were given")
             layers[i] = layer
