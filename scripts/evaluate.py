@@ -64,7 +64,12 @@ def parse_args(argv):
     p.add_argument("--state", help="a fast-weight state file (scripts/memorize.py): loss of the corpus read from it")
     p.add_argument("--memory-split", type=int_list, metavar="FIRST,CONT",
                    help="measure the fast-weight memory on documents cut into FIRST and CONT tokens")
+    p.add_argument("--memory-filler", type=int_list, metavar="N,N,...",
+                   help="with --memory-split: also the continuation's loss after N more tokens of other text are "
+                        "read into the first part's state")
     args = p.parse_args(argv)
+    if args.memory_filler is not None and args.memory_split is None:
+        p.error("--memory-filler goes with --memory-split")
     if args.memory_split is not None and (len(args.memory_split) != 2 or min(args.memory_split) < 2):
         p.error(f"--memory-split takes two token counts >= 2, e.g. 512,512, got {args.memory_split}")
     return args
@@ -143,7 +148,7 @@ def evaluate_memory(args) -> int:
     import torch
 
     from ttt_adapt.eval import load_model, load_tokenizer, read_corpus
-    from ttt_adapt.eval.memory import memory_value, state_losses
+    from ttt_adapt.eval.memory import memory_after_reading, memory_value, state_losses
 
     if args.state and args.memory_split:
         raise UsageError("--state and --memory-split are separate measures: pass one")
@@ -159,7 +164,11 @@ def evaluate_memory(args) -> int:
             state = model.load_state(args.state)
             result = state_losses(model, [d[: args.seq_len or 1024] for d in docs], state)
         else:
-            result = memory_value(model, docs, *args.memory_split, log=lambda m: print(m, file=sys.stderr))
+            log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+            result = memory_value(model, docs, *args.memory_split, log=log)
+            if args.memory_filler:
+                result["reading_more"] = memory_after_reading(model, docs, *args.memory_split, args.memory_filler,
+                                                              log=log)
     except ValueError as e:  # a state file that is truncated or belongs to another model
         raise UsageError(str(e)) from None
     print(json.dumps(result, indent=1))

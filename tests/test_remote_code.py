@@ -101,7 +101,7 @@ def test_every_family_exports_and_reloads_without_ttt_adapt(tmp_path):
         for name in ("configuration_ttt.py", "modeling_ttt.py", "ttt_layer.py", "ttt_state.py"):  # torch/transformers
             src = (folder / name).read_text()
             imports = [l.strip().split()[1] for l in src.splitlines() if l.strip().startswith(("import ", "from "))]
-            stdlib = {"copy", "dataclasses", "functools", "inspect", "sys", "warnings", "hashlib", "json", "os", "tempfile",
+            stdlib = {"copy", "dataclasses", "functools", "inspect", "sys", "warnings", "hashlib", "json", "os",
                       "safetensors"}  # safetensors: a requirement of transformers
             assert all(m.split(".")[0] in {"torch", "transformers", *stdlib} or m.startswith(".") for m in imports), imports
     script = tmp_path / "reload.py"

@@ -76,6 +76,39 @@ def memory_value(model, documents: list[torch.Tensor], first: int, continuation:
     }
 
 
+def memory_after_reading(model, documents: list[torch.Tensor], first: int, continuation: int, fillers: list[int],
+                         log=None) -> dict:
+    """What reading more does to a memory: for each count F in `fillers`, the loss on the continuation starting from
+    the first part's state followed by F tokens of other documents (the next ones' text, in order), against (c) from
+    nothing; with bootstrap intervals of the difference over documents."""
+    docs = [d[: first + continuation] for d in documents if len(d) >= first + continuation]
+    if len(docs) < 2:
+        raise EvalError(f"the memory measure needs 2 or more documents of {first + continuation}+ tokens, "
+                        f"found {len(docs)}")
+    lm = unwrap(model)
+    stream = torch.cat([d for d in documents])  # the filler: the corpus text after document i's own
+    starts = torch.cumsum(torch.tensor([0] + [len(d) for d in documents]), 0)
+    index = [next(k for k, d in enumerate(documents) if d.data_ptr() == doc.data_ptr()) for doc in docs]
+    nothing = torch.stack([continuation_losses(lm, d[first:]) for d in docs])
+    weights, edges = torch.ones_like(nothing), [0, nothing.shape[1]]
+    out = {"documents": len(docs), "loss_nothing": float(nothing.mean()), "after": {}}
+    for filler in fillers:
+        rows = []
+        for i, d in zip(index, docs):
+            state = lm.read_state(d[:first])
+            if filler:
+                s = int(starts[i + 1]) % len(stream)
+                text = torch.cat([stream, stream])[s : s + filler]
+                state = lm.read_state(text, state=state)
+            rows.append(continuation_losses(lm, d[first:], state=state))
+        table = torch.stack(rows)
+        out["after"][str(filler)] = {"loss": float(table.mean()),
+                                     "minus_nothing": bootstrap_difference(table, nothing, weights, edges)[0]}
+        if log is not None:
+            log(f"memory after {filler} more tokens: {out['after'][str(filler)]['loss']:.4f}")
+    return out
+
+
 def state_losses(model, documents: list[torch.Tensor], state) -> dict:
     """Mean loss of each document read starting from `state` against the same document read from nothing, and the
     difference's bootstrap interval over documents."""

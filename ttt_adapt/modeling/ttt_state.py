@@ -12,7 +12,6 @@ requirement of transformers).
 import hashlib
 import json
 import os
-import tempfile
 
 import torch
 
@@ -159,9 +158,8 @@ class TTTState:
         path = os.fspath(path)
         tensors = {f"layers.{i}.{k}": t.detach().cpu().contiguous() for i, layer in self.layers.items()
                    for k, t in layer.items()}
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".ttt_state_", suffix=".tmp", dir=folder)
-        os.close(fd)
+        folder, name = os.path.split(os.path.abspath(path))
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
         try:
             save_file(tensors, tmp, metadata={"ttt_state": json.dumps(self.header)})
             os.replace(tmp, path)
