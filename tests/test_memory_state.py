@@ -76,8 +76,9 @@ def test_one_pass_pieces_and_generate_read_the_same_state(decay, one_thread):
 
 
 @pytest.mark.parametrize("decay", DECAYS)
-def test_loaded_state_with_the_prefix_cache_equals_the_full_forward(decay, tmp_path, one_thread):
-    model = ttt_model(decay)
+@pytest.mark.parametrize("target", ["hidden_states", "input_embed"])
+def test_loaded_state_with_the_prefix_cache_equals_the_full_forward(decay, target, tmp_path, one_thread):
+    model = ttt_model(decay, target=target, lr_mode="token" if target == "input_embed" else "scalar")
     g = torch.Generator().manual_seed(2)
     prefix, rest = torch.randint(3, 97, (2, 10), generator=g), torch.randint(3, 97, (2, 9), generator=g)
     with torch.no_grad():
@@ -85,6 +86,8 @@ def test_loaded_state_with_the_prefix_cache_equals_the_full_forward(decay, tmp_p
         cache = getattr(model(prefix, use_cache=True), CACHE_KW)
         model.state_from_cache(cache).save(tmp_path / "s.safetensors")
         loaded = model.load_state(tmp_path / "s.safetensors")
+        assert ("buf_t" in loaded.layers[0]) == (target == "input_embed")
+        assert_same_state(loaded, model.read_state(prefix, piece_tokens=3))
         for i in model.config.ttt["layers"]:  # forget the cache's own fast weights: only the file's remain
             cache.layers[i].ttt_state.reset()
         model.state_cache(loaded, 2, cache)
@@ -386,3 +389,28 @@ def test_memorize_and_evaluate_refuse_bad_input_in_one_line(tiny_export, tmp_pat
         assert evaluate(["--state", str(state), "--adapted", str(tiny_export), "--corpus", str(corpus)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
+
+
+def test_the_memory_measure_compares_own_other_and_no_state(tiny_export, one_thread):
+    """(d) reads another document's state: with two identical documents it is (b) exactly; reading nothing more
+    after the first part (filler 0) is (b) again; (a) is the full forward's loss on the same tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from ttt_adapt.eval.memory import continuation_losses, memory_after_reading, memory_value
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_export).eval()
+    g = torch.Generator().manual_seed(6)
+    doc = torch.randint(3, 1000, (80,), generator=g)
+    value = memory_value(model, [doc, doc.clone()], 40, 40)
+    assert value["documents"] == 2 and value["loss"]["other_state"] == pytest.approx(value["loss"]["own_state"])
+    with torch.no_grad():
+        logits = model(doc[None]).logits[0, 40:-1]
+    full = torch.nn.functional.cross_entropy(logits, doc[41:])
+    assert value["loss"]["full"] == pytest.approx(float(full), rel=1e-5)
+    assert value["loss"]["nothing"] == pytest.approx(float(continuation_losses(model, doc[40:]).mean()), rel=1e-6)
+    assert value["loss"]["own_state"] != pytest.approx(value["loss"]["nothing"], rel=1e-4)
+    diff = value["own_state_minus_nothing"]
+    assert diff["low"] <= diff["mean"] <= diff["high"]
+    more = memory_after_reading(model, [doc, torch.randint(3, 1000, (90,), generator=g)], 40, 40, [0, 30])
+    assert more["documents"] == 2 and set(more["after"]) == {"0", "30"}
+    assert more["after"]["0"]["loss"] != pytest.approx(more["after"]["30"]["loss"], rel=1e-6)

@@ -81,14 +81,14 @@ def memory_after_reading(model, documents: list[torch.Tensor], first: int, conti
     """What reading more does to a memory: for each count F in `fillers`, the loss on the continuation starting from
     the first part's state followed by F tokens of other documents (the next ones' text, in order), against (c) from
     nothing; with bootstrap intervals of the difference over documents."""
-    docs = [d[: first + continuation] for d in documents if len(d) >= first + continuation]
+    index = [k for k, d in enumerate(documents) if len(d) >= first + continuation]
+    docs = [documents[k][: first + continuation] for k in index]
     if len(docs) < 2:
         raise EvalError(f"the memory measure needs 2 or more documents of {first + continuation}+ tokens, "
                         f"found {len(docs)}")
     lm = unwrap(model)
-    stream = torch.cat([d for d in documents])  # the filler: the corpus text after document i's own
+    stream = torch.cat(list(documents))  # the filler: the corpus text after document i's own
     starts = torch.cumsum(torch.tensor([0] + [len(d) for d in documents]), 0)
-    index = [next(k for k, d in enumerate(documents) if d.data_ptr() == doc.data_ptr()) for doc in docs]
     nothing = torch.stack([continuation_losses(lm, d[first:]) for d in docs])
     weights, edges = torch.ones_like(nothing), [0, nothing.shape[1]]
     out = {"documents": len(docs), "loss_nothing": float(nothing.mean()), "after": {}}
@@ -98,7 +98,7 @@ def memory_after_reading(model, documents: list[torch.Tensor], first: int, conti
             state = lm.read_state(d[:first])
             if filler:
                 s = int(starts[i + 1]) % len(stream)
-                text = torch.cat([stream, stream])[s : s + filler]
+                text = torch.cat([stream, stream])[s : s + filler]  # wraps around a short corpus
                 state = lm.read_state(text, state=state)
             rows.append(continuation_losses(lm, d[first:], state=state))
         table = torch.stack(rows)
