@@ -176,6 +176,13 @@ def test_generate_from_a_state_left_padded_batched_and_under_bf16_autocast(decay
         assert torch.equal(alone, seq), i
     shared = greedy(model, ids, attention_mask=mask, ttt_state=states.rows([0]))
     assert torch.equal(shared[0], batch[0])
+    # beams and several sequences per row: each copy of a row starts from that row's state
+    beams = greedy(model, ids, attention_mask=mask, ttt_state=states, num_beams=2, num_return_sequences=2)
+    assert beams.shape[0] == 4
+    for i in range(2):
+        alone = greedy(model, ids[i : i + 1], attention_mask=mask[i : i + 1], ttt_state=states.rows([i]), num_beams=2,
+                       num_return_sequences=2)
+        assert torch.equal(beams[2 * i : 2 * i + 2], alone), i
 
     with torch.no_grad():
         fp32 = model(ids, attention_mask=mask, ttt_state=states).logits

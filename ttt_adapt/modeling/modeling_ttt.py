@@ -261,7 +261,12 @@ class TTTPreTrainedMixin:
             ids = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
             if ids is None:
                 raise ValueError("generate(ttt_state=...) needs the prompt (input_ids or inputs_embeds)")
-            kwargs[self._ttt_decoder()._cache_argument] = self.state_cache(ttt_state, ids.shape[0])
+            config = generation_config if generation_config is not None else self.generation_config
+            beams, sequences = (kwargs.get(k, getattr(config, k, 1)) or 1 for k in ("num_beams", "num_return_sequences"))
+            copies = beams if beams > 1 else sequences  # generate() repeats each row this many times
+            if ttt_state.batch_size > 1 and copies > 1:
+                ttt_state = ttt_state.rows(torch.arange(ttt_state.batch_size).repeat_interleave(copies).tolist())
+            kwargs[self._ttt_decoder()._cache_argument] = self.state_cache(ttt_state, ids.shape[0] * copies)
         return super().generate(inputs, generation_config, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------- fast-weight memory
