@@ -140,7 +140,9 @@ def check_cache_in_step(cache, states, when, attention_mask=None):
     forward, as many as a 2-D attention mask covers).
 
     A cache that transformers did not hand to attention (a renamed argument, a replaced cache object) breaks
-    this; raising here is what keeps a stateful model from returning wrong logits silently.
+    this; raising here is what keeps a stateful model from returning wrong logits silently. A `TTTState` loaded
+    into a cache (`state_cache`) is carried apart from attention: its layers count from what the cache holds then
+    (0 for a fresh cache, whose positions restart), not from the text that produced the state.
     """
     for i, state in states.items():
         held = cache.get_seq_length(i)
