@@ -95,6 +95,27 @@ def test_loaded_state_with_the_prefix_cache_equals_the_full_forward(decay, targe
     torch.testing.assert_close(cont, full[:, 10:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
+def test_every_family_reads_in_pieces_and_continues_from_a_state(arch, one_thread):
+    """Sliding-window cache layers (qwen2, mistral, gemma3), scaled embeddings and softcapping (gemma3): pieces ==
+    one pass, and a state put back into the prefix's cache continues as the full forward does."""
+    from conftest import FAMILY_ARCHS, tiny_base as base
+
+    assert arch in FAMILY_ARCHS
+    model = randomize_ttt(convert(base(arch), TTTConfig(layers=[0, 2], chunk_size=CHUNK, state_decay=0.8))).eval()
+    doc = torch.randint(3, 97, (2, 19), generator=torch.Generator().manual_seed(7))
+    assert_same_state(model.read_state(doc, piece_tokens=5), model.read_state(doc))
+    with torch.no_grad():
+        full = model(doc, use_cache=False).logits
+        cache = getattr(model(doc[:, :11], use_cache=True), CACHE_KW)
+        state = model.state_from_cache(cache)
+        for i in model.config.ttt["layers"]:
+            cache.layers[i].ttt_state.reset()
+        model.state_cache(state, 2, cache)
+        cont = model(doc[:, 11:], use_cache=True, **{CACHE_KW: cache}).logits
+    torch.testing.assert_close(cont, full[:, 11:], rtol=1e-5, atol=1e-5)
+
+
 def _conv(z, w):
     """Depthwise centred conv of one chunk's rows z (n, d) with taps w (d, k), zero-padded at the chunk's edges."""
     p = w.shape[1] // 2

@@ -192,9 +192,10 @@ class TTTState:
         for key, t in tensors.items():
             _, i, name = key.split(".", 2)
             layers.setdefault(int(i), {})[name] = t
-        if sorted(layers) != sorted(header["layers"]) or any({"S", "buf_x", "n"} - set(v) for v in layers.values()):
-            raise ValueError(f"{path} is not a complete TTT state file (layers {sorted(layers)}, header "
-                             f"{header['layers']})")
+        named = header.get("layers")
+        if not isinstance(named, list) or sorted(layers) != sorted(named) or any(
+                {"S", "buf_x", "n"} - set(v) for v in layers.values()):
+            raise ValueError(f"{path} is not a complete TTT state file (layers {sorted(layers)}, header {named})")
         state = cls(layers, header)
         if model is not None:
             state.check(model)
