@@ -4,12 +4,18 @@
     python scripts/evaluate.py --base DIR --adapted DIR --corpus FILE.jsonl --out DIR [options]
     python scripts/evaluate.py --recipe RECIPE.yaml [options]
     python scripts/evaluate.py --lm-eval-task DIR --adapted DIR [--corpus FILE.jsonl] [--lengths ...] [--tasks ...]
+    python scripts/evaluate.py --state STATE --adapted DIR --corpus FILE.jsonl [--max-docs N] [--seq-len N]
+    python scripts/evaluate.py --memory-split FIRST,CONT --adapted DIR --corpus FILE.jsonl [--max-docs N]
 
 With --recipe, the defaults come from the recipe: --base its model.name_or_path, --adapted its export.dir,
 --corpus and the other settings its `eval` section (corpus default data.eval_path), --out <train.output_dir>/eval;
 options given on the command line win. --lm-eval-task writes the synthetic tasks as a local lm-evaluation-harness
 task folder (tokenised with the --adapted, else --base, tokenizer; haystacks from the prose of --corpus, default the
-shipped held-out corpus) and evaluates nothing; see ttt_adapt/eval/.
+shipped held-out corpus) and evaluates nothing; see ttt_adapt/eval/. --state (a state file of scripts/memorize.py)
+prints the loss of the corpus documents (first --seq-len tokens) read starting from that state against read from
+nothing; --memory-split cuts each document into FIRST and CONT tokens and prints the loss on the continuation with the
+whole document in context, with the first part's state only, with nothing and with another document's state
+(docs/memory.md). Both print one JSON object.
 Bad input prints one line and exits 2.
 """
 
@@ -55,7 +61,18 @@ def parse_args(argv):
     p.add_argument("--long-corpus", help="the long documents: a .jsonl/.txt file or 'synthetic' (default --corpus)")
     p.add_argument("--long-docs", type=int, help="how many long documents (the longest)")
     p.add_argument("--dtype", default=None, choices=DTYPES)
-    return p.parse_args(argv)
+    p.add_argument("--state", help="a fast-weight state file (scripts/memorize.py): loss of the corpus read from it")
+    p.add_argument("--memory-split", type=int_list, metavar="FIRST,CONT",
+                   help="measure the fast-weight memory on documents cut into FIRST and CONT tokens")
+    p.add_argument("--memory-filler", type=int_list, metavar="N,N,...",
+                   help="with --memory-split: also the continuation's loss after N more tokens of other text are "
+                        "read into the first part's state")
+    args = p.parse_args(argv)
+    if args.memory_filler is not None and args.memory_split is None:
+        p.error("--memory-filler goes with --memory-split")
+    if args.memory_split is not None and (len(args.memory_split) != 2 or min(args.memory_split) < 2):
+        p.error(f"--memory-split takes two token counts >= 2, e.g. 512,512, got {args.memory_split}")
+    return args
 
 
 def main(argv=None) -> int:
@@ -74,6 +91,8 @@ def evaluate(args) -> int:
     from ttt_adapt.eval import HAYSTACK_CORPUS, EvalSettings, load_tokenizer, read_corpus, run_evaluation, \
         task_samples, write_lm_eval_task
 
+    if args.state or args.memory_split:
+        return evaluate_memory(args)
     raw, dtype = {}, args.dtype
     if args.recipe:
         recipe = load_recipe(args.recipe)
@@ -120,6 +139,40 @@ def evaluate(args) -> int:
 
     for line in warnings_of(report.get("long_context", {})):
         print(f"evaluate.py: WARNING: {line}", file=sys.stderr)
+    return 0
+
+
+def evaluate_memory(args) -> int:
+    """--state / --memory-split: the fast-weight memory measures of ttt_adapt.eval.memory, as one JSON object."""
+    import json
+
+    import torch
+
+    from ttt_adapt.eval import load_model, load_tokenizer, read_corpus
+    from ttt_adapt.eval.memory import memory_after_reading, memory_value, state_losses
+
+    if args.state and args.memory_split:
+        raise UsageError("--state and --memory-split are separate measures: pass one")
+    for flag in ("adapted", "corpus"):
+        if not getattr(args, flag):
+            raise UsageError(f"--{flag} is required with --state / --memory-split")
+    model = load_model(args.adapted, args.dtype or "float32")
+    tokenizer = load_tokenizer(args.adapted)
+    texts = read_corpus(args.corpus, max_docs=args.max_docs)
+    docs = [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for t in texts]
+    try:
+        if args.state:
+            state = model.load_state(args.state)
+            result = state_losses(model, [d[: args.seq_len or 1024] for d in docs], state)
+        else:
+            log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+            result = memory_value(model, docs, *args.memory_split, log=log)
+            if args.memory_filler:
+                result["reading_more"] = memory_after_reading(model, docs, *args.memory_split, args.memory_filler,
+                                                              log=log)
+    except ValueError as e:  # a state file that is truncated or belongs to another model
+        raise UsageError(str(e)) from None
+    print(json.dumps(result, indent=1))
     return 0
 
 

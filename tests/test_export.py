@@ -36,7 +36,7 @@ SECRET = "hf_export_test_SeCrEtToKeN_0123456789"
 # fp32 reload is exact (on every device: the reload runs the same kernels on the same device as the expected logits);
 # merged LoRA differs by rounding; a bf16 cast in memory also rounds the rotary buffers
 ATOL = {"plain": 0, "lora": 1e-5, "bf16": 1e-2}
-MODELING_FILES = {"configuration_ttt.py", "modeling_ttt.py", "ttt_layer.py"}
+MODELING_FILES = {"configuration_ttt.py", "modeling_ttt.py", "ttt_layer.py", "ttt_state.py"}
 
 
 @pytest.fixture(scope="module")

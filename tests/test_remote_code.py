@@ -102,11 +102,12 @@ def test_every_family_exports_and_reloads_without_ttt_adapt(tmp_path):
         save_file({k: v.cpu() for k, v in expected.items()}, str(tmp_path / f"{arch}.safetensors"))
         args += [str(folder), str(tmp_path / f"{arch}.safetensors")]
         files = {p.name for p in folder.iterdir()}
-        assert {"configuration_ttt.py", "modeling_ttt.py", "ttt_layer.py", "model.safetensors"} <= files
-        for name in ("configuration_ttt.py", "modeling_ttt.py", "ttt_layer.py"):  # only torch/transformers imports
+        assert {"configuration_ttt.py", "modeling_ttt.py", "ttt_layer.py", "ttt_state.py", "model.safetensors"} <= files
+        for name in ("configuration_ttt.py", "modeling_ttt.py", "ttt_layer.py", "ttt_state.py"):  # torch/transformers
             src = (folder / name).read_text()
-            imports = [l.split()[1] for l in src.splitlines() if l.startswith(("import ", "from "))]
-            stdlib = {"copy", "dataclasses", "functools", "inspect", "sys"}
+            imports = [l.strip().split()[1] for l in src.splitlines() if l.strip().startswith(("import ", "from "))]
+            stdlib = {"copy", "dataclasses", "functools", "inspect", "sys", "warnings", "hashlib", "json", "os",
+                      "safetensors"}  # safetensors: a requirement of transformers
             assert all(m.split(".")[0] in {"torch", "transformers", *stdlib} or m.startswith(".") for m in imports), imports
     script = tmp_path / "reload.py"
     script.write_text(RELOAD)

@@ -445,3 +445,16 @@ def test_openai_server_answers_a_completion_exactly(exports, tmp_path):
         log.close()
     expected = greedy_by_full_forwards(model, prompt, 8)
     assert answer["choices"][0]["text"].split() == [f"w{t}" for t in expected]
+
+
+@needs_vllm
+def test_a_request_passing_a_saved_state_is_refused_in_one_line():
+    from vllm import SamplingParams
+
+    from ttt_adapt.vllm_plugin import register
+
+    register()
+    with pytest.raises(ValueError, match="cannot start a request from a saved fast-weight state") as e:
+        SamplingParams(max_tokens=4, extra_args={"ttt_state": "state.safetensors"})
+    assert "\n" not in str(e.value)
+    SamplingParams(max_tokens=4, extra_args={"other": 1})  # other extra arguments pass

@@ -75,7 +75,7 @@ def render_model_card(config, recipe, state: dict, checkpoint: Path, *, report=N
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))\n```\n",
         *([_chat_usage(load_from, pin)] if chat else []),
         "`trust_remote_code=True` runs the Python files of this repository (`configuration_ttt.py`, "
-        "`modeling_ttt.py`, `ttt_layer.py`; they need only torch and transformers). Read them, then pin "
+        "`modeling_ttt.py`, `ttt_layer.py`, `ttt_state.py`; they need only torch and transformers). Read them, then pin "
         "`revision` to the commit you read so later pushes cannot change the code you run.\n",
     ]
     return "\n".join(parts)

@@ -61,6 +61,7 @@ from .configuration_ttt import (
     TTTQwen3Config,
 )
 from .ttt_layer import TTTContext, TTTLayerState, TTTMLP, TTTParams
+from .ttt_state import TTTState, state_header
 
 # ----------------------------------------------------------------------------------------------- cache
 
@@ -139,7 +140,9 @@ def check_cache_in_step(cache, states, when, attention_mask=None):
     forward, as many as a 2-D attention mask covers).
 
     A cache that transformers did not hand to attention (a renamed argument, a replaced cache object) breaks
-    this; raising here is what keeps a stateful model from returning wrong logits silently.
+    this; raising here is what keeps a stateful model from returning wrong logits silently. A `TTTState` loaded
+    into a cache (`state_cache`) is carried apart from attention: its layers count from what the cache holds then
+    (0 for a fresh cache, whose positions restart), not from the text that produced the state.
     """
     for i, state in states.items():
         held = cache.get_seq_length(i)
@@ -249,10 +252,111 @@ class TTTPreTrainedMixin:
     _is_stateful = True  # the fast weights can't be rolled back (transformers <= 5.24 refuses assisted decoding too)
     _can_compile_fullgraph = False
 
-    def generate(self, inputs=None, generation_config=None, *args, **kwargs):
+    def generate(self, inputs=None, generation_config=None, *args, ttt_state=None, **kwargs):
+        """transformers' `generate`; `ttt_state` (a `TTTState`) starts every row's fast weights from that state,
+        without the text that produced it (positions restart at 0: attention never saw that text)."""
         refuse_speculative_decoding(generation_config if generation_config is not None else self.generation_config,
                                     kwargs)
+        if ttt_state is not None:
+            if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+                raise ValueError("pass either ttt_state or a cache to generate(), not both")
+            ids = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+            if ids is None:
+                raise ValueError("generate(ttt_state=...) needs the prompt (input_ids or inputs_embeds)")
+            config = generation_config if generation_config is not None else self.generation_config
+            beams, sequences = (kwargs.get(k, getattr(config, k, 1)) or 1 for k in ("num_beams", "num_return_sequences"))
+            copies = beams if beams > 1 else sequences  # generate() repeats each row this many times
+            if ttt_state.batch_size > 1 and copies > 1:
+                ttt_state = ttt_state.rows(torch.arange(ttt_state.batch_size).repeat_interleave(copies).tolist())
+            kwargs[self._ttt_decoder()._cache_argument] = self.state_cache(ttt_state, ids.shape[0] * copies)
         return super().generate(inputs, generation_config, *args, **kwargs)
+
+    # ------------------------------------------------------------------------------------- fast-weight memory
+
+    def _ttt_decoder(self):
+        return self if isinstance(self, TTTModelMixin) else self.model
+
+    def state_cache(self, state: TTTState, batch_size: int, cache=None) -> DynamicCache:
+        """A generation cache whose TTT layers start from `state` (checked against this model): a new one, or
+        `cache` with its TTT states replaced (its attention keeps what it holds)."""
+        state.check(self)
+        cache = DynamicCache(config=self.config) if cache is None else cache
+        states = attach_ttt_states(cache, self.config.ttt["layers"], self.config.num_hidden_layers)
+        device = next(self.parameters()).device
+        state.load_into(states, batch_size, {i: cache.get_seq_length(i) for i in states}, device)
+        return cache
+
+    def state_from_cache(self, cache, tokens=None) -> TTTState:
+        """A copy of the fast-weight state a generation cache holds (`tokens`: real tokens read per row, for the
+        header; default the positions its attention has seen)."""
+        states = {i: cache.layers[i].ttt_state for i in self.config.ttt["layers"]
+                  if i < len(cache.layers) and hasattr(cache.layers[i], "ttt_state")}
+        if len(states) != len(self.config.ttt["layers"]) or not all(s.started for s in states.values()):
+            raise ValueError("this cache holds no fast-weight state: nothing was read with it")
+        B = next(iter(states.values())).S.shape[0]
+        tokens = [int(next(iter(states.values())).seen)] * B if tokens is None else tokens
+        return TTTState.from_layer_states(states, state_header(self), tokens)
+
+    def load_state(self, path) -> TTTState:
+        """Read a state file written by `TTTState.save`; a one-line ValueError if it is truncated or belongs to
+        another model, TTT layout or dtype."""
+        return TTTState.load(path, self)
+
+    @torch.no_grad()
+    def read_state(self, documents, state: TTTState = None, attention_mask=None, piece_tokens: int = None,
+                   attention: str = "document") -> TTTState:
+        """Read text into fast weights and return the state (a `TTTState`), continuing `state` if given.
+
+        Args:
+            documents: a (B, L) LongTensor (row b read into row b of the state; pads marked by `attention_mask`,
+                left or right) or a list of 1-D token sequences read one after another into one state (1 row).
+            piece_tokens: tokens fed per forward (default 4 chunks): memory does not grow with a document's length
+                beyond its attention cache.
+            attention: "document": the pieces of a document share one attention cache, so the state equals one pass
+                over the document (sliding-window layers hold only their window; full-attention layers hold the
+                whole document's keys and values); "piece": the attention cache is dropped after each piece and only
+                the fast weights go on (memory flat for any model; attention then sees one piece at a time).
+        A new document, and text read into a given `state`, starts a fresh attention context (positions from 0);
+        the fast weights go on from where the state left them, unfinished chunk included.
+        """
+        if attention not in ("document", "piece"):
+            raise ValueError(f"attention must be 'document' or 'piece', got {attention!r}")
+        chunk = self.config.ttt["chunk_size"]
+        piece = piece_tokens or 4 * chunk
+        if isinstance(piece, bool) or not isinstance(piece, int) or piece < 1:
+            raise ValueError(f"piece_tokens must be a positive integer, got {piece_tokens!r}")
+        device = next(self.parameters()).device
+        if isinstance(documents, torch.Tensor):
+            ids = documents[None] if documents.dim() == 1 else documents
+            mask = None if attention_mask is None else torch.as_tensor(attention_mask).to(device).long()
+            batches = [(ids.to(device), mask)] if ids.numel() and (mask is None or bool(mask.any())) else []
+        else:
+            if attention_mask is not None:
+                raise ValueError("attention_mask goes with a (B, L) tensor, not with a list of documents")
+            docs = [torch.as_tensor(d, dtype=torch.long).flatten() for d in documents]
+            batches = [(d[None].to(device), None) for d in docs if d.numel()]
+        if not batches:
+            raise ValueError("nothing to read: no document holds a token")
+        if state is not None:
+            state.check(self)
+        header = state_header(self)
+        decoder = self._ttt_decoder()
+        for ids, mask in batches:
+            B, L = ids.shape
+            tokens = (state.tokens if state is not None else [0] * B)
+            if state is not None and state.batch_size == 1 and B > 1:
+                tokens = tokens * B
+            read = mask.sum(1).tolist() if mask is not None else [L] * B
+            cache, start = (DynamicCache(config=self.config) if state is None else self.state_cache(state, B)), 0
+            for s in range(0, L, piece):
+                e = min(s + piece, L)
+                kw = {} if mask is None else {"attention_mask": mask[:, start:e]}
+                decoder(input_ids=ids[:, s:e], cache=cache, use_cache=True, **kw)
+                if attention == "piece" and e < L:  # keep the fast weights only
+                    state = self.state_from_cache(cache, tokens)
+                    cache, start = self.state_cache(state, B), e
+            state = self.state_from_cache(cache, [t + r for t, r in zip(tokens, read)])
+        return state
 
     def _init_weights(self, module):
         if isinstance(module, TTTParams):
@@ -290,11 +394,16 @@ class TTTModelMixin(TTTPreTrainedMixin):
         inputs_embeds=None,
         use_cache=None,
         past_key_values=None,
+        ttt_state=None,
         **kwargs,
     ):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         cache = one_cache(cache, past_key_values)
+        if ttt_state is not None:  # a fast-weight memory without its text: a fresh cache starting from it
+            if cache is not None:
+                raise ValueError("pass either ttt_state or a cache, not both (continue from the returned cache)")
+            cache, use_cache = self.state_cache(ttt_state, (input_ids if input_ids is not None else inputs_embeds).shape[0]), True
         cp_shard = kwargs.get("cp_shard")
         if cp_shard is not None:
             cp_shard.check_call(attention_mask=attention_mask, cache=cache, use_cache=use_cache)

@@ -775,8 +775,9 @@ class TTTContext:
             pos = position_ids.expand(B, L)
             ds = torch.zeros(B, L, dtype=torch.bool, device=pos.device)
             ds[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-            if valid is not None:  # a left pad's position says nothing; the first real token starts anyway
-                ds &= valid
+            if valid is not None:  # a pad's position says nothing: a row's first real token starts or continues
+                ds[:, 1:] &= valid[:, 1:] & valid[:, :-1]  # as the row does (a TTT state it starts from goes on)
+                ds[:, 0] = False
             doc_start = ds if bool(ds.any()) else None
         return cls(valid, doc_start, inputs_embeds, layer_states)
 

@@ -47,6 +47,31 @@ def patch_vllm(architectures: set) -> None:
         MambaAttentionBackendEnum.register(BACKEND, "ttt_adapt.vllm_plugin.ttt_mlp.TTTStateBackend")
     for arch in architectures:
         MODELS_CONFIG_MAP[arch] = TTTServingConfig
+    refuse_state_requests()
+
+
+STATE_ARGS = ("ttt_state", "ttt_state_path", "ttt_state_name")
+
+
+def refuse_state_requests() -> None:
+    """Make a request that passes a saved fast-weight state (`extra_args` / the server's `vllm_xargs` naming one of
+    `STATE_ARGS`) fail in one line instead of being served without it (idempotent)."""
+    from vllm import SamplingParams
+
+    verify = SamplingParams._verify_args
+    if getattr(verify, "_ttt_refuses_states", False):
+        return
+
+    def _verify_args(self):
+        given = sorted(set(getattr(self, "extra_args", None) or ()) & set(STATE_ARGS))
+        if given:
+            raise ServingError(f"the ttt-adapt vLLM plugin cannot start a request from a saved fast-weight state "
+                               f"({given[0]}): vLLM's state cache is filled by prefill only; use transformers' "
+                               "generate(ttt_state=...) (docs/memory.md)")
+        return verify(self)
+
+    _verify_args._ttt_refuses_states = True
+    SamplingParams._verify_args = _verify_args
 
 
 class TTTServingConfig:
