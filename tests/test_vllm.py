@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 import urllib.request
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -415,14 +416,21 @@ def test_transformers_backend_without_the_plugin_refuses_the_export(exports, tmp
     assert "ttt-adapt vLLM plugin" in out
 
 
-@needs_vllm
-def test_openai_server_answers_a_completion_exactly(exports, tmp_path):
-    folder, model = exports["qwen3"]
+@contextmanager
+def openai_server(folder, name, tmp_path):
+    """vLLM's OpenAI server on `folder` (served as `name`), started and healthy; yields `post(path, body)`, which
+    returns the JSON answer. The server's log is in `tmp_path/server.log`."""
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "128", "--enforce-eager", "--served-model-name", "ttt"]
+           "--dtype", "float32", "--max-model-len", "128", "--enforce-eager", "--served-model-name", name]
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ENV})
+
+    def post(path, body):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        return json.load(urllib.request.urlopen(req, timeout=120))
+
     try:
         deadline = time.time() + 600
         while True:
@@ -433,16 +441,20 @@ def test_openai_server_answers_a_completion_exactly(exports, tmp_path):
                 break
             except OSError:
                 time.sleep(1)
-        prompt = prompts()[3]
-        body = {"model": "ttt", "prompt": " ".join(f"w{t}" for t in prompt), "max_tokens": 8, "temperature": 0,
-                "ignore_eos": True}
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        answer = json.load(urllib.request.urlopen(req, timeout=120))
+        yield post
     finally:
         server.terminate()
         server.wait(timeout=60)
         log.close()
+
+
+@needs_vllm
+def test_openai_server_answers_a_completion_exactly(exports, tmp_path):
+    folder, model = exports["qwen3"]
+    prompt = prompts()[3]
+    with openai_server(folder, "ttt", tmp_path) as post:
+        answer = post("/v1/completions", {"model": "ttt", "prompt": " ".join(f"w{t}" for t in prompt),
+                                          "max_tokens": 8, "temperature": 0, "ignore_eos": True})
     expected = greedy_by_full_forwards(model, prompt, 8)
     assert answer["choices"][0]["text"].split() == [f"w{t}" for t in expected]
 

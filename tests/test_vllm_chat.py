@@ -6,17 +6,8 @@ The export is tiny and random (tests/test_vllm.py's Qwen3, head_dim 32): vLLM's 
 32, 64, 80, ... but not the 48 of the shipped tiny base, so the tiny chat default's own export cannot be served
 on CPU; its template has the same structure (role header, message, end-of-turn token, generation marks)."""
 
-import json
-import os
-import subprocess
-import sys
-import time
-import urllib.request
-
-import pytest
 import torch
-from conftest import free_port
-from test_vllm import ENV, needs_vllm, tiny_ttt, word_tokenizer
+from test_vllm import needs_vllm, openai_server, tiny_ttt, word_tokenizer
 
 EOT = 1  # [EOS]: the end-of-turn token of the template below
 TEMPLATE = (
@@ -68,30 +59,9 @@ def test_chat_completions_answer_with_the_full_forward_greedy_tokens(tmp_path):
     model = chat_export(folder, prompt)
     expected = greedy_until_end_of_turn(model, prompt)
     assert len(prompt) > 16 and EOT in expected  # past two TTT chunks of 8; the answer ends its turn
-    port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "128", "--enforce-eager", "--served-model-name", "ttt-chat"]
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ENV})
-    try:
-        deadline = time.time() + 600
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.time() < deadline, "the server did not start"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        body = {"model": "ttt-chat", "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0,
-                "logprobs": True}
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        answer = json.load(urllib.request.urlopen(req, timeout=120))
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-        log.close()
+    with openai_server(folder, "ttt-chat", tmp_path) as post:
+        answer = post("/v1/chat/completions", {"model": "ttt-chat", "messages": messages, "max_tokens": MAX_TOKENS,
+                                               "temperature": 0, "logprobs": True})
     choice = answer["choices"][0]
     served = [tokenizer.convert_tokens_to_ids(t["token"]) for t in choice["logprobs"]["content"]]
     assert served == expected, (served, expected)
