@@ -23,7 +23,7 @@ from pathlib import Path
 from datasets import Dataset, IterableDataset
 
 from ttt_adapt._util import first_line
-from ttt_adapt.data import DataConfig, _hold_out, _load_hub, _load_local, _looks_local
+from ttt_adapt.data import DataConfig, _columns, _hold_out, _load_hub, _load_local, _looks_local
 from ttt_adapt.loss import IGNORE_INDEX
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -120,10 +120,7 @@ def load_conversations(cfg: DataConfig, key: str = "path") -> tuple[Dataset | It
 
 
 def _chat_columns(ds, cfg: DataConfig, key: str):
-    columns = ds.column_names
-    if columns is None:  # a stream whose features are unknown: look at its first row
-        first = next(iter(ds), None)
-        columns = [] if first is None else list(first)
+    columns = _columns(ds)
     if not columns or (isinstance(ds, Dataset) and len(ds) == 0):
         raise ValueError(f"data.{key}: {getattr(cfg, key.split('.')[-1], cfg.path)!r} holds no rows")
     if "messages" not in columns and not {"prompt", "completion"} <= set(columns):

@@ -211,15 +211,8 @@ TINY_CHAT = {"n_train": 400, "n_eval": 32, "seed": 0, "min_chars": 2000, "max_ch
 def write_chat_corpus(out_dir, n_train: int, n_eval: int, seed: int = 0, **kwargs) -> dict:
     """Write `train.jsonl` and `eval.jsonl` ({"messages": [...]} a line) of `generate_conversations(n, stream,
     **kwargs)` to `out_dir`, the train split from stream 2*seed and the eval split from 2*seed + 1; return the paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split, n, stream in (("train", n_train, 2 * seed), ("eval", n_eval, 2 * seed + 1)):
-        paths[split] = out / f"{split}.jsonl"
-        with open(paths[split], "w") as f:
-            for messages in generate_conversations(n, stream, **kwargs):
-                f.write(json.dumps({"messages": messages}) + "\n")
-    return paths
+    return _write_splits(out_dir, n_train, n_eval, seed,
+                         lambda n, stream: ({"messages": m} for m in generate_conversations(n, stream, **kwargs)))
 
 
 def write_corpus(out_dir, n_train: int, n_eval: int, seed: int = 0) -> dict:
@@ -228,12 +221,19 @@ def write_corpus(out_dir, n_train: int, n_eval: int, seed: int = 0) -> dict:
     Train documents come from seed stream 2*seed and eval documents from 2*seed + 1, so the splits never
     share a stream, for any seed.
     """
+    return _write_splits(out_dir, n_train, n_eval, seed,
+                         lambda n, stream: ({"text": text} for text in generate_documents(n, stream)))
+
+
+def _write_splits(out_dir, n_train: int, n_eval: int, seed: int, rows) -> dict:
+    """`train.jsonl` from `rows(n_train, 2 * seed)` and `eval.jsonl` from `rows(n_eval, 2 * seed + 1)` (one JSON
+    object a line) in `out_dir`; their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, n, stream in (("train", n_train, 2 * seed), ("eval", n_eval, 2 * seed + 1)):
         paths[split] = out / f"{split}.jsonl"
         with open(paths[split], "w") as f:
-            for text in generate_documents(n, stream):
-                f.write(json.dumps({"text": text}) + "\n")
+            for row in rows(n, stream):
+                f.write(json.dumps(row) + "\n")
     return paths

@@ -232,13 +232,18 @@ def _load_hub(cfg: DataConfig) -> Dataset | IterableDataset:
         ) from None
 
 
+def _columns(ds: Dataset | IterableDataset) -> list:
+    """The dataset's column names; for a stream whose features are unknown, its first row's keys ([] if none)."""
+    if ds.column_names is not None:
+        return ds.column_names
+    first = next(iter(ds), None)
+    return [] if first is None else list(first)
+
+
 def _text_only(ds: Dataset | IterableDataset, cfg: DataConfig, field: str) -> Dataset | IterableDataset:
     """Keep only the text column, after checking that it exists and holds strings."""
     source = repr(getattr(cfg, field))
-    columns = ds.column_names
-    if columns is None:  # a stream whose features are unknown: look at its first document
-        first = next(iter(ds), None)
-        columns = [] if first is None else list(first)
+    columns = _columns(ds)
     if not columns or (isinstance(ds, Dataset) and len(ds) == 0):
         raise RecipeError(f"data.{field}: {source} holds no documents")
     if cfg.text_field not in columns:
