@@ -25,7 +25,8 @@ def gen_positions(mask):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("ttt_kw", [{}, {"lr_mode": "token", "target": "input_embed", "state_decay": 0.7}])
+@pytest.mark.parametrize("ttt_kw", [{}, {"lr_mode": "token", "target": "input_embed", "state_decay": 0.7},
+                                    {"write_rule": "delta", "key_norm": True}])
 def test_converted_equals_base_at_step_zero(arch, ttt_kw):
     tie = arch in ("llama", "gemma3")
     base = tiny_base(arch, tie=tie, device=DEVICE)
@@ -99,7 +100,9 @@ def test_ttt_changes_only_later_chunks():
     "arch,kw",
     [("qwen3", {"lr_mode": "token"}), ("llama", {}), ("qwen3", {"target": "input_embed", "clip_update_norm": 0.5}),
      ("qwen2", {"lr_mode": "token"}), ("mistral", {}), ("gemma3", {}), ("gemma3", {"target": "input_embed"}),
-     ("qwen3", {"state_decay": 0.6, "lr_mode": "token"}), ("gemma3", {"state_decay": 0.5, "target": "input_embed"})],
+     ("qwen3", {"state_decay": 0.6, "lr_mode": "token"}), ("gemma3", {"state_decay": 0.5, "target": "input_embed"}),
+     ("qwen3", {"write_rule": "delta", "key_norm": True, "lr_mode": "token"}), ("llama", {"key_norm": True}),
+     ("gemma3", {"write_rule": "delta", "state_decay": 0.8, "target": "input_embed"})],
 )
 def test_incremental_decoding_equals_full_forward(arch, kw):
     model = ttt_model(arch, chunk_size=4, **kw)
@@ -119,10 +122,13 @@ def test_incremental_decoding_equals_full_forward(arch, kw):
     torch.testing.assert_close(inc[real], full[real], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("decay", [None, 0.6])
+RULES = {"sum": {}, "decay": {"state_decay": 0.6}, "delta": {"write_rule": "delta", "key_norm": True}}
+
+
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_multi_token_continuation_with_cache_equals_full_forward(arch, decay):
-    model = ttt_model(arch, chunk_size=4, state_decay=decay)
+def test_multi_token_continuation_with_cache_equals_full_forward(arch, rule):
+    model = ttt_model(arch, chunk_size=4, **RULES[rule])
     ids = torch.randint(3, 97, (2, 23)).to(DEVICE)
     with torch.no_grad():
         full = model(ids).logits
@@ -173,10 +179,10 @@ def left_padded_rows(lengths=(14, 9, 5)):
     return rows, ids, mask
 
 
-@pytest.mark.parametrize("decay", [None, 0.6])
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_left_padded_batch_equals_rows_alone(arch, decay):
-    model = ttt_model(arch, chunk_size=4, state_decay=decay)
+def test_left_padded_batch_equals_rows_alone(arch, rule):
+    model = ttt_model(arch, chunk_size=4, **RULES[rule])
     rows, ids, mask = left_padded_rows()
     L = ids.shape[1]
     with torch.no_grad():
@@ -186,10 +192,10 @@ def test_left_padded_batch_equals_rows_alone(arch, decay):
             torch.testing.assert_close(batch[i, L - len(r) :], alone, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("decay", [None, 0.6])
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_packed_documents_equal_each_alone(arch, decay):
-    model = ttt_model(arch, chunk_size=4, state_decay=decay)
+def test_packed_documents_equal_each_alone(arch, rule):
+    model = ttt_model(arch, chunk_size=4, **RULES[rule])
     docs = [torch.randint(3, 97, (n,)).to(DEVICE) for n in (9, 3, 12)]
     ids = torch.cat(docs).unsqueeze(0)
     pos = torch.cat([torch.arange(len(d)).to(DEVICE) for d in docs]).unsqueeze(0)

@@ -9,9 +9,11 @@ from ttt_adapt import TTTConfig, convert
 from ttt_adapt.modeling.ttt_layer import Segments, TTTContext, fast_weight_scan
 
 
-def naive_ttt_mlp(mlp, x, t, doc_lengths, chunk_size, clip=None, decay=None):
+def naive_ttt_mlp(mlp, x, t, doc_lengths, chunk_size, clip=None, decay=None, key_norm=False, delta_rule=False):
     """Token-by-token reference for one row: documents of `doc_lengths` tokens, one after the other; with `decay`,
-    the state before each chunk's update is multiplied by it."""
+    the state before each chunk's update is multiplied by it; `key_norm`: the fast weight's key is h / ||h||;
+    `delta_rule`: each token writes lr * (v - S k) k^T with S the state its chunk reads (the clip bounds the
+    written targets lr * v k^T)."""
     W = mlp.down_proj.weight.double()
     conv_w = mlp.ttt.conv.weight.double()[:, 0, :]  # (d, k)
     k = conv_w.shape[1]
@@ -20,6 +22,7 @@ def naive_ttt_mlp(mlp, x, t, doc_lengths, chunk_size, clip=None, decay=None):
     lr = mlp.ttt.lr.double() * mlp.ttt.lr_scale.double()
     x, t = x.double(), t.double()
     h = mlp.act_fn(x @ mlp.gate_proj.weight.double().T) * (x @ mlp.up_proj.weight.double().T)
+    key = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-6) if key_norm else h
     out = torch.zeros(x.shape[0], W.shape[0], dtype=torch.float64)
     start = 0
     for n in doc_lengths:
@@ -27,8 +30,9 @@ def naive_ttt_mlp(mlp, x, t, doc_lengths, chunk_size, clip=None, decay=None):
         for c0 in range(0, n, chunk_size):
             idx = list(range(start + c0, start + min(c0 + chunk_size, n)))
             for j in idx:  # read: base weight plus the updates of earlier chunks of this document
-                out[j] = (W + delta) @ h[j]
+                out[j] = W @ h[j] + delta @ key[j]
             update = torch.zeros_like(W)
+            correction = torch.zeros_like(W)
             for i in idx:  # write: centred conv inside the chunk, zero outside it
                 v = torch.zeros(W.shape[0], dtype=torch.float64)
                 for m in range(k):
@@ -41,10 +45,12 @@ def naive_ttt_mlp(mlp, x, t, doc_lengths, chunk_size, clip=None, decay=None):
                 if mlp.ttt.lr_gate is not None:
                     g = mlp.ttt.lr_gate.weight.double() @ x[i] + mlp.ttt.lr_gate.bias.double()
                     lr_i = lr * 2 * torch.sigmoid(g)
-                update += lr_i * torch.outer(v, h[i])
+                update += lr_i * torch.outer(v, key[i])
+                if delta_rule:
+                    correction += lr_i * torch.outer(delta @ key[i], key[i])
             if clip is not None:
                 update = update * torch.clamp(clip / (torch.linalg.matrix_norm(update) + 1e-6), max=1.0)
-            delta = (delta if decay is None else decay * delta) + update
+            delta = (delta if decay is None else decay * delta) + update - correction
         start += n
     return out
 
@@ -104,6 +110,13 @@ def test_matches_published_algorithm(L):
         ({"state_decay": 0.7}, [23, 4, 11]),
         ({"state_decay": 0.5, "clip_update_norm": 0.05, "lr_mode": "token"}, [16, 9]),
         ({"state_decay": 0.8, "chunk_size": 1, "target": "input_embed"}, [6, 4]),
+        ({"key_norm": True}, [23, 4]),
+        ({"key_norm": True, "state_decay": 0.7, "clip_update_norm": 0.05}, [16, 9]),
+        ({"write_rule": "delta"}, [23, 4, 11]),
+        ({"write_rule": "delta", "key_norm": True}, [23, 4, 11]),
+        ({"write_rule": "delta", "key_norm": True, "state_decay": 0.8, "lr_mode": "token", "clip_update_norm": 0.05},
+         [16, 9]),
+        ({"write_rule": "delta", "chunk_size": 1, "target": "input_embed"}, [6, 4]),
     ],
 )
 def test_chunked_equals_naive_reference(ttt, docs):
@@ -119,13 +132,15 @@ def test_chunked_equals_naive_reference(ttt, docs):
     pos = torch.cat([torch.arange(n) for n in docs]).unsqueeze(0)
     ctx = TTTContext.from_inputs(None, pos, t)
     got = _call(mlp, x, ctx)[0]
-    ref = naive_ttt_mlp(mlp, x[0], t[0], docs, mlp.chunk_size, ttt.get("clip_update_norm"), ttt.get("state_decay"))
+    ref = naive_ttt_mlp(mlp, x[0], t[0], docs, mlp.chunk_size, ttt.get("clip_update_norm"), ttt.get("state_decay"),
+                        ttt.get("key_norm", False), ttt.get("write_rule") == "delta")
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("decay", [None, 0.6])
-def test_gradients_match_reference(decay):
-    model, mlp = _ttt_model(lr_mode="token", clip_update_norm=0.2, state_decay=decay)
+@pytest.mark.parametrize("decay,rule", [(None, {}), (0.6, {}), (None, {"write_rule": "delta"}),
+                                        (0.6, {"write_rule": "delta", "key_norm": True}), (None, {"key_norm": True})])
+def test_gradients_match_reference(decay, rule):
+    model, mlp = _ttt_model(lr_mode="token", clip_update_norm=0.2, state_decay=decay, **rule)
     docs = [9, 13]
     x = torch.randn(1, sum(docs), 32, dtype=torch.float64, requires_grad=True)
     pos = torch.cat([torch.arange(n) for n in docs]).unsqueeze(0)
@@ -133,7 +148,8 @@ def test_gradients_match_reference(decay):
     got = _call(mlp, x, TTTContext.from_inputs(None, pos, x))
     w = torch.randn_like(got)
     g_got = torch.autograd.grad((got * w).sum(), [x, *params])
-    ref = naive_ttt_mlp(mlp, x[0], x[0], docs, mlp.chunk_size, 0.2, decay)
+    ref = naive_ttt_mlp(mlp, x[0], x[0], docs, mlp.chunk_size, 0.2, decay, rule.get("key_norm", False),
+                        rule.get("write_rule") == "delta")
     g_ref = torch.autograd.grad((ref * w[0]).sum(), [x, *params])
     for a, b in zip(g_got, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)

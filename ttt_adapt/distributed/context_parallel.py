@@ -176,6 +176,9 @@ class CPShard:
 
     def ttt_forward(self, mlp, x, h, t):
         """The TTT MLP's output on this rank's tokens, with the fast-weight state carried across ranks."""
+        if mlp.key_norm or mlp.write_rule != "sum":
+            raise NotImplementedError("context parallelism supports the published fast weight only (ttt.key_norm: "
+                                      "false, ttt.write_rule: sum); train this model with parallel.cp_size=1")
         return _ttt_forward(self, mlp, x, h, t)
 
 

@@ -26,6 +26,7 @@ from ttt_adapt.eval.loss_by_position import (
     token_losses,
     tokenize_documents,
 )
+from ttt_adapt.eval.recall import markdown_recall_table, recall_by_distance
 from ttt_adapt.eval.settings import EvalSettings
 from ttt_adapt.eval.swapped_state import swap_partners
 
@@ -103,6 +104,9 @@ def measure_long_context(base_model, adapted_model, tokenizer, docs: list[str], 
         own_minus_swapped=bootstrap_difference(own[paired], swapped[paired], weights[paired], edges,
                                                seed=settings.seed),
     )
+    section["recall_by_distance"] = recall_by_distance(
+        {"base": base, "adapted": own, "adapted_swapped_state": swapped[paired], "adapted_no_state": none},
+        rows, train_length, paired, seed=settings.seed)
     section["flag"] = worse_than_base(section)
     section["worse_within_training_length"] = worse_within_training_length(section)
     for line in warnings_of(section):
@@ -111,8 +115,11 @@ def measure_long_context(base_model, adapted_model, tokenizer, docs: list[str], 
 
 
 def warnings_of(section: dict) -> list[str]:
-    """The section's one-line warnings: the flag past the training length first, then the bins within it."""
-    return [line for line in (section.get("flag"), section.get("worse_within_training_length")) if line]
+    """The section's one-line warnings: the flag past the training length first, then the bins within it, then the
+    answers that the fast weights do not recall (`no_recall`)."""
+    recall = section.get("recall_by_distance") or {}
+    return [line for line in (section.get("flag"), section.get("worse_within_training_length"), recall.get("flag"))
+            if line]
 
 
 @contextmanager
@@ -180,7 +187,8 @@ def markdown_long_table(section: dict) -> str:
     if not section.get("flag"):
         lines.append(f"Past the training length the adapted model is at least as good as its base in every bin, up to "
                      f"{edges[-1]} tokens.")
-    return "\n".join(lines) + "\n"
+    recall = f"\n{markdown_recall_table(section['recall_by_distance'])}" if section.get("recall_by_distance") else ""
+    return "\n".join(lines) + "\n" + recall
 
 
 def _fmt(v) -> str:

@@ -3,6 +3,8 @@ document's, or none), their means per position bin, and the bootstrap interval o
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 import torch.nn.functional as F
 
@@ -19,25 +21,45 @@ RESAMPLES, CONFIDENCE = 1000, 0.95  # the bootstrap interval of own - swapped, o
 
 
 def tokenize_documents(tokenizer, docs: list[str], seq_len: int, pad_id: int) -> dict:
-    """The first `seq_len` tokens of each document, right-padded: input_ids, attention_mask and `recall` (the tokens
-    that overlap a query answer of `ttt_adapt.corpus.recall_spans`; all False for other corpora)."""
+    """The first `seq_len` tokens of each document, right-padded: input_ids, attention_mask, `recall` (the tokens
+    that overlap a query answer of `ttt_adapt.corpus.recall_spans`; all False for other corpora) and
+    `recall_distance` (for those tokens, how many tokens back the answer was last written: `answer_distances`; -1
+    elsewhere)."""
     fast = getattr(tokenizer, "is_fast", False)
     enc = tokenizer(docs, return_offsets_mapping=fast, truncation=True, max_length=seq_len)
     ids = torch.full((len(docs), seq_len), pad_id, dtype=torch.long)
     mask = torch.zeros(len(docs), seq_len, dtype=torch.bool)
     recall = torch.zeros(len(docs), seq_len, dtype=torch.bool)
+    distance = torch.full((len(docs), seq_len), -1, dtype=torch.long)
     for i, doc in enumerate(docs):
         row = enc["input_ids"][i]
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = True
         if fast:
-            spans = recall_spans(doc)
-            for j, (s, e) in enumerate(enc["offset_mapping"][i]):
-                recall[i, j] = e > s and any(s < b and e > a for a, b in spans)
+            offsets = enc["offset_mapping"][i]
+            for j, d in answer_distances(doc, offsets, recall_spans(doc)):
+                recall[i, j], distance[i, j] = True, d
     keep = mask.sum(1) >= 2  # a 1-token document has nothing to predict
     if not keep.any():
         raise EvalError("no held-out document has 2 or more tokens")
-    return {"input_ids": ids[keep], "attention_mask": mask[keep], "recall": recall[keep]}
+    return {"input_ids": ids[keep], "attention_mask": mask[keep], "recall": recall[keep],
+            "recall_distance": distance[keep]}
+
+
+def answer_distances(text: str, offsets, spans) -> list[tuple[int, int]]:
+    """(token index, distance) for every token overlapping an answer span (character spans into `text`; tokens by
+    their character `offsets`): the distance is how many tokens back the answer's text last appeared (the token
+    holding that mention's last character), i.e. how far a memory has to reach for it; -1 when it never did."""
+    ends = [e for _, e in offsets]
+    out = []
+    for a, b in spans:
+        tokens = [j for j, (s, e) in enumerate(offsets) if e > s and s < b and e > a]
+        if not tokens:
+            continue
+        mention = text.rfind(text[a:b], 0, a)
+        last = bisect.bisect_left(ends, mention + (b - a)) if mention >= 0 else None
+        out += [(j, tokens[0] - last if last is not None else -1) for j in tokens]
+    return out
 
 
 @torch.no_grad()

@@ -87,11 +87,11 @@ def _states_after_each_chunk(mlp, x, ctx, rows):
     seg = layout.seg
     xf, tf = layout.flatten(x[rows]), layout.flatten(t[rows])
     hf = layout.flatten(mlp.inner(x[rows]))
-    a = mlp.ttt.targets(tf, xf, hf, seg, mlp.clip_update_norm)
+    a = mlp.ttt.targets(tf, xf, mlp.key(hf), seg, mlp.clip_update_norm)
     U = seg.num_units
     every = dataclasses.replace(seg, num_rows=U, rows=list(range(U)), read=[False] * U, write=[True] * U,
                                 final=[True] * U, init_index=None)
-    _, after = fast_weight_scan(hf, a, every, decay=mlp.state_decay)
+    _, after = mlp.scan(hf, a, xf, every)
     return after, seg
 
 
@@ -105,7 +105,7 @@ def _read_states(mlp, h, valid, states, first_unit):
     reads = dataclasses.replace(seg, start_state=[ZERO if c == 0 else INIT for c in chunk], read=[c > 0 for c in chunk],
                                 write=[False] * U, final=[False] * U, init_index=[max(i, 0) for i in index])
     hf = layout.flatten(h)
-    out, _ = fast_weight_scan(hf, hf.new_zeros(hf.shape[0], states.shape[1]), reads, states)
+    out, _ = fast_weight_scan(mlp.key(hf), hf.new_zeros(hf.shape[0], states.shape[1]), reads, states)
     return layout.unflatten(out)
 
 

@@ -44,6 +44,7 @@ check_transformers()
 LR_MODES = ("scalar", "token")
 TARGETS = ("hidden_states", "input_embed")
 NORM_GUARDS = ("warn", "clamp", "off")
+WRITE_RULES = ("sum", "delta")
 
 
 @dataclass
@@ -67,6 +68,11 @@ class TTTConfig:
             recorded at export from the evaluation. With it, inference checks every state it writes (`state_norm_guard`).
         state_norm_guard: "warn" (one warning per layer when a state passes 2x its limit), "clamp" (also scale
             every state above its limit back to it, at inference) or "off".
+        key_norm: the fast weight's key is h / ||h|| (each token's down_proj input scaled to unit norm) instead of h;
+            W_down still reads h. false: the published key.
+        write_rule: "sum" (published: each chunk adds lr * v h^T) or "delta" (each chunk adds
+            lr * (v - S k) k^T: the error of what the state already returns for the key, so a fact overwrites
+            instead of piling up).
     """
 
     layers: list[int] | None = None
@@ -81,6 +87,8 @@ class TTTConfig:
     state_decay: float | None = None
     state_norm_limit: list[float] | None = None
     state_norm_guard: str = "warn"
+    key_norm: bool = False
+    write_rule: str = "sum"
 
     def resolved_layers(self, num_layers: int) -> list[int]:
         """The TTT layer indices for a model with `num_layers` decoder layers (validated)."""
@@ -120,6 +128,10 @@ class TTTConfig:
             raise ValueError(f"ttt state_norm_limit must be a list of norms > 0 (one per TTT layer) or null, got {limits!r}")
         if isinstance(self.lr_warmup_steps, bool) or not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0:
             raise ValueError(f"ttt lr_warmup_steps must be an integer >= 0, got {self.lr_warmup_steps!r}")
+        if self.write_rule not in WRITE_RULES:
+            raise ValueError(f"ttt write_rule must be one of {WRITE_RULES}, got {self.write_rule!r}")
+        if not isinstance(self.key_norm, bool):
+            raise ValueError(f"ttt key_norm must be true or false, got {self.key_norm!r}")
         if not isinstance(self.use_proj, bool):
             raise ValueError(f"ttt use_proj must be true or false, got {self.use_proj!r}")
         if num_layers is not None:

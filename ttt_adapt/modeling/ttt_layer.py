@@ -367,7 +367,51 @@ def _define_ops():
     return getattr(torch.ops, _NAMESPACE)
 
 
-def fast_weight_scan(h, a, seg: Segments, init_state=None, weight=None, decay=None, guard=None):
+@fast_weight_math
+def _delta_scan(h, a, lr, seg: Segments, init_state, weight, decay, guard, amp):
+    """The delta rule over units, differentiable by autograd: unit u reads `h_u S_u^T` and writes
+    S_{u+1} = decay * S_u + (a_u - lr_u (h_u S_u^T))^T h_u. The state a unit writes depends on the state it read, so
+    the units cannot be summed independently; autograd keeps each unit's state for the backward (memory grows with
+    the number of chunks: one d x H state per chunk and TTT layer)."""
+    acc = torch.promote_types(h.dtype, torch.float32)
+    pieces, finals, S = [], {}, None
+    for u, (s, e, r) in enumerate(zip(seg.starts, seg.ends, seg.rows)):
+        kind = seg.start_state[u]
+        if kind == ZERO:
+            S = None
+        elif kind == INIT:
+            S = None if init_state is None else init_state[seg.init_index[u]].to(acc)
+        hu = h[s:e].to(acc)
+        pred = hu @ S.T if S is not None else None
+        pieces.append(pred if seg.read[u] and pred is not None else hu.new_zeros(e - s, a.shape[1]))
+        if seg.write[u] and (seg.final[u] or _next_carries(seg, u)):
+            err = a[s:e].to(acc) if pred is None else a[s:e].to(acc) - lr[s:e, None].to(acc) * pred
+            update = err.T @ hu
+            S = update if S is None else (S * decay if decay != 1.0 else S) + update
+            if guard is not None:
+                S = _guarded(guard, S)
+        if seg.final[u] and S is not None:
+            finals[r] = S
+    out = torch.cat(pieces) if pieces else h.new_zeros(0, a.shape[1], dtype=acc)
+    if weight is not None:
+        compute = amp or h.dtype
+        out = F.linear(h.to(compute), weight.to(compute)) + out.to(compute)
+    final = torch.stack([finals[r] if r in finals else h.new_zeros(a.shape[1], h.shape[1], dtype=acc)
+                         for r in range(seg.num_rows)]) if seg.keeps_final else \
+        h.new_zeros(0, a.shape[1], h.shape[1], dtype=acc)
+    return out, final
+
+
+def _guarded(guard, S):
+    if S.requires_grad:
+        guard.clamp = False
+        guard.check(S.detach())
+        return S
+    guard.check(S)
+    return S
+
+
+def fast_weight_scan(h, a, seg: Segments, init_state=None, weight=None, decay=None, guard=None, lr=None):
     """Chunk-causal fast-weight read-out over a flat layout.
 
     Args:
@@ -377,6 +421,9 @@ def fast_weight_scan(h, a, seg: Segments, init_state=None, weight=None, decay=No
         decay: `TTTConfig.state_decay`: each written unit's state is `decay * S + a^T h` (None: the plain sum).
         guard: optional (limit, clamp, layer) of the state-norm guard (`StateNormGuard`); its clamp is skipped when
             gradients are needed.
+        lr: optional (N,) per-token learning rates: the delta rule (`TTTConfig.write_rule="delta"`). Each written
+            unit then adds `(a_u - lr_u * (h_u S_u^T))^T h_u`: what the state already returns for a key is
+            subtracted from its target before it is written (`_delta_scan`).
     Returns:
         out: (N, d) `h W^T + o` with `weight` (in the dtype autocast, or else h, computes the base product in),
             else the fast-weight part `o` alone (fp32 or wider);
@@ -384,6 +431,12 @@ def fast_weight_scan(h, a, seg: Segments, init_state=None, weight=None, decay=No
     """
     limit, clamp, layer = guard if guard is not None else (0.0, False, -1)
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, a, weight, init_state))
+    if lr is not None:
+        check = StateNormGuard(limit, bool(clamp) and not grads, int(layer)) if limit > 0 else None
+        if list(seg.starts) != [0, *seg.ends[:-1]] or (seg.ends and seg.ends[-1] != seg.num_tokens):
+            raise RuntimeError("the delta-rule scan needs units that tile the tokens in order")
+        return _delta_scan(h, a, lr, seg, init_state, weight, 1.0 if decay is None else float(decay), check,
+                           autocast_dtype(h))
     return _OPS.scan(h, a, weight, init_state, seg.table, seg.num_rows, seg.keeps_final, autocast_dtype(h),
                      1.0 if decay is None else float(decay), float(limit), bool(clamp) and not grads, int(layer))
 
@@ -520,13 +573,18 @@ class TTTParams(nn.Module):
         conv = chunk_conv(t, self.conv.weight, seg.unit_of_token)
         return self.scale_targets(conv, x, h, seg, clip_update_norm)
 
+    def token_lr(self, x):
+        """The TTT learning rate of each token of `x` (..., d): (1,) for the scalar mode, (..., 1) with the gate."""
+        lr = self.lr * self.lr_scale
+        if self.lr_gate is not None:
+            lr = lr * 2 * torch.sigmoid(self.lr_gate(x))
+        return lr
+
     def scale_targets(self, v, x, h, seg, clip_update_norm=None):
         """`targets` from the conv output `v`: the projection, the learning rate and the per-unit clip."""
         if self.target_proj is not None:
             v = self.target_proj(v)
-        lr = self.lr * self.lr_scale
-        if self.lr_gate is not None:
-            lr = lr * 2 * torch.sigmoid(self.lr_gate(x))
+        lr = self.token_lr(x)
         a = v * lr.to(v.dtype)
         if clip_update_norm is not None:
             a = a * clip_scales(a, h, seg, clip_update_norm)
@@ -588,6 +646,8 @@ class TTTMLP(nn.Module):
         self.target = ttt_config.target
         self.clip_update_norm = ttt_config.clip_update_norm
         self.state_decay = ttt_config.state_decay
+        self.key_norm = ttt_config.key_norm
+        self.write_rule = ttt_config.write_rule
         limits, guard = ttt_config.state_norm_limit, ttt_config.state_norm_guard
         self.guard = None  # (limit, clamp, layer) for the scan, from the norms recorded at export
         if limits is not None and guard != "off":
@@ -598,6 +658,19 @@ class TTTMLP(nn.Module):
 
     def inner(self, x):
         return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+
+    def key(self, h):
+        """The fast weight's key of down_proj inputs `h`: h itself (published) or h / ||h|| (`key_norm`)."""
+        return F.normalize(h, dim=-1, eps=1e-6) if self.key_norm else h
+
+    def scan(self, h, a, x, seg, init_state=None, weight=None, guard=None):
+        """`fast_weight_scan` of this layer: its key of `h`, its state decay and write rule (the delta rule's
+        per-token rates from the MLP inputs `x`); `weight` (W_down) only with the published key (it reads h)."""
+        lr = None
+        if self.write_rule == "delta":
+            lr = self.ttt.token_lr(x).expand(x.shape[0], 1)[:, 0]
+        return fast_weight_scan(self.key(h), a, seg, init_state, None if self.key_norm else weight, self.state_decay,
+                                guard, lr=lr)
 
     def forward(self, x):
         h = self.inner(x)
@@ -624,12 +697,11 @@ class TTTMLP(nn.Module):
             prefix_h = self.inner(prefix_x)
         xf, hf, tf = layout.flatten(x, prefix_x), layout.flatten(h, prefix_h), layout.flatten(t, prefix_t)
         seg = layout.seg
-        a = self.ttt.targets(tf, xf, hf, seg, self.clip_update_norm)
+        a = self.ttt.targets(tf, xf, self.key(hf), seg, self.clip_update_norm)
         init = state.S if state is not None and state.started else None
         # Every token real and no buffered prefix (training, plain inference): W_down joins the scan.
-        fused = type(self.down_proj) is nn.Linear and layout.all_valid and not layout.has_prefix
-        out, final = fast_weight_scan(hf, a, seg, init, self.down_proj.weight if fused else None, self.state_decay,
-                                      self.guard)
+        fused = type(self.down_proj) is nn.Linear and layout.all_valid and not layout.has_prefix and not self.key_norm
+        out, final = self.scan(hf, a, xf, seg, init, self.down_proj.weight if fused else None, self.guard)
         if state is not None:
             self._keep_state(state, layout, xf, tf if self.target == "input_embed" else None, final)
         if fused:
@@ -660,7 +732,7 @@ class TTTMLP(nn.Module):
                 state.n[r] = e - s
 
     def _decode_step(self, x, h, t, state, ctx):
-        o = _read_state(h, state.S)  # (B, 1, d)
+        o = _read_state(self.key(h), state.S)  # (B, 1, d)
         with torch.no_grad():
             valid = ctx.valid_last_token(x.shape[0])
             rows = torch.nonzero(valid).flatten()
@@ -687,8 +759,8 @@ class TTTMLP(nn.Module):
             torch.full((n,), C), torch.zeros(n, dtype=torch.bool), None, torch.zeros(n, dtype=torch.long),
             C, True, xb.device,
         )
-        a = self.ttt.targets(tb, xb, hb, seg, self.clip_update_norm)
-        _, final = fast_weight_scan(hb, a, seg, state.S[dev_rows], decay=self.state_decay, guard=self.guard)
+        a = self.ttt.targets(tb, xb, self.key(hb), seg, self.clip_update_norm)
+        _, final = self.scan(hb, a, xb, seg, state.S[dev_rows], guard=self.guard)
         state.S[dev_rows] = final
         state.n[rows] = 0
 

@@ -85,6 +85,9 @@ class TTTMLP(nn.Module, MambaBase):
         super().__init__()
         self.gate_up_proj, self.down_proj, self.act_fn = mlp.gate_up_proj, mlp.down_proj, mlp.act_fn
         ttt = config.ttt
+        if ttt.get("key_norm") or ttt.get("write_rule", "sum") != "sum":
+            raise ValueError("the ttt-adapt vLLM plugin serves the published fast weight only (ttt.key_norm false, "
+                             "ttt.write_rule sum); serve this export with transformers' generate()")
         self.hidden_size = config.hidden_size
         self.chunk_size = ttt["chunk_size"]
         self.pad = ttt["conv_kernel_size"] // 2
