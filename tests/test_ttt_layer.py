@@ -12,8 +12,8 @@ from ttt_adapt.modeling.ttt_layer import Segments, TTTContext, fast_weight_scan
 def naive_ttt_mlp(mlp, x, t, doc_lengths, chunk_size, clip=None, decay=None, key_norm=False, delta_rule=False):
     """Token-by-token reference for one row: documents of `doc_lengths` tokens, one after the other; with `decay`,
     the state before each chunk's update is multiplied by it; `key_norm`: the fast weight's key is h / ||h||;
-    `delta_rule`: each token writes lr * (v - S k) k^T with S the state its chunk reads (the clip bounds the
-    written targets lr * v k^T)."""
+    `delta_rule`: after the chunk's decay, its tokens write one after another S += lr * (v - S k) k^T, S the state
+    as the previous token left it (the clip bounds the written targets lr * v k^T)."""
     W = mlp.down_proj.weight.double()
     conv_w = mlp.ttt.conv.weight.double()[:, 0, :]  # (d, k)
     k = conv_w.shape[1]
@@ -32,7 +32,7 @@ def naive_ttt_mlp(mlp, x, t, doc_lengths, chunk_size, clip=None, decay=None, key
             for j in idx:  # read: base weight plus the updates of earlier chunks of this document
                 out[j] = W @ h[j] + delta @ key[j]
             update = torch.zeros_like(W)
-            correction = torch.zeros_like(W)
+            targets = []
             for i in idx:  # write: centred conv inside the chunk, zero outside it
                 v = torch.zeros(W.shape[0], dtype=torch.float64)
                 for m in range(k):
@@ -46,11 +46,16 @@ def naive_ttt_mlp(mlp, x, t, doc_lengths, chunk_size, clip=None, decay=None, key
                     g = mlp.ttt.lr_gate.weight.double() @ x[i] + mlp.ttt.lr_gate.bias.double()
                     lr_i = lr * 2 * torch.sigmoid(g)
                 update += lr_i * torch.outer(v, key[i])
-                if delta_rule:
-                    correction += lr_i * torch.outer(delta @ key[i], key[i])
+                targets.append((i, lr_i * v, lr_i))
+            scale = 1.0
             if clip is not None:
-                update = update * torch.clamp(clip / (torch.linalg.matrix_norm(update) + 1e-6), max=1.0)
-            delta = (delta if decay is None else decay * delta) + update - correction
+                scale = torch.clamp(clip / (torch.linalg.matrix_norm(update) + 1e-6), max=1.0)
+            delta = delta if decay is None else decay * delta
+            if not delta_rule:
+                delta = delta + update * scale
+                continue
+            for i, target, lr_i in targets:  # token after token: the error of what the state returns
+                delta = delta + torch.outer(target * scale - lr_i * (delta @ key[i]), key[i])
         start += n
     return out
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from ttt_adapt._util import DTYPES, RecipeError, parse_size
 from ttt_adapt.data import DataConfig
-from ttt_adapt.modeling.configuration_ttt import LR_MODES, NORM_GUARDS, TARGETS, TTTConfig
+from ttt_adapt.modeling.configuration_ttt import LR_MODES, NORM_GUARDS, TARGETS, WRITE_RULES, TTTConfig
 from ttt_adapt.recipe_loading import apply_override, build_dataclass, read_recipe_file, unknown_key_message
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
@@ -438,6 +438,7 @@ def validate_ttt(ttt: TTTConfig, section: str = "ttt"):
         _fail(f"{section}.state_norm_limit", f"must be norms > 0 (one per TTT layer) or null, got {ttt.state_norm_limit}")
     if ttt.state_decay is not None and not 0 < ttt.state_decay <= 1:
         _fail(f"{section}.state_decay", f"must be in (0, 1] or null, got {ttt.state_decay}")
+    _check_choice(f"{section}.write_rule", ttt.write_rule, WRITE_RULES)
 
 
 __all__ = [

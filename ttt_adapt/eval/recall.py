@@ -45,7 +45,7 @@ def masked_means(losses: torch.Tensor, masks: list[torch.Tensor]) -> list[float 
 def bootstrap_masked(a: torch.Tensor, b: torch.Tensor, masks: list[torch.Tensor], resamples: int = RESAMPLES,
                      confidence: float = CONFIDENCE, seed: int = 0) -> list[dict | None]:
     """Per mask: the token-weighted mean of `a - b` over the masked tokens and its percentile bootstrap interval,
-    documents (rows) resampled with replacement; None for an empty mask or fewer than 2 documents."""
+    documents (rows) resampled with replacement; None when fewer than 2 documents have masked tokens."""
     n = a.shape[0]
     draws = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed)) if n else None
     quantiles = torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64)
@@ -53,7 +53,7 @@ def bootstrap_masked(a: torch.Tensor, b: torch.Tensor, masks: list[torch.Tensor]
     for m in masks:
         w = m.double()
         sums, counts = ((a - b).double() * w).sum(1), w.sum(1)
-        if n < 2 or not counts.sum():
+        if int((counts > 0).sum()) < 2:  # answers of one document: no interval over documents
             out.append(None)
             continue
         boot = sums[draws].sum(1) / counts[draws].sum(1)
@@ -103,7 +103,7 @@ def no_recall(section: dict) -> str | None:
     at distances 512-1024, +2.3 % at 1024-2048 tokens"; None when every bin with answers is below the base."""
     bad = []
     for (a, b), change, d in zip(section["bins"], section["change_vs_base_percent"], section["adapted_minus_base"]):
-        if change is not None and (d is None or d["high"] >= 0):
+        if change is not None and d is not None and d["high"] >= 0:  # a bin of one document: no verdict
             bad.append(f"{change:+.1f} % at {a}-{b}")
     if not bad:
         return None

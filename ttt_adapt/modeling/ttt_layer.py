@@ -369,10 +369,13 @@ def _define_ops():
 
 @fast_weight_math
 def _delta_scan(h, a, lr, seg: Segments, init_state, weight, decay, guard, amp):
-    """The delta rule over units, differentiable by autograd: unit u reads `h_u S_u^T` and writes
-    S_{u+1} = decay * S_u + (a_u - lr_u (h_u S_u^T))^T h_u. The state a unit writes depends on the state it read, so
-    the units cannot be summed independently; autograd keeps each unit's state for the backward (memory grows with
-    the number of chunks: one d x H state per chunk and TTT layer)."""
+    """The delta rule over units, differentiable by autograd. Unit u reads `h_u S_u^T`; its tokens then write one
+    after another, as DeltaNet does: from S = decay * S_u, token t writes u_t = a_t - lr_t S k_t (its target minus
+    what the state already returns for its key, so the key's old value is replaced) and S += u_t k_t^T. The
+    sequential writes of a unit are one lower-triangular solve (the WY form): (I + diag(lr) tril(K K^T, -1)) U =
+    A - diag(lr) K S^T, then S_{u+1} = S + U^T K. The state a unit writes depends on the state it read, so units
+    cannot be summed independently; autograd keeps each unit's state for the backward (memory grows with the number
+    of chunks: one d x H state per chunk and TTT layer)."""
     acc = torch.promote_types(h.dtype, torch.float32)
     pieces, finals, S = [], {}, None
     for u, (s, e, r) in enumerate(zip(seg.starts, seg.ends, seg.rows)):
@@ -382,12 +385,17 @@ def _delta_scan(h, a, lr, seg: Segments, init_state, weight, decay, guard, amp):
         elif kind == INIT:
             S = None if init_state is None else init_state[seg.init_index[u]].to(acc)
         hu = h[s:e].to(acc)
-        pred = hu @ S.T if S is not None else None
-        pieces.append(pred if seg.read[u] and pred is not None else hu.new_zeros(e - s, a.shape[1]))
+        read = seg.read[u] and S is not None
+        pieces.append(hu @ S.T if read else hu.new_zeros(e - s, a.shape[1]))
         if seg.write[u] and (seg.final[u] or _next_carries(seg, u)):
-            err = a[s:e].to(acc) if pred is None else a[s:e].to(acc) - lr[s:e, None].to(acc) * pred
-            update = err.T @ hu
-            S = update if S is None else (S * decay if decay != 1.0 else S) + update
+            beta = lr[s:e, None].to(acc)
+            rhs = a[s:e].to(acc)
+            if S is not None:
+                S = S * decay if decay != 1.0 else S
+                rhs = rhs - beta * (hu @ S.T)
+            L = torch.tril(beta * (hu @ hu.T), diagonal=-1) + torch.eye(e - s, dtype=acc, device=h.device)
+            U = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)
+            S = U.T @ hu if S is None else S + U.T @ hu
             if guard is not None:
                 S = _guarded(guard, S)
         if seg.final[u] and S is not None:
@@ -421,9 +429,9 @@ def fast_weight_scan(h, a, seg: Segments, init_state=None, weight=None, decay=No
         decay: `TTTConfig.state_decay`: each written unit's state is `decay * S + a^T h` (None: the plain sum).
         guard: optional (limit, clamp, layer) of the state-norm guard (`StateNormGuard`); its clamp is skipped when
             gradients are needed.
-        lr: optional (N,) per-token learning rates: the delta rule (`TTTConfig.write_rule="delta"`). Each written
-            unit then adds `(a_u - lr_u * (h_u S_u^T))^T h_u`: what the state already returns for a key is
-            subtracted from its target before it is written (`_delta_scan`).
+        lr: optional (N,) per-token learning rates: the delta rule (`TTTConfig.write_rule="delta"`). The tokens of
+            a written unit then write one after another `a_t - lr_t S k_t` (what the state already returns for a key
+            is subtracted from its target before it is written; `_delta_scan`).
     Returns:
         out: (N, d) `h W^T + o` with `weight` (in the dtype autocast, or else h, computes the base product in),
             else the fast-weight part `o` alone (fp32 or wider);

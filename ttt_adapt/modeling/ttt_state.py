@@ -18,7 +18,9 @@ import torch
 FORMAT = "ttt-adapt-state/1"
 # The settings a state must share with the model that uses it: another value changes what S and the pending part mean.
 LAYOUT_KEYS = ("model_type", "layers", "chunk_size", "state_decay", "conv_kernel_size", "use_proj", "lr_mode", "target",
-               "clip_update_norm", "hidden_size", "intermediate_size")
+               "clip_update_norm", "hidden_size", "intermediate_size", "key_norm", "write_rule")
+# Keys newer than some states and exports: what their absence means (the published fast weight).
+LAYOUT_DEFAULTS = {"key_norm": False, "write_rule": "sum"}
 
 
 def state_header(model) -> dict:
@@ -27,7 +29,8 @@ def state_header(model) -> dict:
     ttt = config.ttt
     header = {"format": FORMAT, "model_type": config.model_type}
     for key in LAYOUT_KEYS[2:]:
-        header[key] = ttt.get(key, getattr(config, key, None))
+        header[key] = ttt.get(key, LAYOUT_DEFAULTS[key]) if key in LAYOUT_DEFAULTS else \
+            ttt.get(key, getattr(config, key, None))
     header["layers"] = list(ttt["layers"])
     header["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     header["fingerprint"] = ttt_fingerprint(model)
@@ -91,9 +94,9 @@ class TTTState:
         """Raise a one-line ValueError unless this state belongs to `model` (layout, dtype, TTT weights)."""
         mine, theirs = self.header, state_header(model)
         for key in LAYOUT_KEYS:
-            if mine.get(key) != theirs[key]:
+            if mine.get(key, LAYOUT_DEFAULTS.get(key)) != theirs[key]:
                 raise ValueError(f"this TTT state belongs to another TTT layout: it was read with {key}="
-                                 f"{mine.get(key)!r}, this model has {key}={theirs[key]!r}")
+                                 f"{mine.get(key, LAYOUT_DEFAULTS.get(key))!r}, this model has {key}={theirs[key]!r}")
         if mine.get("dtype") != theirs["dtype"]:
             raise ValueError(f"this TTT state was read by a {mine.get('dtype')} model, this one is {theirs['dtype']}: "
                              f"load the model in {mine.get('dtype')} or read the state again")
