@@ -203,3 +203,36 @@ def test_state_decay_off_is_the_plain_sum_bit_for_bit():
     assert torch.equal(_call(mlp, x, None), ref)
     mlp.state_decay = 0.9
     assert not torch.allclose(_call(mlp, x, None), ref)
+
+
+def test_new_write_options_off_are_todays_fast_weight_bit_for_bit():
+    """`key_norm: false` and `write_rule: sum` (the defaults) run the published scan, the same bits as a config that
+    never names them; turning either on changes the outputs."""
+    _, mlp = _ttt_model(state_decay=0.7)
+    x = torch.randn(2, 23, 32, dtype=torch.float64)
+    ref = _call(mlp, x, None)
+    assert mlp.key_norm is False and mlp.write_rule == "sum"
+    torch.testing.assert_close(ref, published_ttt_mlp_decayed(mlp, x, 5, 0.7), rtol=1e-10, atol=1e-10)
+    mlp.key_norm = True
+    assert not torch.allclose(_call(mlp, x, None), ref)
+    mlp.key_norm, mlp.write_rule = False, "delta"
+    assert not torch.allclose(_call(mlp, x, None), ref)
+    mlp.write_rule = "sum"
+    assert torch.equal(_call(mlp, x, None), ref)
+
+
+def published_ttt_mlp_decayed(mlp, x, chunk_size, decay):
+    """`published_ttt_mlp` with the state decay: chunk c reads W_down + sum_{c' < c} decay^(c - 1 - c') dW_c'."""
+    B, L, d = x.shape
+    n = -(-L // chunk_size)
+    out = []
+    S = torch.zeros_like(mlp.down_proj.weight).expand(B, -1, -1).clone()
+    h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    k = mlp.ttt.conv.weight.shape[-1]
+    for c in range(n):
+        sl = slice(c * chunk_size, min((c + 1) * chunk_size, L))
+        out.append(torch.einsum("blh,bdh->bld", h[:, sl], mlp.down_proj.weight + S))
+        v = F.conv1d(x[:, sl].transpose(1, 2), mlp.ttt.conv.weight, padding=k // 2, groups=d).transpose(1, 2)
+        v = v @ mlp.ttt.target_proj.weight.T
+        S = decay * S + mlp.ttt.lr * torch.einsum("bld,blh->bdh", v, h[:, sl])
+    return torch.cat(out, 1)

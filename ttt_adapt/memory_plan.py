@@ -107,6 +107,17 @@ def plan_memory(recipe, config, processes: int = 1, fsdp: bool = False, device: 
 
     layer_peak += t.batch_size * min(QUERY_BLOCK, n) * L  # one query block's bool mask
     fast = 3 * t.batch_size * d * inter * 4 if ttt_layers else 0  # state, its gradient, a product: fp32
+    fast_note = "fast-weight states"
+    if ttt_layers and recipe.ttt.write_rule == "delta":
+        # the delta rule's scan is differentiated by autograd: every chunk's d x H state (fp32) and the chunk's
+        # C x C triangular system stay for the backward, per TTT layer (one layer at a time when checkpointed)
+        C = min(recipe.ttt.chunk_size, L)
+        chunks = -(-n // C)
+        per_layer = chunks * (d * inter * 4 + C * C * 4 + C * (inter + d) * 4)
+        kept = per_layer * (1 if t.gradient_checkpointing else ttt_layers)
+        stored += 0 if t.gradient_checkpointing else kept
+        fast += per_layer
+        fast_note = f"fast-weight states ({chunks} per TTT layer: the delta rule keeps each chunk's)"
     head_trained = any(p.requires_grad for p in model.get_output_embeddings().parameters())
     block = min(n, max(16, BLOCK_ELEMENTS // V))
     # a block's fp32 logits and logsumexp's temporary (+ a low-precision copy), the hidden states' gradient
@@ -131,7 +142,7 @@ def plan_memory(recipe, config, processes: int = 1, fsdp: bool = False, device: 
     transient = [
         ("loss buffers", loss, f"{block} tokens x {V:,} logits a block" + (" + head gradient" if head_trained else "")),
         ("backward of one layer", layer_peak + fast, f"{'recomputed ' if t.gradient_checkpointing else ''}"
-         f"activations, gradients, {min(QUERY_BLOCK, n)} x {L:,} mask, fast-weight states"),
+         f"activations, gradients, {min(QUERY_BLOCK, n)} x {L:,} mask, {fast_note}"),
     ]
     settings = dict(model=recipe.model.name_or_path, parameters=P, trainable=T, tokens_per_device=n,
                     batch_size=t.batch_size, seq_len=L, cp=cp, processes=processes, fsdp=shard > 1,
