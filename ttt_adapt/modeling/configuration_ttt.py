@@ -57,6 +57,7 @@ class TTTConfig:
         conv_kernel_size: odd width of the centred depthwise Conv1D that builds the target (5 sees 2 tokens ahead).
         use_proj: apply the d x d target projection after the conv.
         lr_init: initial value of the learned per-layer TTT learning rate (the paper fixes it at 3).
+        lr_learned: train the per-layer TTT learning rate (true) or keep it at `lr_init` (false, as published).
         lr_mode: "scalar" (one learned rate per layer) or "token" (plus a learned per-token gate in (0, 2)).
         target: "hidden_states" (the MLP input; continual training) or "input_embed" (from-scratch training).
         clip_update_norm: if set, each chunk's update is scaled so its Frobenius norm (fp32) is at most this.
@@ -80,6 +81,7 @@ class TTTConfig:
     conv_kernel_size: int = 5
     use_proj: bool = True
     lr_init: float = 3.0
+    lr_learned: bool = True
     lr_mode: str = "scalar"
     target: str = "hidden_states"
     clip_update_norm: float | None = None
@@ -130,6 +132,8 @@ class TTTConfig:
             raise ValueError(f"ttt lr_warmup_steps must be an integer >= 0, got {self.lr_warmup_steps!r}")
         if self.write_rule not in WRITE_RULES:
             raise ValueError(f"ttt write_rule must be one of {WRITE_RULES}, got {self.write_rule!r}")
+        if not isinstance(self.lr_learned, bool):
+            raise ValueError(f"ttt lr_learned must be true or false, got {self.lr_learned!r}")
         if not isinstance(self.key_norm, bool):
             raise ValueError(f"ttt key_norm must be true or false, got {self.key_norm!r}")
         if not isinstance(self.use_proj, bool):

@@ -555,7 +555,11 @@ class TTTParams(nn.Module):
         k = ttt_config.conv_kernel_size
         self.conv = nn.Conv1d(hidden_size, hidden_size, k, padding=k // 2, groups=hidden_size, bias=False)
         self.target_proj = nn.Linear(hidden_size, hidden_size, bias=False) if ttt_config.use_proj else None
-        self.lr = nn.Parameter(torch.full((1,), float(ttt_config.lr_init)))
+        lr = torch.full((1,), float(ttt_config.lr_init))
+        if getattr(ttt_config, "lr_learned", True):
+            self.lr = nn.Parameter(lr)
+        else:  # fixed, as published: saved with the weights, never trained
+            self.register_buffer("lr", lr)
         self.lr_gate = nn.Linear(hidden_size, 1) if ttt_config.lr_mode == "token" else None
         # Warmup factor of the TTT learning rate, set by the training loop; 1 at inference.
         self.register_buffer("lr_scale", torch.ones(1), persistent=False)
