@@ -38,6 +38,8 @@ CASES = {
         arch="qwen3", ttt=dict(layers=[0, 2], chunk_size=4, state_decay=0.7, clip_update_norm=0.05, lr_mode="token"),
         rows=ROWS_24,
     ),
+    "qwen3_delta_token": dict(arch="qwen3", ttt=dict(layers=[0, 2], chunk_size=4, write_rule="delta", key_norm=True,
+                                                     lr_mode="token"), rows=ROWS_24),
 }
 # 4 ranks of 8 tokens: documents crossing several shards, so the state is carried through middle ranks.
 ROWS_32 = [[32], [3, 27, 2], [9, 23], [16, 16], [1, 6, 25], [30, 2], [1, 10, 21]]
@@ -48,6 +50,11 @@ CASES_4 = {
         base=dict(use_sliding_window=True, sliding_window=11, max_window_layers=2),
     ),
     "4_ranks_decay": dict(arch="qwen3", ttt=dict(layers=[0, 3], chunk_size=4, state_decay=0.7), rows=ROWS_32),
+    # the delta rule (normalised keys): no per-rank sums; each rank runs the layer over the row up to its shard
+    "4_ranks_delta_input_embed": dict(
+        arch="llama", ttt=dict(layers=[1, 2], chunk_size=4, write_rule="delta", key_norm=True, state_decay=0.8,
+                               target="input_embed", clip_update_norm=0.05), rows=ROWS_32,
+    ),
     "4_ranks_decay_clip_input_embed": dict(
         arch="llama", ttt=dict(layers=[1, 2], chunk_size=4, state_decay=0.5, clip_update_norm=0.05,
                                target="input_embed"), rows=ROWS_32,

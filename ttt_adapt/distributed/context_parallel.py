@@ -34,7 +34,8 @@ from transformers.masking_utils import AttentionMaskInterface
 from ttt_adapt._util import RecipeError, unwrap
 from ttt_adapt.attention import blocked_sdpa, document_layout, packed_attention, packed_mask, query_blocks
 from ttt_adapt.loss import IGNORE_INDEX
-from ttt_adapt.modeling.ttt_layer import CARRY, INIT, ZERO, Segments, chunk_conv, fast_weight_math, fast_weight_scan
+from ttt_adapt.modeling.ttt_layer import (CARRY, INIT, ZERO, Segments, TTTContext, chunk_conv, fast_weight_math,
+                                         fast_weight_scan)
 
 ATTN_IMPLEMENTATION = "ttt_cp"  # `ttt_packed` without a `cp_shard`; all-gather attention with one
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -177,8 +178,7 @@ class CPShard:
     def ttt_forward(self, mlp, x, h, t):
         """The TTT MLP's output on this rank's tokens, with the fast-weight state carried across ranks."""
         if mlp.key_norm or mlp.write_rule != "sum":
-            raise NotImplementedError("context parallelism supports the published fast weight only (ttt.key_norm: "
-                                      "false, ttt.write_rule: sum); train this model with parallel.cp_size=1")
+            return _ttt_forward_prefix(self, mlp, x, t)
         return _ttt_forward(self, mlp, x, h, t)
 
 
@@ -354,6 +354,28 @@ def _ttt_forward(shard: CPShard, mlp, x, h, t):
         return y if mlp.down_proj.bias is None else y + mlp.down_proj.bias
     y = mlp.down_proj(h)
     return y + out.view(*x.shape[:-1], -1).to(y.dtype)
+
+
+def _ttt_forward_prefix(shard: CPShard, mlp, x, t):
+    """The TTT MLP on this rank's tokens when the state does not add up across ranks (the delta rule, whose write
+    depends on the state it writes into; normalised keys go the same way): rank r all-gathers the MLP inputs (and
+    target sources) of the ranks before it and runs the single-process layer over the row's tokens up to its
+    shard's end, keeping its own shard. Exact, but that layer's work and activations grow with the rank: the last
+    rank runs it over the whole row."""
+    group, r = shard.group, shard.rank
+    xs = torch.cat(_gathered(x, group)[: r + 1].unbind(0), dim=1)  # (B, hi, d): the row up to this shard's end
+    ts = xs if mlp.target == "hidden_states" else torch.cat(_gathered(t, group)[: r + 1].unbind(0), dim=1)
+    doc_start = shard.doc_start[:, : shard.hi]
+    index = torch.arange(shard.hi).expand_as(doc_start)
+    last_start = torch.cummax(torch.where(doc_start, index, torch.zeros_like(index)), 1).values
+    positions = (index - last_start).to(x.device)  # restart at every document start: the documents stay apart
+    outer = mlp.ttt_context
+    mlp.ttt_context = TTTContext.from_inputs(None, positions, ts)
+    try:
+        y = mlp(xs)
+    finally:
+        mlp.ttt_context = outer
+    return y[:, shard.lo : shard.hi]
 
 
 @fast_weight_math
