@@ -17,10 +17,13 @@ from ttt_adapt import TTTConfig, convert
 from ttt_adapt.modeling.ttt_state import TTTState
 
 DECAYS = [None, 0.7]
+WRITES = [*DECAYS, "delta"]  # "delta": the delta rule with normalised keys (and a decay)
 CHUNK = 4
 
 
 def ttt_model(decay, seed=1, **kw):
+    if decay == "delta":
+        decay, kw = 0.8, {"write_rule": "delta", "key_norm": True, **kw}
     config = TTTConfig(layers=[0, 2], chunk_size=CHUNK, state_decay=decay, **kw)
     return randomize_ttt(convert(tiny_base(), config), seed=seed).eval()
 
@@ -43,7 +46,7 @@ def greedy(model, ids, **kw):
     return model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None, **kw)
 
 
-@pytest.mark.parametrize("decay", DECAYS)
+@pytest.mark.parametrize("decay", WRITES)
 def test_one_pass_pieces_and_generate_read_the_same_state(decay, one_thread):
     model = ttt_model(decay)
     doc = torch.randint(3, 97, (23,), generator=torch.Generator().manual_seed(0))
@@ -75,7 +78,7 @@ def test_one_pass_pieces_and_generate_read_the_same_state(decay, one_thread):
                       model.read_state([doc[:8], doc[8:16], doc[16:]]))
 
 
-@pytest.mark.parametrize("decay", DECAYS)
+@pytest.mark.parametrize("decay", WRITES)
 @pytest.mark.parametrize("target", ["hidden_states", "input_embed"])
 def test_loaded_state_with_the_prefix_cache_equals_the_full_forward(decay, target, tmp_path, one_thread):
     model = ttt_model(decay, target=target, lr_mode="token" if target == "input_embed" else "scalar")
@@ -176,7 +179,7 @@ def test_state_alone_equals_a_float64_reference_starting_at_that_state(decay, on
         assert not torch.allclose(model(rest, ttt_state=per_row).logits, model(rest).logits, atol=1e-3)
 
 
-@pytest.mark.parametrize("decay", DECAYS)
+@pytest.mark.parametrize("decay", WRITES)
 def test_generate_from_a_state_left_padded_batched_and_under_bf16_autocast(decay, one_thread):
     model = ttt_model(decay)
     g = torch.Generator().manual_seed(4)
@@ -234,7 +237,7 @@ RELOAD = BLOCK_TTT_ADAPT + textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("decay", DECAYS)
+@pytest.mark.parametrize("decay", WRITES)
 def test_a_saved_state_works_in_a_fresh_process_without_ttt_adapt(decay, tmp_path, one_thread):
     from safetensors.torch import save_file
 

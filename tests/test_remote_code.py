@@ -116,6 +116,28 @@ def test_every_family_exports_and_reloads_without_ttt_adapt(tmp_path):
     assert proc.returncode == 0 and proc.stdout.count("reloaded ok") == len(FAMILY_ARCHS), proc.stderr[-3000:]
 
 
+def test_delta_rule_export_reloads_without_ttt_adapt(tmp_path):
+    """The delta rule with normalised keys and a fixed TTT learning rate (a buffer, saved with the weights) ships in
+    the export's own code: reloaded in a fresh process without ttt_adapt it gives the in-memory logits, decodes as
+    its full forwards do and keeps left-padded rows apart."""
+    ttt = TTTConfig(layers=[0, 2], chunk_size=4, write_rule="delta", key_norm=True, lr_learned=False, lr_init=0.7,
+                    state_decay=0.9, lr_mode="token")
+    model = randomize_ttt(convert(tiny_base("qwen3", device=DEVICE), ttt)).eval()
+    ids = torch.randint(3, 97, (2, 15)).to(DEVICE)
+    with torch.no_grad():
+        expected = {"ids": ids, "logits": model(ids).logits, "hidden": model.model(ids).last_hidden_state,
+                    "generated": model.generate(ids[:1, :5], max_new_tokens=7, do_sample=False, pad_token_id=0,
+                                                eos_token_id=None),
+                    "name": torch.frombuffer(bytearray(type(model).__name__.encode()), dtype=torch.uint8)}
+    model.save_pretrained(tmp_path / "delta")
+    save_file({k: v.cpu() for k, v in expected.items()}, str(tmp_path / "delta.safetensors"))
+    script = tmp_path / "reload.py"
+    script.write_text(RELOAD)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "delta"), str(tmp_path / "delta.safetensors")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0 and "reloaded ok" in proc.stdout, proc.stderr[-3000:]
+
+
 FINE_TUNE = BLOCK_TTT_ADAPT + textwrap.dedent(
     """
     import os
