@@ -75,7 +75,7 @@ def test_the_tiny_chat_default_loads_and_its_files_exist(monkeypatch):
 
 
 def test_the_shipped_chat_corpus_is_the_generators():
-    from ttt_adapt.corpus import TINY_CHAT, generate_conversations
+    from ttt_adapt.data.corpus import TINY_CHAT, generate_conversations
 
     import json
 

@@ -14,7 +14,7 @@ from accelerate.utils import set_seed
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ttt_adapt._util import RecipeError, first_line, unwrap
-from ttt_adapt.chat_data import set_chat_template
+from ttt_adapt.data.chat import set_chat_template
 from ttt_adapt.compat import enable_activation_checkpointing
 from ttt_adapt.config import Recipe
 from ttt_adapt.convert import convert

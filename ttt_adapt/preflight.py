@@ -16,7 +16,7 @@ import torch.distributed as dist
 from transformers import AutoConfig
 
 from ttt_adapt._util import RecipeError, first_line, looks_like_local_path
-from ttt_adapt.chat_data import check_chat_template
+from ttt_adapt.data.chat import check_chat_template
 from ttt_adapt.config import EvalError, Recipe
 from ttt_adapt.distributed.context_parallel import check_cp_size
 from ttt_adapt.distributed.fsdp import FSDPRequest, fsdp_request

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ttt_adapt.corpus import recall_spans
+from ttt_adapt.data.corpus import recall_spans
 from ttt_adapt._util import unwrap
 from ttt_adapt.eval.settings import EvalError
 from ttt_adapt.eval.swapped_state import fast_weight_sources
@@ -20,7 +20,7 @@ RESAMPLES, CONFIDENCE = 1000, 0.95  # the bootstrap interval of own - swapped, o
 
 def tokenize_documents(tokenizer, docs: list[str], seq_len: int, pad_id: int) -> dict:
     """The first `seq_len` tokens of each document, right-padded: input_ids, attention_mask and `recall` (the tokens
-    that overlap a query answer of `ttt_adapt.corpus.recall_spans`; all False for other corpora)."""
+    that overlap a query answer of `ttt_adapt.data.corpus.recall_spans`; all False for other corpora)."""
     fast = getattr(tokenizer, "is_fast", False)
     enc = tokenizer(docs, return_offsets_mapping=fast, truncation=True, max_length=seq_len)
     ids = torch.full((len(docs), seq_len), pad_id, dtype=torch.long)

@@ -36,7 +36,7 @@ from safetensors import safe_open
 
 from ttt_adapt import modeling
 from ttt_adapt._util import DTYPES, RecipeError, first_line, parse_size
-from ttt_adapt.chat_data import end_of_turn_id
+from ttt_adapt.data.chat import end_of_turn_id
 from ttt_adapt.config import build_recipe
 from ttt_adapt.export import ExportError
 from ttt_adapt.export.card import base_license, render_model_card, with_code_note

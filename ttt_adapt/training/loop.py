@@ -46,7 +46,7 @@ from ttt_adapt._util import RecipeError, first_line
 from ttt_adapt.attention import use_packed_attention
 from ttt_adapt.compat import enable_activation_checkpointing
 from ttt_adapt.config import Recipe
-from ttt_adapt.data_mix import build_datasets
+from ttt_adapt.data.mix import build_datasets
 from ttt_adapt.distributed.context_parallel import ContextParallel, prepare_model
 from ttt_adapt.distributed.fsdp import build_sharded_model, clip_grad_norm, fsdp_mesh, gradient_sync, is_sharded
 from ttt_adapt.loss import IGNORE_INDEX, loss_sum
