@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     main_process = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`: one line, not one per process
     try:
         args = parse_args(argv)
-        from ttt_adapt.config import load_recipe
+        from ttt_adapt.recipe import load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides)
         if args.plan:

@@ -253,8 +253,8 @@ def plan_mib(args, length) -> float:
 
     from transformers import Qwen3Config
 
-    from ttt_adapt.config import load_recipe
     from ttt_adapt.memory_plan import plan_memory
+    from ttt_adapt.recipe import load_recipe
 
     config = Qwen3Config(vocab_size=args.vocab, max_position_embeddings=131072, tie_word_embeddings=False,
                          **SIZES[args.model])
@@ -715,8 +715,8 @@ def gpu_plan_gib(size, tokens, cuda) -> float | None:
     from transformers import Qwen3Config
 
     try:
-        from ttt_adapt.config import load_recipe
         from ttt_adapt.memory_plan import plan_memory
+        from ttt_adapt.recipe import load_recipe
     except ImportError:
         return None
     config = Qwen3Config(max_position_embeddings=131072, **size["model"])
@@ -733,9 +733,9 @@ def gpu_plan_gib(size, tokens, cuda) -> float | None:
 def fsdp_rank(args):
     """One process of the `fsdp` benchmark: the real run (`ttt_adapt.pipeline`'s set-up, then `train`), with the
     peak resident set (VmHWM) after set-up (the model loaded, sharded, the data packed) and after training."""
-    from ttt_adapt.config import load_recipe
     from ttt_adapt.distributed.fsdp import local_parameter_bytes
     from ttt_adapt.preflight import preflight
+    from ttt_adapt.recipe import load_recipe
     from ttt_adapt.training.loop import make_accelerator, set_up, train
 
     recipe = load_recipe(args.recipe, args.overrides)

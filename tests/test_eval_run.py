@@ -15,7 +15,7 @@ from conftest import DEVICE, script_main
 from eval_fixtures import CHUNK, REPO, document, files  # noqa: F401 (a fixture)
 
 from ttt_adapt import TTTConfig, convert
-from ttt_adapt.config import RecipeError, build_recipe
+from ttt_adapt.recipe import RecipeError, build_recipe
 from ttt_adapt.eval import (
     HAYSTACK_CORPUS,
     TASKS,

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import script_main
 
-from ttt_adapt.config import Recipe, RecipeError, load_recipe
+from ttt_adapt.recipe import Recipe, RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,12 +14,12 @@ from accelerate.utils import set_seed
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ttt_adapt._util import RecipeError, first_line, unwrap
-from ttt_adapt.data.chat import set_chat_template
 from ttt_adapt.compat import enable_activation_checkpointing
-from ttt_adapt.config import Recipe
 from ttt_adapt.convert import convert
+from ttt_adapt.data.chat import set_chat_template
 from ttt_adapt.modeling import FAMILIES
 from ttt_adapt.modeling.ttt_layer import TTTMLP
+from ttt_adapt.recipe.sections import Recipe
 
 
 def is_ttt_param(name: str) -> bool:

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from ttt_adapt._util import RecipeError
-from ttt_adapt.config import Recipe
 from ttt_adapt.model_setup import build_model, decoder_layers
+from ttt_adapt.recipe.sections import Recipe
 
 ACCELERATE_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch --use_fsdp` and FSDP config files
 

@@ -45,7 +45,6 @@ from tqdm.auto import tqdm
 from ttt_adapt._util import RecipeError, first_line
 from ttt_adapt.attention import use_packed_attention
 from ttt_adapt.compat import enable_activation_checkpointing
-from ttt_adapt.config import Recipe
 from ttt_adapt.data.mix import build_datasets
 from ttt_adapt.distributed.context_parallel import ContextParallel, prepare_model
 from ttt_adapt.distributed.fsdp import build_sharded_model, clip_grad_norm, fsdp_mesh, gradient_sync, is_sharded
@@ -53,6 +52,7 @@ from ttt_adapt.loss import IGNORE_INDEX, loss_sum
 from ttt_adapt.model_setup import build_model, compile_decoder_layers
 from ttt_adapt.modeling.modeling_ttt import set_ttt_training_step, ttt_learning_rates
 from ttt_adapt.preflight import Preflight
+from ttt_adapt.recipe.sections import Recipe
 from ttt_adapt.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from ttt_adapt.training.divergence import Verdict, nonfinite_verdict, set_aside, spike_verdict
 from ttt_adapt.training.optimizer import ADAM_BETAS, applied_lrs, apply_recipe_to_optimizer, lr_factor, param_groups

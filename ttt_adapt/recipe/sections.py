@@ -1,8 +1,8 @@
 """The recipe: one YAML file that says what to convert, how to train it and where to export it.
 
 A recipe has the sections `model`, `ttt` (the `TTTConfig` fields), `data` (the `DataConfig` fields), `train`,
-`parallel`, `export` and an optional `eval` (the `EvalSettings` fields), each a typed dataclass.
-`load_recipe(path, overrides)` reads it, applies dotted `key=value` overrides (values parsed as YAML:
+`parallel`, `export` and an optional `eval` (the `EvalSettings` fields), each a typed dataclass, here with its value
+checks. `load_recipe(path, overrides)` (`ttt_adapt.recipe.loading`) reads it, applies dotted `key=value` overrides (values parsed as YAML:
 `ttt.layers=[0,2]`, `train.lr=1e-4`) and checks every key, type and range, in one style: anything wrong raises
 `RecipeError` (`EvalError` in the eval section), whose message is one line `section.key: what is wrong`.
 The schema reads no files: whether the model folder, the data files, the eval corpus and the run and export
@@ -15,7 +15,6 @@ working directory, like any path typed on the command line: run the shipped reci
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import signal
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from ttt_adapt._util import DTYPES, RecipeError, parse_size
 from ttt_adapt.data.text import DataConfig
 from ttt_adapt.modeling.configuration_ttt import LR_MODES, NORM_GUARDS, TARGETS, TTTConfig
-from ttt_adapt.recipe_loading import apply_override, build_dataclass, read_recipe_file, unknown_key_message
+from ttt_adapt.recipe.typed import build_dataclass
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 TRAINABLE = ("ttt", "instruct", "full")  # instruct: TTT parameters + the TTT layers' down_proj
@@ -372,48 +371,6 @@ class Recipe:
         return out
 
 
-SECTIONS = {"model", "ttt", "data", "train", "parallel", "export", "eval"}
-
-
-def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
-    """Read, override and validate a recipe; raise `RecipeError` (one line) for anything wrong."""
-    path = str(path)
-    raw = read_recipe_file(path, SECTIONS)
-    for item in overrides:
-        apply_override(raw, item)
-    recipe = build_recipe(raw)
-    recipe.path = path
-    return recipe
-
-
-def build_recipe(raw: dict) -> Recipe:
-    """Turn a raw recipe dict into a validated `Recipe`."""
-    unknown = sorted(set(raw) - SECTIONS, key=str)
-    if unknown:
-        raise RecipeError(unknown_key_message(str(unknown[0]), str(unknown[0]), SECTIONS))
-    for section in ("model", "data", "train"):
-        if raw.get(section) is None:
-            raise RecipeError(f"{section}: missing section")
-    if raw.get("eval") is not None and not isinstance(raw["eval"], dict):
-        raise RecipeError("eval: must be a mapping of evaluation settings")
-    parts = {}
-    for section, cls in (("model", ModelConfig), ("ttt", TTTConfig), ("data", DataConfig), ("train", TrainConfig),
-                         ("parallel", ParallelConfig), ("export", ExportConfig)):
-        if raw.get(section) is not None:
-            parts[section] = build_dataclass(cls, raw[section], section)
-    recipe = Recipe(**parts)
-    recipe.model.validate()
-    validate_ttt(recipe.ttt)
-    recipe.data.validate()
-    recipe.train.validate()
-    recipe.parallel.validate()
-    recipe.export.validate()
-    if raw.get("eval") is not None:
-        defaults = {"corpus": recipe.data.eval_path, "seq_len": recipe.data.seq_len}
-        recipe.eval = EvalSettings.from_dict({**defaults, **raw["eval"]})
-    return recipe
-
-
 def validate_ttt(ttt: TTTConfig, section: str = "ttt"):
     """The `ttt` section's values (`TTTConfig`'s fields), checked in the recipe's style; layer indices against
     a model's depth are checked with the base config (`ttt_adapt.preflight`)."""
@@ -442,6 +399,5 @@ def validate_ttt(ttt: TTTConfig, section: str = "ttt"):
 
 __all__ = [
     "RecipeError", "EvalError", "Recipe", "EvalSettings", "position_bins", "validate_ttt", "ModelConfig",
-    "LoraSettings", "TrainConfig", "ParallelConfig", "ExportConfig", "TTTConfig", "DataConfig", "load_recipe",
-    "apply_override", "build_recipe",
+    "LoraSettings", "TrainConfig", "ParallelConfig", "ExportConfig", "TTTConfig", "DataConfig",
 ]

@@ -1,4 +1,4 @@
-"""The typed loading the recipe schema (`ttt_adapt.config`) is built on: YAML in, typed dataclasses out.
+"""The typed loading the recipe (`ttt_adapt.recipe.sections`, `.loading`) is built on: YAML in, typed dataclasses out.
 
 `read_recipe_file` reads a recipe's YAML mapping, `apply_override` applies one dotted `key=value` override to
 it (the value parsed as YAML), and `build_dataclass` turns a mapping into a dataclass, checking every key
