@@ -253,8 +253,8 @@ def plan_mib(args, length) -> float:
 
     from transformers import Qwen3Config
 
-    from ttt_adapt.memory_plan import plan_memory
     from ttt_adapt.recipe import load_recipe
+    from ttt_adapt.training.memory_plan import plan_memory
 
     config = Qwen3Config(vocab_size=args.vocab, max_position_embeddings=131072, tie_word_embeddings=False,
                          **SIZES[args.model])
@@ -542,8 +542,8 @@ def bench_gpu(args):
 
     from ttt_adapt import convert
     from ttt_adapt.attention import use_packed_attention
-    from ttt_adapt.flops import bf16_peak_tflops, train_step_flops
     from ttt_adapt.loss import causal_lm_loss_sum, linear_cross_entropy
+    from ttt_adapt.training.flops import bf16_peak_tflops, train_step_flops
 
     size = GPU_SIZES["toy" if args.toy else "full"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -715,8 +715,8 @@ def gpu_plan_gib(size, tokens, cuda) -> float | None:
     from transformers import Qwen3Config
 
     try:
-        from ttt_adapt.memory_plan import plan_memory
         from ttt_adapt.recipe import load_recipe
+        from ttt_adapt.training.memory_plan import plan_memory
     except ImportError:
         return None
     config = Qwen3Config(max_position_embeddings=131072, **size["model"])
@@ -734,9 +734,9 @@ def fsdp_rank(args):
     """One process of the `fsdp` benchmark: the real run (`ttt_adapt.pipeline`'s set-up, then `train`), with the
     peak resident set (VmHWM) after set-up (the model loaded, sharded, the data packed) and after training."""
     from ttt_adapt.distributed.fsdp import local_parameter_bytes
-    from ttt_adapt.preflight import preflight
     from ttt_adapt.recipe import load_recipe
     from ttt_adapt.training.loop import make_accelerator, set_up, train
+    from ttt_adapt.training.preflight import preflight
 
     recipe = load_recipe(args.recipe, args.overrides)
     accelerator = make_accelerator(recipe)

@@ -215,7 +215,7 @@ def test_recipe_eval_section(files, tmp_path):
     raw["eval"] = {"lengths": [600]}
     from transformers import AutoConfig
 
-    from ttt_adapt.preflight import check_eval
+    from ttt_adapt.training.preflight import check_eval
 
     with pytest.raises(RecipeError, match=r"task length 600 .* max_position_embeddings .* \(512\)$"):
         check_eval(build_recipe(raw), AutoConfig.from_pretrained(files["base"]))

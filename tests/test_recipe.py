@@ -38,8 +38,8 @@ def write(tmp_path, raw, name="recipe.yaml") -> Path:
 
 def error_of(path, overrides=()) -> str:
     """The one-line error a recipe gets before any work: from the schema (`load_recipe`) or, for the files and
-    folders it names, from `ttt_adapt.preflight.check_files`."""
-    from ttt_adapt.preflight import check_files
+    folders it names, from `ttt_adapt.training.preflight.check_files`."""
+    from ttt_adapt.training.preflight import check_files
 
     with pytest.raises(RecipeError) as err:
         check_files(load_recipe(path, list(overrides)))
@@ -221,7 +221,7 @@ def test_run_check_names_the_supported_families(tmp_path, corpus):
 
     from transformers import Gemma3Config, Gemma3TextConfig
 
-    from ttt_adapt.preflight import check_run
+    from ttt_adapt.training.preflight import check_run
 
     recipe = write(tmp_path, minimal(tmp_path))
     text = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -60,7 +60,7 @@ def build_model(recipe: Recipe, device: str | None = None, config=None):
     """The model to train: base loaded, converted, trainable parameters chosen (LoRA via peft if asked).
 
     Seeded with `train.seed`, so the same recipe always builds the same initial TTT (and LoRA) weights.
-    `config`: the base config when already loaded (`ttt_adapt.preflight`). `device="meta"` builds the very same
+    `config`: the base config when already loaded (`ttt_adapt.training.preflight`). `device="meta"` builds the very same
     model without reading or allocating anything, from the config alone: what the memory plan counts, and the
     skeleton of FSDP processes that receive their shards of the weights from another (`ttt_adapt.distributed.fsdp`).
     """

@@ -11,7 +11,7 @@ Gradients are reduced in fp32; with bf16 mixed precision the weights are gathere
 scan still accumulates in fp32 (`ttt_layer.fast_weight_scan`).
 
 A request that cannot be honoured raises `RecipeError` (one line): FSDP1, parameter offloading here, fp16 and a
-single process in `ttt_adapt.preflight.check_fsdp_run`.
+single process in `ttt_adapt.training.preflight.check_fsdp_run`.
 """
 
 from __future__ import annotations

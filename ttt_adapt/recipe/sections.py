@@ -6,7 +6,7 @@ checks. `load_recipe(path, overrides)` (`ttt_adapt.recipe.loading`) reads it, ap
 `ttt.layers=[0,2]`, `train.lr=1e-4`) and checks every key, type and range, in one style: anything wrong raises
 `RecipeError` (`EvalError` in the eval section), whose message is one line `section.key: what is wrong`.
 The schema reads no files: whether the model folder, the data files, the eval corpus and the run and export
-folders are what the recipe says is checked with the base model and the launch (`ttt_adapt.preflight`).
+folders are what the recipe says is checked with the base model and the launch (`ttt_adapt.training.preflight`).
 
 Relative paths in a recipe (model folder, data files, output and export folders) are relative to the current
 working directory, like any path typed on the command line: run the shipped recipes from the repository root.
@@ -373,7 +373,7 @@ class Recipe:
 
 def validate_ttt(ttt: TTTConfig, section: str = "ttt"):
     """The `ttt` section's values (`TTTConfig`'s fields), checked in the recipe's style; layer indices against
-    a model's depth are checked with the base config (`ttt_adapt.preflight`)."""
+    a model's depth are checked with the base config (`ttt_adapt.training.preflight`)."""
     if ttt.layers is not None:
         if not ttt.layers:
             _fail(f"{section}.layers", "is empty: name at least one layer, or null for every 6th layer")
