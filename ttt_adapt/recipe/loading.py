@@ -12,6 +12,7 @@ from ttt_adapt._util import RecipeError
 from ttt_adapt.data.text import DataConfig
 from ttt_adapt.modeling.configuration_ttt import TTTConfig
 from ttt_adapt.recipe.sections import (
+    CHOICES,
     EvalSettings,
     ExportConfig,
     ModelConfig,
@@ -50,7 +51,7 @@ def build_recipe(raw: dict) -> Recipe:
     for section, cls in (("model", ModelConfig), ("ttt", TTTConfig), ("data", DataConfig), ("train", TrainConfig),
                          ("parallel", ParallelConfig), ("export", ExportConfig)):
         if raw.get(section) is not None:
-            parts[section] = build_dataclass(cls, raw[section], section)
+            parts[section] = build_dataclass(cls, raw[section], section, CHOICES)
     recipe = Recipe(**parts)
     recipe.model.validate()
     validate_ttt(recipe.ttt)

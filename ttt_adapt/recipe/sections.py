@@ -20,7 +20,7 @@ import signal
 from dataclasses import dataclass, field
 
 from ttt_adapt._util import DTYPES, RecipeError, parse_size
-from ttt_adapt.data.text import DataConfig
+from ttt_adapt.data.text import FORMATS, ON_BAD_ROW, DataConfig
 from ttt_adapt.modeling.configuration_ttt import LR_MODES, NORM_GUARDS, TARGETS, TTTConfig
 from ttt_adapt.recipe.typed import build_dataclass
 
@@ -33,6 +33,15 @@ EXPORT_CHECKPOINTS = ("last", "best")  # export.checkpoint: the final one, or th
 UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# The string keys that take one of a fixed set of words: a bare word YAML reads as a boolean (`no`, `off`) is read
+# back as the word (`ttt_adapt.recipe.typed.yaml_word`).
+CHOICES = {
+    "model.dtype": DTYPES, "model.attn_implementation": ATTN_IMPLEMENTATIONS, "ttt.lr_mode": LR_MODES,
+    "ttt.target": TARGETS, "ttt.state_norm_guard": NORM_GUARDS, "data.format": FORMATS, "data.on_bad_row": ON_BAD_ROW,
+    "data.mix.format": FORMATS, "train.trainable": TRAINABLE, "train.mixed_precision": MIXED_PRECISION,
+    "train.trackers": TRACKERS, "train.on_nonfinite": ON_NONFINITE, "train.on_spike": ON_SPIKE,
+    "export.checkpoint": EXPORT_CHECKPOINTS, "export.dtype": DTYPES,
+}
 
 
 class EvalError(RecipeError):
@@ -399,5 +408,5 @@ def validate_ttt(ttt: TTTConfig, section: str = "ttt"):
 
 __all__ = [
     "RecipeError", "EvalError", "Recipe", "EvalSettings", "position_bins", "validate_ttt", "ModelConfig",
-    "LoraSettings", "TrainConfig", "ParallelConfig", "ExportConfig", "TTTConfig", "DataConfig",
+    "LoraSettings", "TrainConfig", "ParallelConfig", "ExportConfig", "TTTConfig", "DataConfig", "CHOICES",
 ]
