@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     main_process = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`: one line, not one per process
     try:
         args = parse_args(argv)
-        from ttt_adapt.config import load_recipe
+        from ttt_adapt.recipe import load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides)
         if args.plan:
@@ -99,8 +99,8 @@ def main(argv: list[str]) -> int:
 
 
 def _plan(recipe, device_memory, processes, fsdp, device) -> str:
-    from ttt_adapt.memory_plan import plan_memory
-    from ttt_adapt.preflight import base_config, check_files
+    from ttt_adapt.training.memory_plan import plan_memory
+    from ttt_adapt.training.preflight import base_config, check_files
 
     check_files(recipe, outputs=False)  # the inputs as for training; a plan writes nothing
     config = base_config(recipe)

@@ -87,9 +87,9 @@ def evaluate(args) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no weight-loading bars: the output is the table (or one error line)
-    from ttt_adapt.config import load_recipe
     from ttt_adapt.eval import HAYSTACK_CORPUS, EvalSettings, load_tokenizer, read_corpus, run_evaluation, \
         task_samples, write_lm_eval_task
+    from ttt_adapt.recipe import load_recipe
 
     if args.state or args.memory_split:
         return evaluate_memory(args)

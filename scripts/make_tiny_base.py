@@ -1,5 +1,5 @@
 """Build the tiny offline base model: a byte-level BPE tokenizer and a sliding-window Qwen3 pretrained on
-the synthetic corpus of `ttt_adapt/corpus.py`.
+the synthetic corpus of `ttt_adapt/data/corpus.py`.
 
 Every attention layer sees only the last 64 tokens (four stacked layers reach 252 tokens back), so the
 model learns the corpus's local structure but cannot recall the bindings a document states thousands of
@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from ttt_adapt.corpus import write_corpus  # noqa: E402
+from ttt_adapt.data.corpus import write_corpus  # noqa: E402
 
 ASSETS = ROOT / "ttt_adapt" / "assets"
 EOS, PAD = "<|endoftext|>", "<|pad|>"

@@ -253,7 +253,7 @@ def write_recipe(path: Path, raw: dict) -> Path:
 def load(files, tmp_path, overrides=(), train=None):
     """The tiny recipe with `train` settings merged in, written to tmp_path and loaded with `overrides`."""
     raw = recipe_dict(files, tmp_path, **(train or {}))
-    from ttt_adapt.config import load_recipe
+    from ttt_adapt.recipe import load_recipe
 
     return load_recipe(write_recipe(tmp_path / "recipe.yaml", raw), list(overrides))
 

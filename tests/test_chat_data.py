@@ -1,4 +1,4 @@
-"""Conversations as training rows (ttt_adapt.chat_data, ttt_adapt.data_mix): assistant-only labels from the chat
+"""Conversations as training rows (ttt_adapt.data.chat, ttt_adapt.data.mix): assistant-only labels from the chat
 template's generation marks, whole conversations packed without crossing, bad rows, text + chat mixes."""
 
 import json
@@ -8,9 +8,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from ttt_adapt._util import RecipeError
-from ttt_adapt.chat_data import check_chat_template, end_of_turn_id, render, set_chat_template
+from ttt_adapt.data.chat import check_chat_template, end_of_turn_id, render, set_chat_template
 from ttt_adapt.data import DataConfig, DataSource, pack_documents
-from ttt_adapt.data_mix import build_datasets, pack_units
+from ttt_adapt.data.mix import build_datasets, pack_units
 from ttt_adapt.loss import IGNORE_INDEX
 
 ASSETS = Path(__file__).parents[1] / "ttt_adapt" / "assets"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import BLOCK_TTT_ADAPT
 
-from ttt_adapt.config import load_recipe
 from ttt_adapt.pipeline import adapt
+from ttt_adapt.recipe import load_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).parents[1]

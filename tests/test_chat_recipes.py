@@ -8,8 +8,8 @@ import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from ttt_adapt._util import RecipeError
-from ttt_adapt.config import load_recipe
-from ttt_adapt.preflight import check_files
+from ttt_adapt.recipe import load_recipe
+from ttt_adapt.training.preflight import check_files
 
 REPO = Path(__file__).parents[1]
 INSTRUCT = {"qwen3_4b_instruct.yaml": 36, "llama3_1_8b_instruct.yaml": 32}
@@ -75,7 +75,7 @@ def test_the_tiny_chat_default_loads_and_its_files_exist(monkeypatch):
 
 
 def test_the_shipped_chat_corpus_is_the_generators():
-    from ttt_adapt.corpus import TINY_CHAT, generate_conversations
+    from ttt_adapt.data.corpus import TINY_CHAT, generate_conversations
 
     import json
 

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ttt_adapt import TTTConfig, convert
 from ttt_adapt.attention import use_packed_attention
-from ttt_adapt.chat_data import render, set_chat_template
-from ttt_adapt.data_mix import pack_units
+from ttt_adapt.data.chat import render, set_chat_template
+from ttt_adapt.data.mix import pack_units
 from ttt_adapt.loss import IGNORE_INDEX, loss_sum, shift_labels
 from ttt_adapt.model_setup import build_model
 from ttt_adapt.pipeline import adapt

@@ -140,7 +140,7 @@ def test_train_compile_key_compiles_each_decoder_layer(monkeypatch, tmp_path):
 def test_train_compile_must_be_a_bool(tmp_path):
     from conftest import load, make_tiny_files
 
-    from ttt_adapt.config import RecipeError
+    from ttt_adapt.recipe import RecipeError
 
     files = make_tiny_files(tmp_path)
     with pytest.raises(RecipeError, match=r"^train\.compile"):

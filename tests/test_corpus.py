@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ttt_adapt.corpus import RECALL_GAP, generate_documents, recall_spans, write_corpus
+from ttt_adapt.data.corpus import RECALL_GAP, generate_documents, recall_spans, write_corpus
 
 ASSETS = Path(__file__).resolve().parent.parent / "ttt_adapt" / "assets"
 BASE = ASSETS / "tiny_qwen3_base"

@@ -277,5 +277,5 @@ def test_unknown_hub_name(monkeypatch, tmp_path):
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'someone/typo' on the Hub (OfflineModeIsEnabled)")
 
-    monkeypatch.setattr("ttt_adapt.data.load_dataset", offline)
+    monkeypatch.setattr("ttt_adapt.data.text.load_dataset", offline)
     one_line_error(lambda: load_documents(config("someone/typo", tmp_path)), "neither a local file/folder nor .* hub")

@@ -6,7 +6,7 @@ What is checked, without running any work:
   scripts/X.py ...`) must parse with that script's own command line: its `parse_args(argv)` where it has one (the
   flags and the script's own checks of how they combine), else `build_parser().parse_args(argv)`. A recipe given to
   `adapt.py` (with its `dotted.key=value` overrides) or to `evaluate.py --recipe` is loaded through
-  `ttt_adapt.config.load_recipe`, which checks every key, type and value and reads no data file. Other commands
+  `ttt_adapt.recipe.load_recipe`, which checks every key, type and value and reads no data file. Other commands
   (pip, pytest, lm_eval, vllm, curl, shell built-ins) are not ours and are skipped.
 - **Files.** A path the docs name that lies in the repository's own folders (`recipes/`, `scripts/`, `ttt_adapt/`,
   `tests/`, `docs/`), in a command or in backticks in the text, must exist. Anything else is a placeholder or an
@@ -153,7 +153,7 @@ def check_command(words: list[str], repo: Path = REPO) -> list[str]:
     reason = parse(module, argv)
     if reason:
         return [f"scripts/{name}.py does not accept {shlex.join(argv)}: {reason}"]
-    from ttt_adapt.config import load_recipe
+    from ttt_adapt.recipe import load_recipe
 
     recipe, overrides = None, []
     if name == "adapt":
@@ -171,7 +171,7 @@ def check_command(words: list[str], repo: Path = REPO) -> list[str]:
 
 def schema_keys() -> set[str]:
     """Every dotted key of the recipe schema: each field of each section (nested sections expanded)."""
-    from ttt_adapt.config import Recipe
+    from ttt_adapt.recipe import Recipe
 
     def walk(cls, prefix):
         hints = typing.get_type_hints(cls)

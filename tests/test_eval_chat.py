@@ -9,7 +9,7 @@ from conftest import randomize_ttt
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ttt_adapt import TTTConfig, convert
-from ttt_adapt.chat_data import render, set_chat_template
+from ttt_adapt.data.chat import render, set_chat_template
 from ttt_adapt.eval.chat import answer_accuracy, conversation_rows, read_conversations, read_conversations_with
 from ttt_adapt.eval.report import markdown_table
 from ttt_adapt.eval.settings import EvalError

@@ -15,7 +15,7 @@ from conftest import DEVICE, script_main
 from eval_fixtures import CHUNK, REPO, document, files  # noqa: F401 (a fixture)
 
 from ttt_adapt import TTTConfig, convert
-from ttt_adapt.config import RecipeError, build_recipe
+from ttt_adapt.recipe import RecipeError, build_recipe
 from ttt_adapt.eval import (
     HAYSTACK_CORPUS,
     TASKS,
@@ -215,7 +215,7 @@ def test_recipe_eval_section(files, tmp_path):
     raw["eval"] = {"lengths": [600]}
     from transformers import AutoConfig
 
-    from ttt_adapt.preflight import check_eval
+    from ttt_adapt.training.preflight import check_eval
 
     with pytest.raises(RecipeError, match=r"task length 600 .* max_position_embeddings .* \(512\)$"):
         check_eval(build_recipe(raw), AutoConfig.from_pretrained(files["base"]))

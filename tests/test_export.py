@@ -23,13 +23,13 @@ from conftest import BLOCK_TTT_ADAPT, DEVICE, make_tiny_files, recipe_dict, scri
 import ttt_adapt.export.card as card_module
 import ttt_adapt.export.folder as folder_module
 import ttt_adapt.export.hub as hub_module
-from ttt_adapt.config import load_recipe
 from ttt_adapt.eval.report import markdown_table
 from ttt_adapt.export import ExportError, PushError
 from ttt_adapt.export.card import render_model_card
 from ttt_adapt.export.folder import export_model
 from ttt_adapt.model_setup import build_model
 from ttt_adapt.pipeline import adapt
+from ttt_adapt.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "hf_export_test_SeCrEtToKeN_0123456789"

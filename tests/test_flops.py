@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import tiny_base
 
-from ttt_adapt.flops import bf16_peak_tflops, matmul_params, train_step_flops, visible_pairs
+from ttt_adapt.training.flops import bf16_peak_tflops, matmul_params, train_step_flops, visible_pairs
 
 
 def test_matmul_params_are_the_linear_weights_of_the_model():

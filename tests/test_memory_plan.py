@@ -4,9 +4,9 @@ import pytest
 from transformers import AutoConfig
 
 from conftest import script_main
-from ttt_adapt.config import load_recipe
 from ttt_adapt._util import parse_size
-from ttt_adapt.memory_plan import plan_memory
+from ttt_adapt.recipe import load_recipe
+from ttt_adapt.training.memory_plan import plan_memory
 
 TINY = "recipes/tiny_qwen3.yaml"
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import script_main
 
-from ttt_adapt.config import Recipe, RecipeError, load_recipe
+from ttt_adapt.recipe import Recipe, RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,8 +38,8 @@ def write(tmp_path, raw, name="recipe.yaml") -> Path:
 
 def error_of(path, overrides=()) -> str:
     """The one-line error a recipe gets before any work: from the schema (`load_recipe`) or, for the files and
-    folders it names, from `ttt_adapt.preflight.check_files`."""
-    from ttt_adapt.preflight import check_files
+    folders it names, from `ttt_adapt.training.preflight.check_files`."""
+    from ttt_adapt.training.preflight import check_files
 
     with pytest.raises(RecipeError) as err:
         check_files(load_recipe(path, list(overrides)))
@@ -70,6 +70,78 @@ def test_overrides_take_yaml_values(tmp_path, corpus):
     assert recipe.train.resolved_warmup_steps == 2 and recipe.train.clip_grad_norm is None
     assert recipe.eval.lengths == [512, 1024] and recipe.export.dir == "out dir"
     assert recipe.data.eval_fraction == 0
+
+
+def test_words_yaml_reads_as_booleans_load_as_the_words(tmp_path, corpus):
+    """`no` (train.mixed_precision's documented default) and `off` (a ttt.state_norm_guard value) are booleans to
+    YAML, bare in a file or on the command line, and so are false/False/off for them: each loads as the key's word."""
+    path = write(tmp_path, f"""
+model:
+  name_or_path: {tmp_path / 'model'}
+ttt:
+  state_norm_guard: off
+data:
+  path: {tmp_path / 'docs.jsonl'}
+train:
+  output_dir: {tmp_path / 'run'}
+  max_steps: 5
+  mixed_precision: no
+""")
+    recipe = load_recipe(path)
+    assert recipe.train.mixed_precision == "no" and recipe.ttt.state_norm_guard == "off"
+    for no, off in (("no", "off"), ("false", "Off"), ("False", "OFF"), ("'no'", "'off'")):
+        recipe = load_recipe(path, ["train.mixed_precision=bf16", "ttt.state_norm_guard=warn",
+                                    f"train.mixed_precision={no}", f"ttt.state_norm_guard={off}"])
+        assert recipe.train.mixed_precision == "no" and recipe.ttt.state_norm_guard == "off"
+    assert yaml.safe_load(yaml.safe_dump(recipe.to_dict()))["train"]["mixed_precision"] == "no"  # saved quoted
+
+
+def choice_cases():
+    from ttt_adapt.recipe.sections import CHOICES
+
+    for key, words in CHOICES.items():
+        for word in words:
+            yield key, word
+
+
+@pytest.mark.parametrize("key, word", list(choice_cases()))
+def test_every_word_of_a_key_with_choices_loads_bare(tmp_path, corpus, key, word):
+    """Every word of every key that takes a fixed set (`CHOICES`), written bare, in a file and as an override."""
+    raw = minimal(tmp_path)
+    if key == "data.mix.format":
+        raw["data"] = {"mix": [{"path": str(tmp_path / "docs.jsonl"), "format": "WORD"}]}
+        read = lambda r: r.data.mix[0].format  # noqa: E731
+    elif key == "train.trackers":
+        raw["train"]["trackers"] = ["WORD"]
+        read = lambda r: r.train.trackers[0]  # noqa: E731
+    else:
+        section, name = key.split(".")
+        raw.setdefault(section, {})[name] = "WORD"
+        read = lambda r: getattr(getattr(r, section), name)  # noqa: E731
+    path = write(tmp_path, yaml.safe_dump(raw).replace("WORD", word))
+    assert read(load_recipe(path)) == word
+    if key not in ("data.mix.format", "train.trackers"):
+        assert read(load_recipe(write(tmp_path, minimal(tmp_path), "plain.yaml"), [f"{key}={word}"])) == word
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.mixed_precision=yes"], "train.mixed_precision: must be one of no, bf16, fp16; got boolean True"),
+        (["ttt.state_norm_guard=on"], "ttt.state_norm_guard: must be one of warn, clamp, off; got boolean True"),
+        (["train.trackers=[off]"], "train.trackers[0]: must be one of tensorboard"),
+        (["export.revision=no"], "export.revision: expected a string, got boolean False (YAML reads a bare yes/no/on/"
+                                 "off/true/false as a boolean: quote the word)"),
+    ],
+)
+def test_a_boolean_for_a_string_key_is_one_line(tmp_path, corpus, overrides, expected):
+    """A YAML boolean no word of the key stands for, or for a key that takes any string, is refused in one line."""
+    assert expected in error_of(write(tmp_path, minimal(tmp_path)), overrides)
+
+
+def test_a_quoted_word_for_a_free_string_key_loads(tmp_path, corpus):
+    recipe = load_recipe(write(tmp_path, minimal(tmp_path)), ["export.revision='no'", "data.name=\"off\""])
+    assert recipe.export.revision == "no" and recipe.data.name == "off"
 
 
 @pytest.mark.parametrize(
@@ -221,7 +293,7 @@ def test_run_check_names_the_supported_families(tmp_path, corpus):
 
     from transformers import Gemma3Config, Gemma3TextConfig
 
-    from ttt_adapt.preflight import check_run
+    from ttt_adapt.training.preflight import check_run
 
     recipe = write(tmp_path, minimal(tmp_path))
     text = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -285,9 +285,9 @@ def _load_without_a_full_copy(rank, world, recipe_path):
     import transformers
     from torch.distributed.tensor import DTensor
 
-    from ttt_adapt.config import load_recipe
     from ttt_adapt.distributed.fsdp import fsdp_mesh, load_from_rank0, local_parameter_bytes, sharded_skeleton
     from ttt_adapt.model_setup import build_model
+    from ttt_adapt.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     config = transformers.AutoConfig.from_pretrained(recipe.model.name_or_path)

@@ -186,7 +186,7 @@ def test_every_process_stops_at_the_same_step_when_one_gets_the_signal(files, tm
 
 def test_the_default_spike_guard_fires_on_the_issues_blow_up_and_not_before():
     """Full fine-tuning without clipping, as reported: 2.07 -> 5.4 -> 7.2 -> 13.6 -> 15.0, all finite."""
-    from ttt_adapt.config import TrainConfig
+    from ttt_adapt.recipe import TrainConfig
     from ttt_adapt.training.stopping import spike_ratio
 
     t = TrainConfig(output_dir="unused", max_steps=5)

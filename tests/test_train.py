@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 from conftest import (REPO, TTT_LAYERS, adapt_main, changed_keys, checkpoint_weights, load, metrics, recipe_dict,
                       write_recipe)
 
-from ttt_adapt.config import RecipeError
 from ttt_adapt.model_setup import build_model
 from ttt_adapt.pipeline import adapt
-from ttt_adapt.preflight import check_run
+from ttt_adapt.recipe import RecipeError
 from ttt_adapt.training.checkpoints import latest_checkpoint
 from ttt_adapt.training.loop import RowStream, collate, lr_factor
+from ttt_adapt.training.preflight import check_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

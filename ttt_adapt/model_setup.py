@@ -14,12 +14,12 @@ from accelerate.utils import set_seed
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ttt_adapt._util import RecipeError, first_line, unwrap
-from ttt_adapt.chat_data import set_chat_template
 from ttt_adapt.compat import enable_activation_checkpointing
-from ttt_adapt.config import Recipe
 from ttt_adapt.convert import convert
+from ttt_adapt.data.chat import set_chat_template
 from ttt_adapt.modeling import FAMILIES
 from ttt_adapt.modeling.ttt_layer import TTTMLP
+from ttt_adapt.recipe.sections import Recipe
 
 
 def is_ttt_param(name: str) -> bool:
@@ -60,7 +60,7 @@ def build_model(recipe: Recipe, device: str | None = None, config=None):
     """The model to train: base loaded, converted, trainable parameters chosen (LoRA via peft if asked).
 
     Seeded with `train.seed`, so the same recipe always builds the same initial TTT (and LoRA) weights.
-    `config`: the base config when already loaded (`ttt_adapt.preflight`). `device="meta"` builds the very same
+    `config`: the base config when already loaded (`ttt_adapt.training.preflight`). `device="meta"` builds the very same
     model without reading or allocating anything, from the config alone: what the memory plan counts, and the
     skeleton of FSDP processes that receive their shards of the weights from another (`ttt_adapt.distributed.fsdp`).
     """

@@ -1,10 +1,10 @@
 """The main job, `adapt(recipe)`: preflight -> train -> evaluate -> export (what `scripts/adapt.py` runs).
 
-    from ttt_adapt.config import load_recipe
     from ttt_adapt.pipeline import adapt
+    from ttt_adapt.recipe import load_recipe
     summary = adapt(load_recipe("recipes/tiny_qwen3.yaml"))
 
-Every process runs it. The checks (`ttt_adapt.preflight`) come before anything is built or written; the
+Every process runs it. The checks (`ttt_adapt.training.preflight`) come before anything is built or written; the
 training loop (`ttt_adapt.training.loop`) resumes from the latest checkpoint in `train.output_dir`; then the
 recipe's `eval` section runs on the main process (`ttt_adapt.eval`) and the final checkpoint is exported
 (`ttt_adapt.export`). Evaluation comes first, so the export's model card shows the report.
@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ttt_adapt.config import Recipe
 from ttt_adapt.distributed.fsdp import is_sharded
 from ttt_adapt.export.folder import REPORT, export_model, name_report_checkpoint
-from ttt_adapt.preflight import preflight
+from ttt_adapt.recipe.sections import Recipe
 from ttt_adapt.training.checkpoints import checkpoint_path, load_checkpoint_model
 from ttt_adapt.training.loop import Run, make_accelerator, set_up, train
+from ttt_adapt.training.preflight import preflight
 from ttt_adapt.training.stopping import StopAtOnce
 
 

@@ -11,7 +11,7 @@ Gradients are reduced in fp32; with bf16 mixed precision the weights are gathere
 scan still accumulates in fp32 (`ttt_layer.fast_weight_scan`).
 
 A request that cannot be honoured raises `RecipeError` (one line): FSDP1, parameter offloading here, fp16 and a
-single process in `ttt_adapt.preflight.check_fsdp_run`.
+single process in `ttt_adapt.training.preflight.check_fsdp_run`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from ttt_adapt._util import RecipeError
-from ttt_adapt.config import Recipe
 from ttt_adapt.model_setup import build_model, decoder_layers
+from ttt_adapt.recipe.sections import Recipe
 
 ACCELERATE_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch --use_fsdp` and FSDP config files
 

@@ -16,7 +16,7 @@ what its fast weights learn from the context from a context-independent shift:
 
 - Loss by position: the first `seq_len` tokens of each held-out document (shorter ones right-padded, the padding
   ignored), per-token loss averaged in position bins (`bin_edges`; default powers of two from 64 up to `seq_len`).
-  On corpora with query lines (`ttt_adapt.corpus`), the same for the answer tokens of queries whose binding was
+  On corpora with query lines (`ttt_adapt.data.corpus`), the same for the answer tokens of queries whose binding was
   stated far earlier: where a memory of the document is needed, so where TTT should help.
 - Synthetic long-context tasks, RULER-style, generated from `seed` (no download): needles inserted at seeded
   depths into a haystack of the corpus's own prose (sentences without digits), a question at the end, a greedy

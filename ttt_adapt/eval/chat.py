@@ -7,7 +7,7 @@ chat template the run trained with, its first `seq_len` tokens kept, and read on
 - answer accuracy: the share of assistant turns that greedy decoding reproduces exactly, end-of-turn token
   included (every token of the turn is the argmax given the conversation before it, which is what greedy
   `generate()` would write and where it would stop), and the share of assistant tokens that are the argmax; for
-  the tiny chat default (`ttt_adapt.corpus.generate_conversations`) every assistant turn answers a question about
+  the tiny chat default (`ttt_adapt.data.corpus.generate_conversations`) every assistant turn answers a question about
   a fact stated far back;
 - the adapted model's fast-weight controls, as for documents (`ttt_adapt.eval.run.state_controls`): each
   conversation read with the fast weights another one writes (swapped state), or none (no state), with the
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ttt_adapt._util import unwrap
-from ttt_adapt.chat_data import BadRow, messages_of, render
+from ttt_adapt.data.chat import BadRow, messages_of, render
 from ttt_adapt.convert import convert
 from ttt_adapt.eval.loss_by_position import CONFIDENCE, LOGIT_SLICE, RESAMPLES, bin_means, bootstrap_difference
 from ttt_adapt.eval.report import write_report

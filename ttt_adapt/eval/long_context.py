@@ -2,7 +2,7 @@
 training ever showed, and where a model that does not hold up falls behind its base.
 
 Long held-out documents (`EvalSettings.long_corpus`: the eval corpus by default, a file, or "synthetic" documents
-from `ttt_adapt.corpus`) are read up to `max_length` tokens (8 x the training length by default, as far as the
+from `ttt_adapt.data.corpus`) are read up to `max_length` tokens (8 x the training length by default, as far as the
 documents reach) by the base and by the adapted model with its own, a swapped and no fast-weight state. Bins:
 0, L/8, L/2, L (the training length L), then doubling up to the end. `worse_than_base` is the one-line flag the
 report, the plot, the model card and `scripts/evaluate.py` show when a bin past the training length is worse than
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 
 from ttt_adapt._util import unwrap
-from ttt_adapt.corpus import RECALL_GAP, generate_documents
+from ttt_adapt.data.corpus import RECALL_GAP, generate_documents
 from ttt_adapt.eval.inputs import read_corpus
 from ttt_adapt.eval.loss_by_position import (
     bin_means,

@@ -8,7 +8,7 @@ import bisect
 import torch
 import torch.nn.functional as F
 
-from ttt_adapt.corpus import recall_spans
+from ttt_adapt.data.corpus import recall_spans
 from ttt_adapt._util import unwrap
 from ttt_adapt.eval.settings import EvalError
 from ttt_adapt.eval.swapped_state import fast_weight_sources
@@ -22,7 +22,7 @@ RESAMPLES, CONFIDENCE = 1000, 0.95  # the bootstrap interval of own - swapped, o
 
 def tokenize_documents(tokenizer, docs: list[str], seq_len: int, pad_id: int) -> dict:
     """The first `seq_len` tokens of each document, right-padded: input_ids, attention_mask, `recall` (the tokens
-    that overlap a query answer of `ttt_adapt.corpus.recall_spans`; all False for other corpora) and
+    that overlap a query answer of `ttt_adapt.data.corpus.recall_spans`; all False for other corpora) and
     `recall_distance` (for those tokens, how many tokens back the answer was last written: `answer_distances`; -1
     elsewhere)."""
     fast = getattr(tokenizer, "is_fast", False)

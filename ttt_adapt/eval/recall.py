@@ -3,7 +3,7 @@
 A TTT model is for what attention no longer sees. Loss by position mixes two things: the document's vocabulary
 (which any state, even a blur of the document, helps with) and its facts (which only a memory that returns the
 right value for the right key can predict). The answers of the synthetic corpus's query lines
-(`ttt_adapt.corpus.recall_spans`) or of a user's recall file are facts: each answer token's `recall_distance`
+(`ttt_adapt.data.corpus.recall_spans`) or of a user's recall file are facts: each answer token's `recall_distance`
 (`tokenize_documents`) is the number of tokens back to the answer's last mention. Bins of that distance
 (`distance_bins`: 0, L/8, L/2, L, 2L, ... with L the training length) hold the answers a memory must reach that far
 for. `no_recall` is the one-line flag when, in some bin, the adapted model's answers are not below the base's.

@@ -1,9 +1,9 @@
 """What an evaluation measures: the `eval` section's schema (`EvalSettings`, `EvalError`, `TASKS`, `position_bins`,
-defined with the rest of the recipe in `ttt_adapt.config`) and the check that needs the model's config."""
+defined with the rest of the recipe in `ttt_adapt.recipe.sections`) and the check that needs the model's config."""
 
 from __future__ import annotations
 
-from ttt_adapt.config import TASKS, EvalError, EvalSettings, position_bins
+from ttt_adapt.recipe.sections import TASKS, EvalError, EvalSettings, position_bins
 
 
 def check_lengths(settings: EvalSettings, config, name: str) -> None:

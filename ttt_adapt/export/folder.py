@@ -36,12 +36,12 @@ from safetensors import safe_open
 
 from ttt_adapt import modeling
 from ttt_adapt._util import DTYPES, RecipeError, first_line, parse_size
-from ttt_adapt.chat_data import end_of_turn_id
-from ttt_adapt.config import build_recipe
+from ttt_adapt.data.chat import end_of_turn_id
 from ttt_adapt.export import ExportError
 from ttt_adapt.export.card import base_license, render_model_card, with_code_note
 from ttt_adapt.export.hub import check_hub_target, push_folder
 from ttt_adapt.model_setup import recipe_tokenizer
+from ttt_adapt.recipe.loading import build_recipe
 from ttt_adapt.training.checkpoints import (STATE_FILE, CheckpointError, latest_checkpoint, list_checkpoints,
                                             load_checkpoint_model)
 

@@ -10,8 +10,8 @@ from huggingface_hub import create_branch, create_repo, get_token, upload_folder
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ttt_adapt._util import first_line
-from ttt_adapt.config import HUB_REPO_ID
 from ttt_adapt.export import ExportError, PushError
+from ttt_adapt.recipe.sections import HUB_REPO_ID
 
 BRANCH = re.compile(r"^(?!-)(?!.*\.\.)[\w.\-/]+(?<![./])$")
 

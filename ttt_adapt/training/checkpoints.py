@@ -31,9 +31,9 @@ from safetensors.torch import load_model
 
 from ttt_adapt._util import RecipeError, first_line
 from ttt_adapt.compat import disable_activation_checkpointing
-from ttt_adapt.config import Recipe
 from ttt_adapt.distributed.fsdp import is_sharded, local
 from ttt_adapt.model_setup import build_model
+from ttt_adapt.recipe.sections import Recipe
 from ttt_adapt.training.stopping import Diverged, tensors_finite
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

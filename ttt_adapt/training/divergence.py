@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ttt_adapt.config import TrainConfig
+from ttt_adapt.recipe.sections import TrainConfig
 from ttt_adapt.training.checkpoints import STATE_FILE, checkpoint_path
 
 NONFINITE_NAMES = {"loss": "the loss", "grad_norm": "the gradient norm"}

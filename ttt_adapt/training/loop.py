@@ -5,7 +5,7 @@ corpus packed by `ttt_adapt.data`, the `TrainState` resumed from the latest chec
 `train(run)` then runs the steps: `train_step` (AdamW with warmup + cosine, gradient accumulation, clipping),
 progress lines to `metrics.jsonl` and trackers (`ttt_adapt.training.progress`), the eval loss and checkpoints
 (`ttt_adapt.training.checkpoints`). `ttt_adapt.pipeline.adapt` runs the checks before it
-(`ttt_adapt.preflight`) and the evaluation and export after it.
+(`ttt_adapt.training.preflight`) and the evaluation and export after it.
 
 The loss of a step is the mean over every real token of the global batch (all processes, all accumulation
 micro-batches): each micro-batch contributes `sum of its token losses / global token count`, times the number
@@ -45,17 +45,17 @@ from tqdm.auto import tqdm
 from ttt_adapt._util import RecipeError, first_line
 from ttt_adapt.attention import use_packed_attention
 from ttt_adapt.compat import enable_activation_checkpointing
-from ttt_adapt.config import Recipe
-from ttt_adapt.data_mix import build_datasets
+from ttt_adapt.data.mix import build_datasets
 from ttt_adapt.distributed.context_parallel import ContextParallel, prepare_model
 from ttt_adapt.distributed.fsdp import build_sharded_model, clip_grad_norm, fsdp_mesh, gradient_sync, is_sharded
 from ttt_adapt.loss import IGNORE_INDEX, loss_sum
 from ttt_adapt.model_setup import build_model, compile_decoder_layers
 from ttt_adapt.modeling.modeling_ttt import set_ttt_training_step, ttt_learning_rates
-from ttt_adapt.preflight import Preflight
+from ttt_adapt.recipe.sections import Recipe
 from ttt_adapt.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from ttt_adapt.training.divergence import Verdict, nonfinite_verdict, set_aside, spike_verdict
 from ttt_adapt.training.optimizer import ADAM_BETAS, applied_lrs, apply_recipe_to_optimizer, lr_factor, param_groups
+from ttt_adapt.training.preflight import Preflight
 from ttt_adapt.training.progress import MetricsFile, Progress, flat, write_atomically
 from ttt_adapt.training.resume import describe_changes
 from ttt_adapt.training.rows import RowStream, collate, count_labels, rows_per_step, split_batch
@@ -153,7 +153,7 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
 
 def set_up(recipe: Recipe, accelerator: Accelerator, checked: Preflight) -> Run:
     """The model and optimizer, the data, and the state of the checkpoint being resumed (the latest one in
-    `train.output_dir`, if any), for a run that passed `ttt_adapt.preflight.preflight`."""
+    `train.output_dir`, if any), for a run that passed `ttt_adapt.training.preflight.preflight`."""
     t = recipe.train
     fsdp = checked.fsdp
     out = Path(t.output_dir)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 
-from ttt_adapt.config import Recipe
 from ttt_adapt.model_setup import is_ttt_param
+from ttt_adapt.recipe.sections import Recipe
 
 ADAM_BETAS = (0.9, 0.95)  # the usual choice for LM pretraining; torch's default 0.999 adapts too slowly
 

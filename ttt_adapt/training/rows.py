@@ -12,9 +12,9 @@ import itertools
 
 import torch
 
-from ttt_adapt.config import Recipe
 from ttt_adapt.distributed.context_parallel import ContextParallel
 from ttt_adapt.loss import IGNORE_INDEX, shift_labels
+from ttt_adapt.recipe.sections import Recipe
 
 
 class RowStream:

@@ -1,12 +1,12 @@
 """Training rows from one corpus or a weighted mix of corpora, plain text and conversations.
 
-`build_datasets(cfg, tokenizer)` is what training calls. A single plain-text corpus takes `ttt_adapt.data`'s path
+`build_datasets(cfg, tokenizer)` is what training calls. A single plain-text corpus takes `ttt_adapt.data.text`'s path
 unchanged. Otherwise every source (`data.path` in `data.format`, or each `data.mix` entry) becomes units of
-`input_ids` and `labels`: a text document labelled on every token (`ttt_adapt.data.tokenize_corpus`), a
-conversation on its assistant tokens (`ttt_adapt.chat_data`). Each source's units are shuffled with `data.seed`,
+`input_ids` and `labels`: a text document labelled on every token (`ttt_adapt.data.text.tokenize_corpus`), a
+conversation on its assistant tokens (`ttt_adapt.data.chat`). Each source's units are shuffled with `data.seed`,
 then the sources are interleaved, drawing each next unit from source i with probability weight_i / sum of weights
 (`datasets.interleave_datasets`, seeded, until every source has been read once: a small source repeats), and
-packed by `pack_units`: as `ttt_adapt.data.pack_documents` packs documents (position_ids restart at 0 for each
+packed by `pack_units`: as `ttt_adapt.data.text.pack_documents` packs documents (position_ids restart at 0 for each
 unit, the first token of each piece unlabelled), except that a conversation is never split: when it does not fit
 in what is left of a row, the row is closed with padding (attention_mask 0, no labels, a piece of its own) and the
 conversation starts the next one. Held-out rows: `eval_path` (in `data.format`), else `eval_fraction` of each
@@ -21,9 +21,9 @@ from collections.abc import Iterable, Iterator
 from datasets import Dataset, Features, IterableDataset, List, Value, interleave_datasets
 from datasets.fingerprint import Hasher
 
-from ttt_adapt import data
-from ttt_adapt.chat_data import check_chat_template, load_conversations, tokenize_conversations
-from ttt_adapt.data import ROW_FEATURES, STREAMING_SHUFFLE_BUFFER, DataConfig
+from ttt_adapt.data import text
+from ttt_adapt.data.chat import check_chat_template, load_conversations, tokenize_conversations
+from ttt_adapt.data.text import ROW_FEATURES, STREAMING_SHUFFLE_BUFFER, DataConfig
 from ttt_adapt.loss import IGNORE_INDEX
 
 UNIT_FEATURES = Features({"input_ids": List(Value("int32")), "labels": List(Value("int32")), "whole": Value("bool")})
@@ -34,7 +34,7 @@ def build_datasets(cfg: DataConfig, tokenizer, log=print):
     """Packed (train, eval) rows of the recipe's data (eval None when none is asked for); `log` receives the
     counts of skipped and cut conversations."""
     if cfg.mix is None and cfg.format == "text":
-        return data.build_datasets(cfg, tokenizer)
+        return text.build_datasets(cfg, tokenizer)
     cfg.validate()
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token; set tokenizer.eos_token before building data")
@@ -65,7 +65,7 @@ def build_datasets(cfg: DataConfig, tokenizer, log=print):
 def _load(cfg: DataConfig, key: str):
     if cfg.format == "chat":
         return load_conversations(cfg, key)
-    return data.load_documents(cfg)
+    return text.load_documents(cfg)
 
 
 def _source_units(cfg: DataConfig, tokenizer, key: str, log):
@@ -88,8 +88,8 @@ def _units(cfg: DataConfig, rows, tokenizer, key: str, log):
                 + f", {stats['cut']} longer than data.seq_len={cfg.seq_len} cut there")
         whole = True
     else:
-        tokens = data.tokenize_corpus(rows, tokenizer, cfg)
-        data._check_not_empty(tokens, cfg, "training" if "held" not in key else "eval")
+        tokens = text.tokenize_corpus(rows, tokenizer, cfg)
+        text._check_not_empty(tokens, cfg, "training" if "held" not in key else "eval")
         whole = False
     kwargs = {"features": UNIT_FEATURES} if isinstance(tokens, Dataset) else {}
     return tokens.map(lambda batch: {"input_ids": batch["input_ids"],
@@ -109,9 +109,9 @@ def _interleave(parts: list, weights: list[float] | None, seed: int):
 def pack_units(units: Iterable[tuple[list[int], list[int], bool]], seq_len: int, pad_token_id: int) -> Iterator[dict]:
     """Rows of exactly `seq_len` tokens from (input_ids, labels, whole) units (see the module docstring): a unit
     with `whole` set (a conversation, at most `seq_len` tokens) is never split; others are cut as documents are."""
-    if not data._is_int(seq_len) or seq_len < 2:
+    if not text._is_int(seq_len) or seq_len < 2:
         raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
-    row = data._empty_row()
+    row = text._empty_row()
     for ids, labels, whole in units:
         if whole:
             if len(ids) > seq_len:
@@ -119,7 +119,7 @@ def pack_units(units: Iterable[tuple[list[int], list[int], bool]], seq_len: int,
             if len(row["input_ids"]) + len(ids) > seq_len:
                 _pad(row, seq_len, pad_token_id)
                 yield row
-                row = data._empty_row()
+                row = text._empty_row()
         start = 0
         while start < len(ids):
             end = start + seq_len - len(row["input_ids"])
@@ -127,7 +127,7 @@ def pack_units(units: Iterable[tuple[list[int], list[int], bool]], seq_len: int,
             start = min(end, len(ids))
             if len(row["input_ids"]) == seq_len:
                 yield row
-                row = data._empty_row()
+                row = text._empty_row()
     if row["input_ids"]:
         _pad(row, seq_len, pad_token_id)
         yield row
@@ -143,7 +143,7 @@ def _append(row: dict, ids: list[int], labels: list[int]) -> None:
 
 
 def _pad(row: dict, seq_len: int, pad_token_id: int) -> None:
-    data._append_piece(row, [pad_token_id] * (seq_len - len(row["input_ids"])), real=False)
+    text._append_piece(row, [pad_token_id] * (seq_len - len(row["input_ids"])), real=False)
 
 
 def _packed_rows(units, seq_len: int, pad_token_id: int) -> Iterator[dict]:

@@ -39,7 +39,7 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "t
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 STREAMING_SHUFFLE_BUFFER = 1000  # documents held in memory by the streaming shuffle
 _PACKING_VERSION = "1"  # bump when the packed layout changes, to invalidate cached rows
-FORMATS = ("text", "chat")  # plain documents; conversations (`ttt_adapt.chat_data`)
+FORMATS = ("text", "chat")  # plain documents; conversations (`ttt_adapt.data.chat`)
 ON_BAD_ROW = ("error", "skip")
 
 
@@ -69,7 +69,7 @@ class DataConfig:
     a tokenised document including the appended eos. `num_proc` parallelises loading and
     tokenising map-style datasets (streams ignore it).
 
-    Conversations (`format: chat`, see `ttt_adapt.chat_data` and docs/chat.md): rows with `messages` or
+    Conversations (`format: chat`, see `ttt_adapt.data.chat` and docs/chat.md): rows with `messages` or
     `prompt`/`completion`, rendered with the tokenizer's chat template (or the Jinja file `chat_template_path`,
     as TRL's `chat_template_path`), `chat_template_kwargs` passed to it; only assistant tokens are labelled. A bad
     row stops the run with one line naming it (`on_bad_row: error`) or is skipped and counted (`skip`). `mix`

@@ -1,6 +1,6 @@
 """The checks a run needs before any work: the files, the base model, the launch and the run folder, in one place.
 
-`ttt_adapt.config` checks a recipe's keys, types and values without reading anything; what needs the file
+`ttt_adapt.recipe` checks a recipe's keys, types and values without reading anything; what needs the file
 system, the base model's config and tokenizer or the launch (process count, FSDP request, mixed precision) is
 checked here. `preflight(recipe, accelerator)` runs them all (on every process, before anything is built or
 written) and returns what they loaded (`Preflight`: the base config, the tokenizer, the FSDP request), so
@@ -16,12 +16,12 @@ import torch.distributed as dist
 from transformers import AutoConfig
 
 from ttt_adapt._util import RecipeError, first_line, looks_like_local_path
-from ttt_adapt.chat_data import check_chat_template
-from ttt_adapt.config import EvalError, Recipe
+from ttt_adapt.data.chat import check_chat_template
 from ttt_adapt.distributed.context_parallel import check_cp_size
 from ttt_adapt.distributed.fsdp import FSDPRequest, fsdp_request
 from ttt_adapt.model_setup import is_converted, recipe_tokenizer
 from ttt_adapt.modeling import FAMILIES
+from ttt_adapt.recipe.sections import EvalError, Recipe
 from ttt_adapt.training.checkpoints import latest_checkpoint
 from ttt_adapt.training.resume import check_resume
 

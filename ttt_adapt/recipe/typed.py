@@ -1,16 +1,21 @@
-"""The typed loading the recipe schema (`ttt_adapt.config`) is built on: YAML in, typed dataclasses out.
+"""The typed loading the recipe (`ttt_adapt.recipe.sections`, `.loading`) is built on: YAML in, typed dataclasses out.
 
 `read_recipe_file` reads a recipe's YAML mapping, `apply_override` applies one dotted `key=value` override to
 it (the value parsed as YAML), and `build_dataclass` turns a mapping into a dataclass, checking every key
 against the fields (an unknown one gets the closest known name as a hint) and every value against the field's
 annotation (`int`, `float`, `bool`, `str`, `list[...]`, `X | None`, nested dataclasses). Anything wrong raises
 `RecipeError`, whose message is one line `dotted.key: what is wrong`.
+
+YAML 1.1 reads the bare words yes/no/on/off/true/false as booleans, in files and in overrides alike: a key with a
+fixed set of words (`choices`, e.g. `train.mixed_precision: no`, `ttt.state_norm_guard=off`) gets back the one of
+its words that YAML read as that boolean; any other string key is told to quote it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -70,8 +75,9 @@ def unknown_key_message(key: str, name: str, known) -> str:
     return f"{key}: unknown key{hint}"
 
 
-def build_dataclass(cls, raw, key: str):
-    """Build dataclass `cls` from mapping `raw`, checking unknown keys, missing keys and types."""
+def build_dataclass(cls, raw, key: str, choices: dict | None = None):
+    """Build dataclass `cls` from mapping `raw`, checking unknown keys, missing keys and types. `choices`: the
+    words of the string keys that take a fixed set (dotted keys, list indices left out: `data.mix.format`)."""
     if not isinstance(raw, dict):
         raise RecipeError(f"{key}: must be a mapping of settings, got {describe(raw)}")
     hints = typing.get_type_hints(cls)
@@ -82,14 +88,15 @@ def build_dataclass(cls, raw, key: str):
     kwargs = {}
     for name, f in known.items():
         if name in raw:
-            kwargs[name] = coerce(raw[name], hints[name], f"{key}.{name}")
+            kwargs[name] = coerce(raw[name], hints[name], f"{key}.{name}", choices)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise RecipeError(f"{key}.{name}: missing (required)")
     return cls(**kwargs)
 
 
-def coerce(value, annotation, key: str):
-    """Check `value` against a type annotation; return it (ints widened to float, nested dataclasses built)."""
+def coerce(value, annotation, key: str, choices: dict | None = None):
+    """Check `value` against a type annotation; return it (ints widened to float, nested dataclasses built, a YAML
+    boolean read back as the word of `choices` it stands for)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -97,19 +104,19 @@ def coerce(value, annotation, key: str):
             return None
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
-            return coerce(value, inner[0], key)
+            return coerce(value, inner[0], key, choices)
         for a in inner:
             try:
-                return coerce(value, a, key)
+                return coerce(value, a, key, choices)
             except RecipeError:
                 pass
         raise RecipeError(f"{key}: expected {type_name(annotation)}, got {describe(value)}")
     if dataclasses.is_dataclass(annotation):
-        return build_dataclass(annotation, value, key)
+        return build_dataclass(annotation, value, key, choices)
     if origin is list:
         if not isinstance(value, list):
             raise RecipeError(f"{key}: expected {type_name(annotation)}, got {describe(value)}")
-        return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        return [coerce(v, args[0], f"{key}[{i}]", choices) for i, v in enumerate(value)]
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{key}: expected a mapping, got {describe(value)}")
@@ -135,12 +142,26 @@ def coerce(value, annotation, key: str):
             raise RecipeError(f"{key}: expected a finite number, got {value}")
         return float(value)
     if annotation is str:
+        if isinstance(value, bool):
+            value = yaml_word(value, (choices or {}).get(re.sub(r"\[\d+\]", "", key)), key)
         if not isinstance(value, str):
             raise RecipeError(f"{key}: expected a string, got {describe(value)}")
         return value
     if annotation is typing.Any:
         return value
     raise TypeError(f"{key}: unsupported annotation {annotation!r} in the recipe schema")
+
+
+def yaml_word(value: bool, words, key: str) -> str:
+    """The one of `words` that YAML reads as `value` (`no` of no/bf16/fp16 for false). RecipeError (one line) when
+    none is, or when the key takes any string (`words` None: which word was written cannot be told)."""
+    if words is None:
+        raise RecipeError(f"{key}: expected a string, got {describe(value)} (YAML reads a bare yes/no/on/off/true/"
+                          "false as a boolean: quote the word)")
+    for word in words:
+        if yaml.safe_load(word) is value:
+            return word
+    raise RecipeError(f"{key}: must be one of {', '.join(map(str, words))}; got {describe(value)}")
 
 
 def type_name(annotation) -> str:
@@ -166,5 +187,5 @@ def describe(value) -> str:
     return f"{kind.get(type(value), type(value).__name__)} {value!r}"[:80]
 
 
-__all__ = ["read_recipe_file", "apply_override", "build_dataclass", "coerce", "unknown_key_message", "type_name",
-           "describe"]
+__all__ = ["read_recipe_file", "apply_override", "build_dataclass", "coerce", "yaml_word", "unknown_key_message",
+           "type_name", "describe"]

@@ -8,7 +8,7 @@ return_assistant_tokens_mask=True)`, `data.chat_template_kwargs` passed through 
 As with TRL's `assistant_only_loss`, the template must mark what the assistant says with `{% generation %}` ...
 `{% endgeneration %}`; only those tokens get labels (the end-of-turn token too, when the block holds it, so the
 model learns to stop). A conversation longer than `data.seq_len` tokens is cut at `seq_len`, its start kept (TRL's
-`max_length` truncation), and counted; conversations are never split across rows (`ttt_adapt.data_mix` packs them).
+`max_length` truncation), and counted; conversations are never split across rows (`ttt_adapt.data.mix` packs them).
 
 A bad row (neither `messages` nor `prompt`/`completion`, a message without a known role or text content, no
 assistant turn, a template that refuses it, nothing left to label) raises a one-line ValueError naming its row
@@ -23,7 +23,7 @@ from pathlib import Path
 from datasets import Dataset, IterableDataset
 
 from ttt_adapt._util import first_line
-from ttt_adapt.data import DataConfig, _columns, _hold_out, _load_hub, _load_local, _looks_local
+from ttt_adapt.data.text import DataConfig, _columns, _hold_out, _load_hub, _load_local, _looks_local
 from ttt_adapt.loss import IGNORE_INDEX
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
