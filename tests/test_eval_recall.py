@@ -200,18 +200,30 @@ def test_cli_recall_file_and_its_errors(files, tmp_path, capsys):
     main = script_main("evaluate")
     bad = _write(tmp_path / "bad.jsonl", [ROW, {"document": "x"}])
     args = ["--base", files["base"], "--adapted", files["adapted"], "--corpus", files["corpus"], "--out",
-            tmp_path / "out", "--seq-len", "64", "--tasks", "none", "--max-length", "0"]
+            tmp_path / "out", "--seq-len", "256", "--tasks", "none", "--max-length", "0"]
     assert main([str(a) for a in args + ["--recall-file", bad]]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{bad}, line 2: missing field 'question'" in err
     assert not (tmp_path / "out").exists()  # refused before any model was loaded
+    # fast weights that never change anything (TTT learning rate 0): answers exactly the base's, no recall anywhere
+    from ttt_adapt.eval import load_model
+
+    same = load_model(files["adapted"])
+    for m in same.modules():
+        if hasattr(m, "ttt") and hasattr(m.ttt, "lr"):
+            m.ttt.lr.data.zero_()
+    same.save_pretrained(tmp_path / "same")
+    files["tokenizer"].save_pretrained(tmp_path / "same")
+    args[3] = tmp_path / "same"
     good = _write(tmp_path / "good.jsonl", [ROW, {**ROW, "document": "Code 77. " + ROW["document"]}])
     assert main([str(a) for a in args + ["--recall-file", good]]) == 0
     captured = capsys.readouterr()
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["recall_file"]["rows_measured"] == 2 and "Recall file good.jsonl" in captured.out
+    assert [w.split(" vs base ")[1] for w in report["warnings"]] == [f"({IN_LENGTH})", f"(recall file {good})"]
+    assert all(w.startswith("no recall through the fast weights: answers +0.0 % at ") for w in report["warnings"])
     for line in report["warnings"]:
-        assert f"evaluate.py: WARNING: {line}" in captured.err
+        assert f"evaluate.py: WARNING: {line}" in captured.err and f"**WARNING: {line.split(' (')[0]}**" in captured.out
 
 
 def _after(*highs):
@@ -227,3 +239,24 @@ def test_memory_horizon_is_the_longest_filler_the_state_still_beats_nothing_at()
     assert horizon_line({"horizon": None, "lost_at": 0}).startswith("none")
     assert horizon_line({"horizon": 512, "lost_at": 2048}) == ("512 tokens (the state beats no state after 512 more "
                                                                "tokens of other text, not after 2048)")
+
+
+def test_model_card_carries_the_recall_tables_and_flag(files, tmp_path):
+    from ttt_adapt.config import build_recipe
+    from ttt_adapt.eval import load_model
+    from ttt_adapt.export.card import render_model_card
+
+    rows = _rows(ANSWERS)
+    base = torch.full((2, 8), 2.0)
+    section = recall_by_distance({"base": base, "adapted": base + 0.5}, rows, 8)
+    report = {"bins": [0, 8], "base": {"loss_by_position": [2.0]}, "adapted": {"loss_by_position": [2.5]},
+              "recall_by_distance": section, "recall_file": {
+                  "file": "facts.jsonl", "rows": 3, "rows_measured": 2, "answer_not_in_document": 1,
+                  "answer_cut_off": 0, "truncated": 0, "max_tokens": 64, "recall_by_distance": section}}
+    recipe = build_recipe({"model": {"name_or_path": str(files["base"])}, "data": {"path": str(files["corpus"])},
+                           "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1}})
+    card = render_model_card(load_model(files["adapted"]).config, recipe, {"step": 1, "tokens": 64},
+                             tmp_path / "run" / "checkpoint-1", report=report)
+    assert markdown_table(report) in card
+    assert card.count(f"**WARNING: {section['flag']}**") == 2  # the documents of the training length, the file
+    assert "Recall file facts.jsonl: 3 rows, 2 measured (1 answer not in the document" in card

@@ -266,9 +266,13 @@ def measure_recall_file(base_model, adapted_model, tokenizer, records: list[dict
                               "(answer not in the document)")
         log(f"evaluate: WARNING: {section['skipped']}")
         return section
+    from ttt_adapt.eval.long_context import blocked_attention
+
     batch = max(1, settings.batch_size * settings.seq_len // rows["input_ids"].shape[1])
-    losses = {"base": token_losses(base_model, rows, batch), "adapted": token_losses(adapted_model, rows, batch),
-              "adapted_no_state": stateless_token_losses(adapted_model, rows, batch)}
+    with blocked_attention(base_model), blocked_attention(adapted_model):  # rows without padding: skip what no
+        losses = {"base": token_losses(base_model, rows, batch),       # query sees (as the long documents do)
+                  "adapted": token_losses(adapted_model, rows, batch),
+                  "adapted_no_state": stateless_token_losses(adapted_model, rows, batch)}
     section["recall_by_distance"] = recall_by_distance(losses, rows, settings.seq_len, seed=settings.seed)
     flag = section["recall_by_distance"]["flag"]
     if flag:
