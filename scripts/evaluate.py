@@ -15,7 +15,9 @@ shipped held-out corpus) and evaluates nothing; see ttt_adapt/eval/. --state (a 
 prints the loss of the corpus documents (first --seq-len tokens) read starting from that state against read from
 nothing; --memory-split cuts each document into FIRST and CONT tokens and prints the loss on the continuation with the
 whole document in context, with the first part's state only, with nothing and with another document's state
-(docs/memory.md). Both print one JSON object.
+(docs/memory.md); with --memory-filler also after N more tokens of other text, and the memory horizon (the longest
+N at which the state still beats no state; "horizon" in the JSON, null if not even at N = 0). Both print one JSON
+object.
 Bad input prints one line and exits 2.
 """
 
@@ -60,13 +62,16 @@ def parse_args(argv):
                    "(--seq-len); default 8 x seq-len, 0 for none")
     p.add_argument("--long-corpus", help="the long documents: a .jsonl/.txt file or 'synthetic' (default --corpus)")
     p.add_argument("--long-docs", type=int, help="how many long documents (the longest)")
+    p.add_argument("--recall-file", help="a .jsonl of {document, question, answer} rows: answer-token loss by distance "
+                   "back to the answer's mention in the document, base vs adapted")
     p.add_argument("--dtype", default=None, choices=DTYPES)
     p.add_argument("--state", help="a fast-weight state file (scripts/memorize.py): loss of the corpus read from it")
     p.add_argument("--memory-split", type=int_list, metavar="FIRST,CONT",
                    help="measure the fast-weight memory on documents cut into FIRST and CONT tokens")
     p.add_argument("--memory-filler", type=int_list, metavar="N,N,...",
                    help="with --memory-split: also the continuation's loss after N more tokens of other text are "
-                        "read into the first part's state")
+                        "read into the first part's state (N = 0 always), and the memory horizon: the longest N at "
+                        "which that state still beats no state")
     args = p.parse_args(argv)
     if args.memory_filler is not None and args.memory_split is None:
         p.error("--memory-filler goes with --memory-split")
@@ -90,6 +95,8 @@ def evaluate(args) -> int:
     from ttt_adapt.eval import HAYSTACK_CORPUS, EvalSettings, load_tokenizer, read_corpus, run_evaluation, \
         task_samples, write_lm_eval_task
     from ttt_adapt.recipe import load_recipe
+    from ttt_adapt.eval.inputs import model_config
+    from ttt_adapt.eval.tasks import attention_reach
 
     if args.state or args.memory_split:
         return evaluate_memory(args)
@@ -106,7 +113,7 @@ def evaluate(args) -> int:
         args.out = args.out or str(Path(recipe.train.output_dir) / "eval")
         dtype = dtype or recipe.model.dtype
     for key in ("corpus", "seq_len", "lengths", "num_samples", "max_docs", "batch_size", "max_new_tokens", "seed",
-                "max_length", "long_corpus", "long_docs"):
+                "max_length", "long_corpus", "long_docs", "recall_file"):
         if getattr(args, key) is not None:
             raw[key] = getattr(args, key)
     if args.tasks is not None:
@@ -118,7 +125,8 @@ def evaluate(args) -> int:
             raise UsageError("--lm-eval-task needs --adapted or --base (the tokenizer that counts the lengths)")
         tokenizer = load_tokenizer(args.adapted or args.base)
         corpus = settings.corpus or str(HAYSTACK_CORPUS)  # only the haystack's prose comes from it
-        samples = task_samples(settings, tokenizer, read_corpus(corpus, settings.text_field))
+        reach = attention_reach(model_config(args.adapted or args.base))  # needles beyond the sliding window
+        samples = task_samples(settings, tokenizer, read_corpus(corpus, settings.text_field), window=reach)
         names = write_lm_eval_task(args.lm_eval_task, samples, settings.max_new_tokens)
         model = args.adapted or "DIR"
         print(f"wrote {len(names)} tasks ({', '.join(names)}) to {args.lm_eval_task}; run them with\n"
@@ -135,9 +143,7 @@ def evaluate(args) -> int:
     report = run_evaluation(settings, args.base, args.adapted, args.out, dtype=dtype or "float32",
                             log=lambda m: print(m, file=sys.stderr))
     print((Path(args.out) / "report.md").read_text(), end="")
-    from ttt_adapt.eval.long_context import warnings_of
-
-    for line in warnings_of(report.get("long_context", {})):
+    for line in report.get("warnings", []):  # long context, no recall (in length, long, recall file)
         print(f"evaluate.py: WARNING: {line}", file=sys.stderr)
     return 0
 
@@ -149,7 +155,7 @@ def evaluate_memory(args) -> int:
     import torch
 
     from ttt_adapt.eval import load_model, load_tokenizer, read_corpus
-    from ttt_adapt.eval.memory import memory_after_reading, memory_value, state_losses
+    from ttt_adapt.eval.memory import horizon_line, memory_after_reading, memory_value, state_losses
 
     if args.state and args.memory_split:
         raise UsageError("--state and --memory-split are separate measures: pass one")
@@ -170,9 +176,12 @@ def evaluate_memory(args) -> int:
             if args.memory_filler:
                 result["reading_more"] = memory_after_reading(model, docs, *args.memory_split, args.memory_filler,
                                                               log=log)
+                result["horizon"] = result["reading_more"]["horizon"]  # the longest filler the state survives
     except ValueError as e:  # a state file that is truncated or belongs to another model
         raise UsageError(str(e)) from None
     print(json.dumps(result, indent=1))
+    if "horizon" in result:
+        print(f"evaluate.py: memory horizon: {horizon_line(result['reading_more'])}", file=sys.stderr)
     return 0
 
 

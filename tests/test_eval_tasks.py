@@ -11,7 +11,7 @@ from conftest import DEVICE, randomize_ttt
 from eval_fixtures import PROSE, REPO, document, files  # noqa: F401 (a fixture)
 
 from ttt_adapt import TTTConfig, convert
-from ttt_adapt.eval import TASKS, filler_sentences, generate, make_samples, score, write_lm_eval_task
+from ttt_adapt.eval import TASKS, EvalError, filler_sentences, generate, make_samples, score, write_lm_eval_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -149,3 +149,60 @@ def test_lm_eval_ruler_runs_offline_on_an_export_at_small_lengths(tmp_path):
             assert doc["max_length"] == 512 and 256 < doc["length"] <= 512
             assert doc["length"] == len(tokenizer(doc["input"])["input_ids"]) + 128
             assert doc["input"] in r["arguments"]["gen_args_0"]["arg_0"]
+
+
+def test_attention_reach_is_the_stacked_sliding_window_only_when_every_layer_slides():
+    from transformers import AutoConfig, Qwen3Config
+
+    from ttt_adapt.eval.tasks import attention_reach
+
+    tiny = AutoConfig.from_pretrained(REPO / "ttt_adapt" / "assets" / "tiny_qwen3_base")
+    assert attention_reach(tiny) == 4 * 64  # 64-token window in each of its 4 layers
+    sliding = dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=32, max_window_layers=0)
+    assert attention_reach(Qwen3Config(**sliding)) == 96
+    assert attention_reach(Qwen3Config(**{**sliding, "max_window_layers": 1})) is None  # layer 0 attends to all
+    assert attention_reach(Qwen3Config(num_hidden_layers=3)) is None
+    assert attention_reach(type("Old", (), dict(sliding_window=16, num_hidden_layers=2, use_sliding_window=True,
+                                                max_window_layers=0))()) == 32  # no layer_types
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_needles_lie_beyond_the_attention_window_and_record_their_distance(files, task):
+    tokenizer = files["tokenizer"]
+    filler = [tokenizer(" " + s, add_special_tokens=False)["input_ids"] for s in PROSE]
+    plain = make_samples(task, 300, 4, tokenizer, filler, seed=0)
+    far = make_samples(task, 300, 4, tokenizer, filler, seed=0, min_distance=100)
+    for samples, reach in ((plain, None), (far, 100)):
+        for s in samples:
+            ids = s["input_ids"]
+            question = s["prompt"].rindex("\n\nQ: ")  # one token per byte: character index = token index
+            assert len(ids) == 300 and s["min_distance"] == reach
+            for needle in s["needles"]:
+                last = needle["position"] + len(needle["text"])  # a space then the text, or the text then "\n"
+                assert needle["distance"] == question - last
+                assert reach is None or needle["distance"] >= reach
+    assert any(n["distance"] < 100 for s in plain for n in s["needles"])  # without a window: anywhere
+    assert [s["answers"] for s in far] == [s["answers"] for s in plain]  # the same draws, other places
+    with pytest.raises(EvalError, match=r"task length 300 is too short for .* beyond the attention window.*"
+                                        r"use lengths of \d+\+ tokens"):
+        make_samples(task, 300, 1, tokenizer, filler, seed=0, min_distance=290)
+
+
+def test_evaluation_of_a_sliding_window_model_builds_its_prompts_beyond_the_window(files, tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from ttt_adapt.eval import EvalSettings, run_evaluation
+
+    tokenizer = files["tokenizer"]
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                         use_sliding_window=True, sliding_window=24, max_window_layers=0, pad_token_id=1,
+                         eos_token_id=0)
+    base = Qwen3ForCausalLM(config).eval()
+    adapted = randomize_ttt(convert(base, TTTConfig(layers=[1], chunk_size=16)), scale=0.1)
+    settings = EvalSettings(corpus=str(files["corpus"]), seq_len=64, lengths=[320], tasks=["niah_multikey"],
+                            num_samples=2, max_length=0, max_new_tokens=2)
+    run_evaluation(settings, base, adapted, tmp_path, tokenizer=tokenizer, log=lambda m: None)
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").open()]
+    assert [s["min_distance"] for s in samples] == [48, 48]  # 2 layers x a 24-token window
+    assert all(n["distance"] >= 48 for s in samples for n in s["needles"])

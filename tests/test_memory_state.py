@@ -445,3 +445,24 @@ def test_the_memory_measure_compares_own_other_and_no_state(tiny_export, one_thr
     more = memory_after_reading(model, [doc, torch.randint(3, 1000, (90,), generator=g)], 40, 40, [0, 30])
     assert more["documents"] == 2 and set(more["after"]) == {"0", "30"}
     assert more["after"]["0"]["loss"] != pytest.approx(more["after"]["30"]["loss"], rel=1e-6)
+
+
+def test_evaluate_reports_the_memory_horizon(tiny_export, tmp_path, capsys, one_thread):
+    """--memory-split with --memory-filler: F = 0 is always measured, and the horizon (the longest filler up to which
+    the state beats no state) is in the JSON and printed in one line."""
+    import json
+
+    from conftest import script_main
+
+    from ttt_adapt.eval.memory import horizon_line, memory_horizon
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", TEXTS)
+    assert script_main("evaluate")(["--memory-split", "16,16", "--memory-filler", "24", "--adapted", str(tiny_export),
+                                    "--corpus", str(corpus)]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    more = result["reading_more"]
+    assert set(more["after"]) == {"0", "24"}
+    assert {k: more[k] for k in ("horizon", "lost_at")} == memory_horizon(more["after"])
+    assert result["horizon"] == more["horizon"]
+    assert captured.err.strip().splitlines()[-1] == f"evaluate.py: memory horizon: {horizon_line(more)}"

@@ -31,9 +31,13 @@ what its fast weights learn from the context from a context-independent shift:
 Written to `out_dir`: `report.json` (`settings`, `bins`, token counts per bin, then `base`, `converted`, `adapted`,
 `adapted_swapped_state`, `adapted_no_state`, each with `loss_by_position` (one value per bin),
 `recall_loss_by_position` and, for base and adapted, `tasks` {task: {length: accuracy}}; `own_minus_swapped` with
-{mean, low, high} per bin, `documents`, `resamples`, `confidence`),
-`loss_by_position.png`, `report.md` (the markdown table of `markdown_table`) and `samples.jsonl` (every prompt's
-answers and generations). A recipe's optional `eval` section holds `EvalSettings` fields; training then writes
+{mean, low, high} per bin, `documents`, `resamples`, `confidence`); `recall_by_distance` (answer tokens by their
+distance back to the fact, `ttt_adapt.eval.recall`: on these documents, in `long_context` past the training length,
+and in `recall_file` for a user's recall file) and `warnings` (every one-line flag of the report, each saying where
+it was raised), `loss_by_position.png`, `recall_by_distance.png`, `report.md` (the markdown table of
+`markdown_table`) and `samples.jsonl` (every prompt's answers, needles with their distance to the question, and
+generations). With a sliding window in every attention layer, every needle lies beyond what attention can carry
+(`ttt_adapt.eval.tasks.attention_reach`). A recipe's optional `eval` section holds `EvalSettings` fields; training then writes
 `<train.output_dir>/eval/` (see `evaluate_recipe`).
 
 lm-evaluation-harness: the same tasks as a local lm_eval task (no download), for any exported model:

@@ -46,17 +46,19 @@ def tokenize_documents(tokenizer, docs: list[str], seq_len: int, pad_id: int) ->
             "recall_distance": distance[keep]}
 
 
-def answer_distances(text: str, offsets, spans) -> list[tuple[int, int]]:
+def answer_distances(text: str, offsets, spans, within: tuple[int, int] | None = None) -> list[tuple[int, int]]:
     """(token index, distance) for every token overlapping an answer span (character spans into `text`; tokens by
     their character `offsets`): the distance is how many tokens back the answer's text last appeared (the token
-    holding that mention's last character), i.e. how far a memory has to reach for it; -1 when it never did."""
+    holding that mention's last character), i.e. how far a memory has to reach for it; -1 when it never did.
+    Mentions are searched in `text[:a]` (a: the answer's start), or only in the character range `within` (a user
+    recall file's document, without its question)."""
     ends = [e for _, e in offsets]
     out = []
     for a, b in spans:
         tokens = [j for j, (s, e) in enumerate(offsets) if e > s and s < b and e > a]
         if not tokens:
             continue
-        mention = text.rfind(text[a:b], 0, a)
+        mention = text.rfind(text[a:b], *(within or (0, a)))
         last = bisect.bisect_left(ends, mention + (b - a)) if mention >= 0 else None
         out += [(j, tokens[0] - last if last is not None else -1) for j in tokens]
     return out

@@ -76,11 +76,28 @@ def memory_value(model, documents: list[torch.Tensor], first: int, continuation:
     }
 
 
+def memory_horizon(after: dict) -> dict:
+    """The memory horizon of `memory_after_reading`'s `after` ({F: {"minus_nothing": {mean, low, high}}}): the longest
+    filler F up to which the own state still beats no state, i.e. at F and at every shorter F measured the upper end
+    of the bootstrap interval of own state - nothing is below 0. `horizon`: that F, None when not even the shortest
+    (F = 0: the state as read) beats nothing; `lost_at`: the first F where it no longer does (None if never)."""
+    horizon = lost = None
+    for filler in sorted(after, key=int):
+        d = after[filler]["minus_nothing"]
+        if d is None or d["high"] >= 0:
+            lost = int(filler)
+            break
+        horizon = int(filler)
+    return {"horizon": horizon, "lost_at": lost}
+
+
 def memory_after_reading(model, documents: list[torch.Tensor], first: int, continuation: int, fillers: list[int],
                          log=None) -> dict:
-    """What reading more does to a memory: for each count F in `fillers`, the loss on the continuation starting from
-    the first part's state followed by F tokens of other documents (the next ones' text, in order), against (c) from
-    nothing; with bootstrap intervals of the difference over documents."""
+    """What reading more does to a memory: for each count F in `fillers` (and F = 0, always), the loss on the
+    continuation starting from the first part's state followed by F tokens of other documents (the next ones' text,
+    in order), against (c) from nothing; with bootstrap intervals of the difference over documents; and the memory
+    horizon (`memory_horizon`: the longest F at which the state still beats nothing)."""
+    fillers = sorted({0, *fillers})
     index = [k for k, d in enumerate(documents) if len(d) >= first + continuation]
     docs = [documents[k][: first + continuation] for k in index]
     if len(docs) < 2:
@@ -106,7 +123,19 @@ def memory_after_reading(model, documents: list[torch.Tensor], first: int, conti
                                      "minus_nothing": bootstrap_difference(table, nothing, weights, edges)[0]}
         if log is not None:
             log(f"memory after {filler} more tokens: {out['after'][str(filler)]['loss']:.4f}")
+    out.update(memory_horizon(out["after"]))
     return out
+
+
+def horizon_line(result: dict) -> str:
+    """One line for `memory_horizon`'s result, e.g. "512 tokens (the state beats no state after 512 more tokens of
+    other text, not after 2048)" or "none (the state does not beat no state even as read, F = 0)"."""
+    horizon, lost = result["horizon"], result["lost_at"]
+    if horizon is None:
+        return "none (the state does not beat no state even as read, F = 0)"
+    held = "as read" if horizon == 0 else f"after {horizon} more tokens of other text"
+    tail = f", not after {lost}" if lost is not None else ", the longest filler measured"
+    return f"{horizon} tokens (the state beats no state {held}{tail})"
 
 
 def state_losses(model, documents: list[torch.Tensor], state) -> dict:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ttt_adapt.eval.long_context import markdown_long_table
+from ttt_adapt.eval.recall import IN_LENGTH, markdown_recall_file, markdown_recall_table
 
 
 LOSS_KEYS = {  # per-bin losses a report may hold -> row label (chat reports: `ttt_adapt.eval.chat`)
@@ -61,8 +62,11 @@ def markdown_table(report: dict) -> str:
         delta = _diff(by.get("adapted"), by.get("base"))
         cells = [metric, *map(_fmt, values), delta] + ([_interval(interval)] if control else [])
         lines.append("| " + " | ".join(cells) + " |")
+    recall = report.get("recall_by_distance")
+    recall_part = f"\nOn the {IN_LENGTH} (as above). {markdown_recall_table(recall)}" if recall else ""
     long_part = f"\n{markdown_long_table(report['long_context'])}" if report.get("long_context") else ""
-    return "\n".join(lines) + "\n" + long_part + _notes(report)
+    file_part = f"\n{markdown_recall_file(report['recall_file'])}" if report.get("recall_file") else ""
+    return "\n".join(lines) + "\n" + recall_part + long_part + file_part + _notes(report)
 
 
 def _notes(report: dict) -> str:
@@ -94,7 +98,7 @@ def _fmt(v, sign: str = "") -> str:
 
 def write_report(out_dir, report: dict, samples: list[dict], generations: dict) -> Path:
     """Write report.json, report.md (`markdown_table`), loss_by_position.png (and loss_past_training_length.png when
-    the report measured long documents) and samples.jsonl (every prompt's answers and each model's generation) into
+    the report measured long documents, recall_by_distance.png when it measured answers by distance) and samples.jsonl (every prompt's answers and each model's generation) into
     `out_dir` (created); return the report.json path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,9 +107,11 @@ def write_report(out_dir, report: dict, samples: list[dict], generations: dict) 
     plot_loss_by_position(report, out / "loss_by_position.png")
     if report.get("long_context", {}).get("bins"):
         plot_long_context(report["long_context"], out / "loss_past_training_length.png")
+    if recall_sections(report):
+        plot_recall_by_distance(report, out / "recall_by_distance.png")
     with open(out / "samples.jsonl", "w") as f:
         for i, s in enumerate(samples):
-            record = {k: s[k] for k in ("task", "length", "answers", "needles")}
+            record = {k: s[k] for k in ("task", "length", "answers", "needles", "min_distance")}
             record.update({f"{m}_generation": generations[m][i] for m in generations})
             f.write(json.dumps(record) + "\n")
     return out / "report.json"
@@ -169,6 +175,49 @@ def plot_long_context(section: dict, path) -> None:
     if flag:
         ax.title.set_color("red")
         ax.title.set_fontsize(8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def recall_sections(report: dict) -> list[tuple[str, dict]]:
+    """(title, `recall_by_distance` section) of each place the report measured answers by distance: the documents of
+    the training length, the long documents, the recall file."""
+    out = [(f"{IN_LENGTH}", report.get("recall_by_distance")),
+           ("long documents (past the training length)", (report.get("long_context") or {}).get("recall_by_distance")),
+           ("recall file", (report.get("recall_file") or {}).get("recall_by_distance"))]
+    return [(title, section) for title, section in out if section]
+
+
+def plot_recall_by_distance(report: dict, path) -> None:
+    """PNG, one panel per `recall_sections`: answer-token loss per bin of distance back to the fact for base,
+    adapted, swapped and no state, the training length marked; a panel's title is its `no_recall` flag, in red,
+    when it has one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sections = recall_sections(report)
+    fig, axes = plt.subplots(1, len(sections), figsize=(7 * len(sections), 4.5), squeeze=False)
+    for ax, (title, section) in zip(axes[0], sections):
+        bins = section["bins"]
+        x = [(max(a, 1) * b) ** 0.5 for a, b in bins]  # the middle of a bin on the log axis
+        for name, style in (("base", "o-"), ("adapted", "s-"), ("adapted_swapped_state", "d--"),
+                            ("adapted_no_state", "^:")):
+            if section.get(name):
+                ax.plot(*_points(x, section[name]), style, label=MODELS[name])
+        ax.axvline(section["train_length"], color="grey", ls="--", lw=1, label="training length")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [f"{a}-{b}" for a, b in bins], rotation=30, fontsize=8)
+        ax.minorticks_off()
+        ax.set_xlabel("distance back to the fact (tokens)")
+        ax.set_ylabel("answer-token loss (nats/token)")
+        flag = section.get("flag")
+        ax.set_title(f"{title}\nWARNING: {flag}" if flag else f"{title}: answers by distance", fontsize=8 if flag else 10,
+                     color="red" if flag else "black", wrap=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -24,11 +24,12 @@ from ttt_adapt.eval.loss_by_position import (
     token_losses,
     tokenize_documents,
 )
+from ttt_adapt.eval.recall import IN_LENGTH, measure_recall_file, read_recall_file, recall_by_distance, report_warnings
 from ttt_adapt.eval.report import write_report
 from ttt_adapt.eval.settings import EvalError, EvalSettings, check_lengths
 from ttt_adapt.eval.state_norms import state_norms
 from ttt_adapt.eval.swapped_state import swap_partners
-from ttt_adapt.eval.tasks import generate, score, task_samples
+from ttt_adapt.eval.tasks import attention_reach, generate, score, task_samples
 from ttt_adapt.modeling.configuration_ttt import TTTConfig
 
 EQUAL_ATOL = 1e-5  # converted vs base, per-token loss: the TTT path at step 0 must change nothing
@@ -55,7 +56,8 @@ def run_evaluation(settings: EvalSettings | dict, base, adapted, out_dir, *, tok
     _check_folders(base, adapted)
     docs = read_corpus(settings.corpus, settings.text_field)
     tokenizer = tokenizer if tokenizer is not None else _default_tokenizer(base, adapted)
-    samples = task_samples(settings, tokenizer, docs)  # before loading models: a length too short fails fast
+    records = read_recall_file(settings.recall_file) if settings.recall_file else None  # a bad file: before models
+    samples = task_samples(settings, tokenizer, docs, window=attention_reach(model_config(adapted)))  # fails fast
     ttt_settings = _check_models(settings, base, adapted)  # configs first: no weights load for a wrong model
     base_model, adapted_model = _load_models(base, adapted, dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -72,12 +74,17 @@ def run_evaluation(settings: EvalSettings | dict, base, adapted, out_dir, *, tok
         report["adapted"], adapted_losses, generations["adapted"] = measure_model("adapted", adapted_model, samples,
                                                                                    **measure)
         report["adapted"]["state_norms"] = state_norms(adapted_model, rows, settings.batch_size)
-        report.update(state_controls(adapted_model, rows, adapted_losses, weights, settings, log))
+        controls = {}
+        report.update(state_controls(adapted_model, rows, adapted_losses, weights, settings, log, keep=controls))
+        report["recall_by_distance"] = in_length_recall(base_losses, adapted_losses, controls, rows, settings, log)
         if settings.resolved_max_length:
             report["long_context"] = measure_long_context(base_model, adapted_model, tokenizer,
                                                           long_documents(settings, docs), settings, log)
+        if records is not None:
+            report["recall_file"] = measure_recall_file(base_model, adapted_model, tokenizer, records, settings, log)
     finally:
         adapted_model.train(was_training)
+    report["warnings"] = report_warnings(report)  # every one-line flag, each saying where it was raised
     report["seconds"] = round(time.time() - started, 1)
     path = write_report(out_dir, report, samples, {k: v for k, v in generations.items() if v is not None})
     log(f"evaluate: wrote {path} ({report['seconds']} s)")
@@ -117,15 +124,22 @@ def converted_check(base_model, ttt_settings, base_losses, *, rows, weights, set
     return {**result, "max_abs_loss_diff": diff, "equals_base": diff <= EQUAL_ATOL}
 
 
-def state_controls(model, rows: dict, own: torch.Tensor, weights: dict, settings: EvalSettings, log=print) -> dict:
+def state_controls(model, rows: dict, own: torch.Tensor, weights: dict, settings: EvalSettings, log=print,
+                   keep: dict | None = None) -> dict:
     """The fast-weight controls of the adapted model: `adapted_swapped_state` (each document read with the fast
     weights of another, `swap_partners`), `adapted_no_state` (fast weights never written) and `own_minus_swapped`
-    (per bin, own - swapped loss with its bootstrap interval over the documents that have a partner)."""
+    (per bin, own - swapped loss with its bootstrap interval over the documents that have a partner).
+
+    `keep`, when given, receives the per-token losses (`adapted_swapped_state`: the paired rows only,
+    `adapted_no_state`: every row) and `paired` (the rows that have a partner), for measures that reuse them."""
     edges = settings.bins
     partners = swap_partners(rows["attention_mask"].sum(1).tolist())
     paired = [i for i, p in enumerate(partners) if p is not None]
     log(f"evaluate: adapted: swapped-state and no-state controls on {len(paired)} documents")
     swapped = swapped_token_losses(model, rows, partners, settings.batch_size)[paired]
+    none = stateless_token_losses(model, rows, settings.batch_size)
+    if keep is not None:
+        keep.update(adapted_swapped_state=swapped, adapted_no_state=none, paired=paired)
     kept = {k: w[paired] for k, w in weights.items()}
     difference = {"documents": len(paired), "resamples": RESAMPLES, "confidence": CONFIDENCE}
     for key, w in (("loss_by_position", kept["all"]), ("recall_loss_by_position", kept["recall"])):
@@ -133,9 +147,21 @@ def state_controls(model, rows: dict, own: torch.Tensor, weights: dict, settings
             difference[key] = bootstrap_difference(own[paired], swapped, w, edges, seed=settings.seed)
     return {
         "adapted_swapped_state": {"documents": len(paired), **by_position(swapped, kept, edges)},
-        "adapted_no_state": by_position(stateless_token_losses(model, rows, settings.batch_size), weights, edges),
+        "adapted_no_state": by_position(none, weights, edges),
         "own_minus_swapped": difference,
     }
+
+
+def in_length_recall(base: torch.Tensor, adapted: torch.Tensor, controls: dict, rows: dict,
+                     settings: EvalSettings, log=print) -> dict | None:
+    """`recall_by_distance` on the held-out documents of the training length, from the losses already computed:
+    base, adapted, the swapped state (over the paired documents) and no state; None when they hold no marked answers.
+    Its flag is logged as a WARNING."""
+    losses = {"base": base, "adapted": adapted, **{k: v for k, v in controls.items() if k != "paired"}}
+    section = recall_by_distance(losses, rows, settings.seq_len, controls.get("paired"), seed=settings.seed)
+    if section is not None and section["flag"]:
+        log(f"evaluate: WARNING: {section['flag']} ({IN_LENGTH})")
+    return section
 
 
 def evaluate_recipe(recipe, adapted, out_dir=None) -> dict:

@@ -46,21 +46,42 @@ def filler_sentences(docs: list[str], limit: int = 4000) -> list[str]:
     return list(found)
 
 
-def make_samples(task: str, length: int, n: int, tokenizer, filler: list[list[int]], seed: int) -> list[dict]:
+def attention_reach(config) -> int | None:
+    """How far back attention alone can carry a token: `num_hidden_layers x sliding_window` when every attention
+    layer of `config` has a sliding window (`layer_types` all "sliding_attention", or, without `layer_types`,
+    `use_sliding_window` from layer 0 on), since each layer looks `sliding_window` tokens back; None when some
+    layer attends to everything (or there is no window): then attention sees the whole prompt."""
+    window = getattr(config, "sliding_window", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(window, int) or window <= 0 or not isinstance(layers, int):
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        every = len(types) > 0 and all(t == "sliding_attention" for t in types)
+    else:
+        every = bool(getattr(config, "use_sliding_window", False)) and getattr(config, "max_window_layers", 0) == 0
+    return layers * window if every else None
+
+
+def make_samples(task: str, length: int, n: int, tokenizer, filler: list[list[int]], seed: int,
+                 min_distance: int | None = None) -> list[dict]:
     """`n` prompts of `task` of exactly `length` tokens, the same for the same seed.
 
     `filler` holds the token ids of haystack sentences (each tokenised with a leading space). A sample holds
-    `input_ids`, `prompt` (its text), `answers` and `needles` ({text, depth, position}: the needle's first token
-    is `input_ids[position]`, `position / length` about `depth`)."""
+    `input_ids`, `prompt` (its text), `answers`, `min_distance` and `needles` ({text, depth, position, distance}:
+    the needle's first token is `input_ids[position]`, `distance` the tokens from its last token to the question's
+    first). Depths are drawn in [0, 1) over the haystack; with `min_distance` (the model's `attention_reach`) over
+    the part of it at least `min_distance` tokens before the question only, so that attention cannot carry any
+    needle to the question: only the fast weights can. Without it, `position / length` is about `depth`."""
     if task not in TASKS:
         raise EvalError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
     if not filler:
         raise EvalError("the corpus has no plain prose sentences (no digits or colons) to build haystacks from")
     rng = random.Random(f"ttt_adapt.evaluate/{seed}/{task}/{length}")  # a str seed is hashed stably
-    return [_sample(task, length, tokenizer, filler, rng) for _ in range(n)]
+    return [_sample(task, length, tokenizer, filler, rng, min_distance) for _ in range(n)]
 
 
-def _sample(task, length, tokenizer, filler, rng) -> dict:
+def _sample(task, length, tokenizer, filler, rng, min_distance=None) -> dict:
     used = set()
 
     def fresh(make):
@@ -112,33 +133,45 @@ def _sample(task, length, tokenizer, filler, rng) -> dict:
         hay += next_piece()
         bounds.append(len(hay))
     hay, bounds = hay[:budget], [b for b in bounds if b < budget] + [budget]  # the last piece is cut at the budget
+    # the haystack a needle may go into: all of it, or what lies >= min_distance tokens before the question (a
+    # needle at boundary b is followed by budget - b haystack tokens, the needles after it, then the question)
+    room = budget if min_distance is None else budget - min_distance + 1
+    if room < 0:
+        raise EvalError(f"task length {length} is too short for {task} beyond the attention window: its needles must "
+                        f"lie {min_distance}+ tokens before the question (the model's sliding window x its layers), "
+                        f"which leaves no room; use lengths of {length - room}+ tokens")
+    bounds = [b for b in bounds if b <= room]
     # each needle goes to the piece boundary nearest its depth; ties keep the needles' order (chains stay in order)
-    at = [min(bounds, key=lambda b: abs(b - d * budget)) for d in depths]
+    at = [min(bounds, key=lambda b: abs(b - d * room)) for d in depths]
     ids, cursor, positions = list(prefix), 0, [0] * len(needles)
     for i in sorted(range(len(needles)), key=lambda i: (at[i], i)):
         ids += hay[cursor : at[i]]
         cursor = at[i]
         positions[i] = len(ids)
         ids += needle_ids[i]
-    ids += hay[cursor:] + query_ids
+    ids += hay[cursor:]
+    question = len(ids)
+    ids += query_ids
     return {
         "task": task,
         "length": length,
         "input_ids": ids,
         "prompt": tokenizer.decode(ids, skip_special_tokens=True),
         "answers": [answer],
-        "needles": [{"text": t.strip(), "depth": round(d, 4), "position": p}
-                    for t, d, p in zip(needles, depths, positions)],
+        "min_distance": min_distance,
+        "needles": [{"text": t.strip(), "depth": round(d, 4), "position": p, "distance": question - (p + len(n) - 1)}
+                    for t, d, p, n in zip(needles, depths, positions, needle_ids)],
     }
 
 
-def task_samples(settings: EvalSettings, tokenizer, docs: list[str]) -> list[dict]:
-    """Every prompt of `settings.tasks` x `settings.lengths`, haystacks from the prose of `docs`."""
+def task_samples(settings: EvalSettings, tokenizer, docs: list[str], window: int | None = None) -> list[dict]:
+    """Every prompt of `settings.tasks` x `settings.lengths`, haystacks from the prose of `docs`; needles at least
+    `window` tokens before the question when given (the model's `attention_reach`)."""
     if not settings.tasks:
         return []
     filler = [_encode(tokenizer, " " + s) for s in filler_sentences(docs)]
     return [s for task in settings.tasks for length in settings.lengths
-            for s in make_samples(task, length, settings.num_samples, tokenizer, filler, settings.seed)]
+            for s in make_samples(task, length, settings.num_samples, tokenizer, filler, settings.seed, window)]
 
 
 def _encode(tokenizer, text: str) -> list[int]:

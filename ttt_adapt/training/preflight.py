@@ -124,13 +124,17 @@ def check_base(recipe: Recipe, config) -> None:
 
 
 def check_eval(recipe: Recipe, config) -> None:
-    """The eval section's corpus exists and its lengths fit the base model's positions (EvalError)."""
+    """The eval section's corpus exists, its recall file (if any) reads, and its lengths fit the base model's
+    positions (EvalError)."""
+    from ttt_adapt.eval.recall import read_recall_file
     from ttt_adapt.eval.settings import check_lengths
 
     if recipe.eval.corpus is None:
         raise EvalError("eval.corpus: not set, and the recipe has no data.eval_path to default to")
     if not Path(recipe.eval.corpus).is_file():
         raise EvalError(f"eval.corpus: no such file: {recipe.eval.corpus}")
+    if recipe.eval.recall_file is not None:
+        read_recall_file(recipe.eval.recall_file)  # before training: a bad file fails in one line, not at the end
     check_lengths(recipe.eval, config, recipe.model.name_or_path)
 
 
