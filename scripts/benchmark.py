@@ -1,6 +1,7 @@
 """Benchmarks: the cost of In-Place TTT, measured (never asserted in unit tests).
 
-    python scripts/benchmark.py layer [--length 16384 --chunk 512 --hidden 1024 --intermediate 3072 --repeats 3 --state-decay G]
+    python scripts/benchmark.py layer [--length 16384 --chunk 512 --hidden 1024 --intermediate 3072 --repeats 3 --state-decay G
+                                      --write-rule sum|delta --key-norm]
     python scripts/benchmark.py train-step [--lengths 2048,4096 --repeats 3 --model mid|small --vocab 4096
                                             --trainable full|ttt --checkpointing --variants base,ttt,ttt_plain
                                             --compile]
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default="exports/benchmark_layer.json")
         p.add_argument("--variant", choices=VARIANTS, default="ttt")
         p.add_argument("--state-decay", type=float, default=None, help="the TTT MLP's ttt.state_decay (default off)")
+        p.add_argument("--write-rule", choices=("sum", "delta"), default="sum", help="the TTT MLP's ttt.write_rule")
+        p.add_argument("--key-norm", action="store_true", help="the TTT MLP's ttt.key_norm")
     for name in ("train-step", "_memory_step"):
         p = sub.add_parser(name)
         p.add_argument("--lengths", type=ints, default=[2048, 4096])

@@ -18,13 +18,15 @@ REPO = str(Path(__file__).resolve().parents[2])
 SCRIPT = str(Path(REPO) / "scripts" / "benchmark.py")
 
 
-def make_mlp(d, H, chunk, seed=0, state_decay=None):
+def make_mlp(d, H, chunk, seed=0, state_decay=None, write_rule="sum", key_norm=False):
     from transformers import Qwen3Config
     from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
 
     torch.manual_seed(seed)
     base = Qwen3MLP(Qwen3Config(hidden_size=d, intermediate_size=H))
-    mlp = TTTMLP(base, TTTConfig(chunk_size=chunk, state_decay=state_decay), layer_idx=0)
+    config = TTTConfig(chunk_size=chunk, state_decay=state_decay, write_rule=write_rule, key_norm=key_norm,
+                       lr_init=0.5 if write_rule == "delta" else 3.0)
+    mlp = TTTMLP(base, config, layer_idx=0)
     with torch.no_grad():
         mlp.ttt.conv.weight.normal_(0, 0.02)
         mlp.ttt.target_proj.weight.normal_(0, 0.02)

@@ -15,7 +15,8 @@ from benchmarks.common import SCRIPT, VARIANTS, machine, make_mlp, rss_kib, run_
 
 def measure_memory(args):
     """In a fresh subprocess: MiB by which one forward+backward raises the peak resident set."""
-    base, mlp = make_mlp(args.hidden, args.intermediate, args.chunk, state_decay=args.state_decay)
+    base, mlp = make_mlp(args.hidden, args.intermediate, args.chunk, state_decay=args.state_decay,
+                         write_rule=args.write_rule, key_norm=args.key_norm)
     x = torch.randn(1, args.length, args.hidden, requires_grad=True)
     w = torch.randn(1, args.length, args.hidden)
     before = rss_kib("VmRSS")
@@ -24,7 +25,8 @@ def measure_memory(args):
 
 
 def bench_layer(args):
-    base, mlp = make_mlp(args.hidden, args.intermediate, args.chunk, state_decay=args.state_decay)
+    base, mlp = make_mlp(args.hidden, args.intermediate, args.chunk, state_decay=args.state_decay,
+                         write_rule=args.write_rule, key_norm=args.key_norm)
     x = torch.randn(1, args.length, args.hidden, requires_grad=True)
     w = torch.randn(1, args.length, args.hidden)
     times = {v: [] for v in VARIANTS}
@@ -43,7 +45,8 @@ def bench_layer(args):
         for v in VARIANTS:
             cmd = [sys.executable, SCRIPT, "_memory", "--variant", v, "--length", str(args.length), "--chunk",
                    str(args.chunk), "--hidden", str(args.hidden), "--intermediate", str(args.intermediate),
-                   *(["--state-decay", str(args.state_decay)] if args.state_decay is not None else [])]
+                   *(["--state-decay", str(args.state_decay)] if args.state_decay is not None else []),
+                   "--write-rule", args.write_rule, *(["--key-norm"] if args.key_norm else [])]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
             memory[v].append(json.loads(out.strip().splitlines()[-1])["peak_mib"])
     memory = {v: statistics.median(m) for v, m in memory.items()}
@@ -55,7 +58,8 @@ def bench_layer(args):
             "peak_mib": memory[v], "memory_vs_plain": memory[v] / memory["plain"],
         })
     result = {"benchmark": "layer", "machine": machine(), "settings": vars(args) | {"func": None}, "rows": rows}
-    print(f"layer fwd+bwd  L={args.length} chunk={args.chunk} d={args.hidden} H={args.intermediate} fp32 CPU")
+    print(f"layer fwd+bwd  L={args.length} chunk={args.chunk} d={args.hidden} H={args.intermediate} fp32 CPU "
+          f"(TTT MLP: write_rule {args.write_rule}, key_norm {args.key_norm}, state_decay {args.state_decay})")
     print(f"{'variant':<10} {'seconds':>8} {'x plain':>8} {'peak MiB':>9} {'x plain':>8}")
     for r in rows:
         print(f"{r['variant']:<10} {r['seconds']:8.3f} {r['time_vs_plain']:8.2f} {r['peak_mib']:9.0f} {r['memory_vs_plain']:8.2f}")
