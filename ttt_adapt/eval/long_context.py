@@ -183,7 +183,9 @@ def markdown_long_table(section: dict) -> str:
                  _interval(section["adapted_minus_base"][k]), _interval(section["own_minus_swapped"][k])]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines += [f"**WARNING: {line}**" for line in warnings_of(section)]
+    # the recall flag stands under its own table (`markdown_recall_table`)
+    lines += [f"**WARNING: {line}**" for line in (section.get("flag"), section.get("worse_within_training_length"))
+              if line]
     if not section.get("flag"):
         lines.append(f"Past the training length the adapted model is at least as good as its base in every bin, up to "
                      f"{edges[-1]} tokens.")
