@@ -365,10 +365,8 @@ def _ttt_forward_prefix(shard: CPShard, mlp, x, t):
     group, r = shard.group, shard.rank
     xs = torch.cat(_gathered(x, group)[: r + 1].unbind(0), dim=1)  # (B, hi, d): the row up to this shard's end
     ts = xs if mlp.target == "hidden_states" else torch.cat(_gathered(t, group)[: r + 1].unbind(0), dim=1)
-    doc_start = shard.doc_start[:, : shard.hi]
-    index = torch.arange(shard.hi).expand_as(doc_start)
-    last_start = torch.cummax(torch.where(doc_start, index, torch.zeros_like(index)), 1).values
-    positions = (index - last_start).to(x.device)  # restart at every document start: the documents stay apart
+    # positions restart at every document start: the documents stay apart
+    positions = (torch.arange(shard.hi) - shard._doc_start_index[:, : shard.hi]).to(x.device)
     outer = mlp.ttt_context
     mlp.ttt_context = TTTContext.from_inputs(None, positions, ts)
     try:

@@ -133,14 +133,22 @@ def bootstrap_difference(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor
     """Per position bin: the token-weighted mean of `a - b` (N documents x L positions, where `weights` is set) and
     its percentile bootstrap interval, documents resampled with replacement; None for an empty bin or < 2 documents.
     """
-    n = a.shape[0]
+    d = (a - b).double()
+    bins = (((d[:, lo:hi] * weights[:, lo:hi]).sum(1), weights[:, lo:hi].double().sum(1))
+            for lo, hi in zip(edges, edges[1:]))
+    return bootstrap_bins(bins, a.shape[0], resamples, confidence, seed)
+
+
+def bootstrap_bins(bins, n: int, resamples: int = RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0,
+                   min_documents: int = 1) -> list[dict | None]:
+    """The token-weighted mean and percentile bootstrap interval (documents resampled with replacement) of each bin
+    of `bins`: (sums, counts) per bin, each (n,) over the documents; None for a bin whose tokens lie in fewer than
+    `min_documents` documents, or when there are fewer than 2 documents."""
     draws = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed)) if n else None
     quantiles = torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64)
     out = []
-    for lo, hi in zip(edges, edges[1:]):
-        w = weights[:, lo:hi].double()
-        sums, counts = ((a - b)[:, lo:hi].double() * w).sum(1), w.sum(1)
-        if n < 2 or not counts.sum():
+    for sums, counts in bins:
+        if n < 2 or int((counts > 0).sum()) < min_documents or not counts.sum():
             out.append(None)
             continue
         boot = sums[draws].sum(1) / counts[draws].sum(1)  # a resample without tokens in the bin: nan, left out

@@ -27,6 +27,7 @@ from ttt_adapt.eval.loss_by_position import (
     CONFIDENCE,
     RESAMPLES,
     answer_distances,
+    bootstrap_bins,
     stateless_token_losses,
     token_losses,
 )
@@ -65,20 +66,10 @@ def bootstrap_masked(a: torch.Tensor, b: torch.Tensor, masks: list[torch.Tensor]
                      confidence: float = CONFIDENCE, seed: int = 0) -> list[dict | None]:
     """Per mask: the token-weighted mean of `a - b` over the masked tokens and its percentile bootstrap interval,
     documents (rows) resampled with replacement; None when fewer than 2 documents have masked tokens."""
-    n = a.shape[0]
-    draws = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed)) if n else None
-    quantiles = torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64)
-    out = []
-    for m in masks:
-        w = m.double()
-        sums, counts = ((a - b).double() * w).sum(1), w.sum(1)
-        if int((counts > 0).sum()) < 2:  # answers of one document: no interval over documents
-            out.append(None)
-            continue
-        boot = sums[draws].sum(1) / counts[draws].sum(1)
-        low, high = torch.nanquantile(boot, quantiles).tolist()
-        out.append({"mean": float(sums.sum() / counts.sum()), "low": low, "high": high})
-    return out
+    d = (a - b).double()
+    bins = (((d * m).sum(1), m.double().sum(1)) for m in masks)
+    # answers of one document: no interval over documents
+    return bootstrap_bins(bins, a.shape[0], resamples, confidence, seed, min_documents=2)
 
 
 def recall_by_distance(losses: dict, rows: dict, train_length: int, paired: list[int] | None = None,

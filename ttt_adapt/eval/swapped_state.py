@@ -87,11 +87,12 @@ def _states_after_each_chunk(mlp, x, ctx, rows):
     seg = layout.seg
     xf, tf = layout.flatten(x[rows]), layout.flatten(t[rows])
     hf = layout.flatten(mlp.inner(x[rows]))
-    a = mlp.ttt.targets(tf, xf, mlp.key(hf), seg, mlp.clip_update_norm)
+    kf = mlp.key(hf)
+    a = mlp.ttt.targets(tf, xf, kf, seg, mlp.clip_update_norm)
     U = seg.num_units
     every = dataclasses.replace(seg, num_rows=U, rows=list(range(U)), read=[False] * U, write=[True] * U,
                                 final=[True] * U, init_index=None)
-    _, after = mlp.scan(hf, a, xf, every)
+    _, after = mlp.scan(kf, a, xf, every)
     return after, seg
 
 

@@ -397,7 +397,7 @@ def _delta_scan(h, a, lr, seg: Segments, init_state, weight, decay, guard, amp):
             U = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)
             S = U.T @ hu if S is None else S + U.T @ hu
             if guard is not None:
-                S = _guarded(guard, S)
+                guard.check(S)  # its clamp is off where gradients are needed (`fast_weight_scan`)
         if seg.final[u] and S is not None:
             finals[r] = S
     out = torch.cat(pieces) if pieces else h.new_zeros(0, a.shape[1], dtype=acc)
@@ -408,15 +408,6 @@ def _delta_scan(h, a, lr, seg: Segments, init_state, weight, decay, guard, amp):
                          for r in range(seg.num_rows)]) if seg.keeps_final else \
         h.new_zeros(0, a.shape[1], h.shape[1], dtype=acc)
     return out, final
-
-
-def _guarded(guard, S):
-    if S.requires_grad:
-        guard.clamp = False
-        guard.check(S.detach())
-        return S
-    guard.check(S)
-    return S
 
 
 def fast_weight_scan(h, a, seg: Segments, init_state=None, weight=None, decay=None, guard=None, lr=None):
@@ -438,7 +429,7 @@ def fast_weight_scan(h, a, seg: Segments, init_state=None, weight=None, decay=No
         final: (R, d, H) state after each row's last unit (empty unless `seg` keeps final states), fp32 or wider.
     """
     limit, clamp, layer = guard if guard is not None else (0.0, False, -1)
-    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, a, weight, init_state))
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, a, weight, init_state, lr))
     if lr is not None:
         check = StateNormGuard(limit, bool(clamp) and not grads, int(layer)) if limit > 0 else None
         if list(seg.starts) != [0, *seg.ends[:-1]] or (seg.ends and seg.ends[-1] != seg.num_tokens):
@@ -675,14 +666,14 @@ class TTTMLP(nn.Module):
         """The fast weight's key of down_proj inputs `h`: h itself (published) or h / ||h|| (`key_norm`)."""
         return F.normalize(h, dim=-1, eps=1e-6) if self.key_norm else h
 
-    def scan(self, h, a, x, seg, init_state=None, weight=None, guard=None):
-        """`fast_weight_scan` of this layer: its key of `h`, its state decay and write rule (the delta rule's
-        per-token rates from the MLP inputs `x`); `weight` (W_down) only with the published key (it reads h)."""
+    def scan(self, k, a, x, seg, init_state=None, weight=None, guard=None):
+        """`fast_weight_scan` of this layer over keys `k` (`key`), with its state decay and write rule (the delta
+        rule's per-token rates from the MLP inputs `x`); `weight` (W_down) reads `k`: pass it with the published key
+        only."""
         lr = None
         if self.write_rule == "delta":
             lr = self.ttt.token_lr(x).expand(x.shape[0], 1)[:, 0]
-        return fast_weight_scan(self.key(h), a, seg, init_state, None if self.key_norm else weight, self.state_decay,
-                                guard, lr=lr)
+        return fast_weight_scan(k, a, seg, init_state, weight, self.state_decay, guard, lr=lr)
 
     def forward(self, x):
         h = self.inner(x)
@@ -709,11 +700,12 @@ class TTTMLP(nn.Module):
             prefix_h = self.inner(prefix_x)
         xf, hf, tf = layout.flatten(x, prefix_x), layout.flatten(h, prefix_h), layout.flatten(t, prefix_t)
         seg = layout.seg
-        a = self.ttt.targets(tf, xf, self.key(hf), seg, self.clip_update_norm)
+        kf = self.key(hf)
+        a = self.ttt.targets(tf, xf, kf, seg, self.clip_update_norm)
         init = state.S if state is not None and state.started else None
         # Every token real and no buffered prefix (training, plain inference): W_down joins the scan.
         fused = type(self.down_proj) is nn.Linear and layout.all_valid and not layout.has_prefix and not self.key_norm
-        out, final = self.scan(hf, a, xf, seg, init, self.down_proj.weight if fused else None, self.guard)
+        out, final = self.scan(kf, a, xf, seg, init, self.down_proj.weight if fused else None, self.guard)
         if state is not None:
             self._keep_state(state, layout, xf, tf if self.target == "input_embed" else None, final)
         if fused:
@@ -771,8 +763,9 @@ class TTTMLP(nn.Module):
             torch.full((n,), C), torch.zeros(n, dtype=torch.bool), None, torch.zeros(n, dtype=torch.long),
             C, True, xb.device,
         )
-        a = self.ttt.targets(tb, xb, self.key(hb), seg, self.clip_update_norm)
-        _, final = self.scan(hb, a, xb, seg, state.S[dev_rows], guard=self.guard)
+        kb = self.key(hb)
+        a = self.ttt.targets(tb, xb, kb, seg, self.clip_update_norm)
+        _, final = self.scan(kb, a, xb, seg, state.S[dev_rows], guard=self.guard)
         state.S[dev_rows] = final
         state.n[rows] = 0
 
