@@ -6,6 +6,7 @@
     python scripts/evaluate.py --lm-eval-task DIR --adapted DIR [--corpus FILE.jsonl] [--lengths ...] [--tasks ...]
     python scripts/evaluate.py --state STATE --adapted DIR --corpus FILE.jsonl [--max-docs N] [--seq-len N]
     python scripts/evaluate.py --memory-split FIRST,CONT --adapted DIR --corpus FILE.jsonl [--max-docs N]
+    python scripts/evaluate.py --recall-ceiling LAYERS (--base DIR | --adapted DIR) --corpus FILE.jsonl [--chunk-size N]
 
 With --recipe, the defaults come from the recipe: --base its model.name_or_path, --adapted its export.dir,
 --corpus and the other settings its `eval` section (corpus default data.eval_path), --out <train.output_dir>/eval;
@@ -16,8 +17,10 @@ prints the loss of the corpus documents (first --seq-len tokens) read starting f
 nothing; --memory-split cuts each document into FIRST and CONT tokens and prints the loss on the continuation with the
 whole document in context, with the first part's state only, with nothing and with another document's state
 (docs/memory.md); with --memory-filler also after N more tokens of other text, and the memory horizon (the longest
-N at which the state still beats no state; "horizon" in the JSON, null if not even at N = 0). Both print one JSON
-object.
+N at which the state still beats no state; "horizon" in the JSON, null if not even at N = 0). --recall-ceiling
+measures how far a fast weight keyed by the model's own MLP activations at those layers could lower the loss of the
+corpus's answer tokens whose fact lies beyond attention's reach, given ideal values (ttt_adapt/eval/recall_ceiling.py;
+--chunk-size defaults to the TTT model's, else 128). All three print one JSON object.
 Bad input prints one line and exits 2.
 """
 
@@ -72,7 +75,14 @@ def parse_args(argv):
                    help="with --memory-split: also the continuation's loss after N more tokens of other text are "
                         "read into the first part's state (N = 0 always), and the memory horizon: the longest N at "
                         "which that state still beats no state")
+    p.add_argument("--recall-ceiling", type=int_list, metavar="LAYERS",
+                   help="the recall ceiling of the MLP activations of these decoder layers (e.g. 1,2,3)")
+    p.add_argument("--chunk-size", type=int, help="with --recall-ceiling: tokens per fast-weight chunk")
     args = p.parse_args(argv)
+    if args.recall_ceiling is not None and not args.recall_ceiling:
+        p.error("--recall-ceiling takes layer indices, e.g. 1,2,3")
+    if args.chunk_size is not None and args.recall_ceiling is None:
+        p.error("--chunk-size goes with --recall-ceiling")
     if args.memory_filler is not None and args.memory_split is None:
         p.error("--memory-filler goes with --memory-split")
     if args.memory_split is not None and (len(args.memory_split) != 2 or min(args.memory_split) < 2):
@@ -98,6 +108,8 @@ def evaluate(args) -> int:
     from ttt_adapt.eval.inputs import model_config
     from ttt_adapt.eval.tasks import attention_reach
 
+    if args.recall_ceiling:
+        return evaluate_ceiling(args)
     if args.state or args.memory_split:
         return evaluate_memory(args)
     raw, dtype = {}, args.dtype
@@ -182,6 +194,44 @@ def evaluate_memory(args) -> int:
     print(json.dumps(result, indent=1))
     if "horizon" in result:
         print(f"evaluate.py: memory horizon: {horizon_line(result['reading_more'])}", file=sys.stderr)
+    return 0
+
+
+def evaluate_ceiling(args) -> int:
+    """--recall-ceiling: `ttt_adapt.eval.recall_ceiling` on the first --seq-len tokens of each corpus document."""
+    import json
+
+    from ttt_adapt.eval import load_model, load_tokenizer, read_corpus
+    from ttt_adapt.eval.inputs import model_config
+    from ttt_adapt.eval.loss_by_position import tokenize_documents
+    from ttt_adapt.eval.recall_ceiling import ceiling_line, recall_ceiling
+    from ttt_adapt.eval.tasks import attention_reach
+
+    if args.state or args.memory_split:
+        raise UsageError("--recall-ceiling is a separate measure from --state / --memory-split: pass one")
+    path = args.adapted or args.base
+    if not path:
+        raise UsageError("--recall-ceiling needs --base or --adapted (the model whose keys are measured)")
+    if not args.corpus:
+        raise UsageError("--corpus is required with --recall-ceiling")
+    seq_len = args.seq_len or 1024
+    if seq_len < 2:
+        raise UsageError(f"--seq-len must be >= 2, got {seq_len}")
+    config = model_config(path)
+    chunk = args.chunk_size
+    if chunk is None:
+        chunk = (getattr(config, "ttt", None) or {}).get("chunk_size") or 128
+    if chunk < 1:
+        raise UsageError(f"--chunk-size must be >= 1, got {chunk}")
+    reach = attention_reach(config) or 0  # answers beyond what attention alone can carry
+    model = load_model(path, args.dtype or "float32")
+    tokenizer = load_tokenizer(path)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = tokenize_documents(tokenizer, read_corpus(args.corpus, max_docs=args.max_docs), seq_len, pad)
+    result = recall_ceiling(model, rows, args.recall_ceiling, chunk, min_distance=reach,
+                            batch_size=args.batch_size or 4, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(result, indent=1))
+    print(f"evaluate.py: {ceiling_line(result)}", file=sys.stderr)
     return 0
 
 
