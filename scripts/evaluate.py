@@ -20,7 +20,8 @@ whole document in context, with the first part's state only, with nothing and wi
 N at which the state still beats no state; "horizon" in the JSON, null if not even at N = 0). --recall-ceiling
 measures how far a fast weight keyed by the model's own MLP activations at those layers could lower the loss of the
 corpus's answer tokens whose fact lies beyond attention's reach, given ideal values (ttt_adapt/eval/recall_ceiling.py;
---chunk-size defaults to the TTT model's, else 128). All three print one JSON object.
+--chunk-size defaults to the TTT model's, else 128; with --learn-key DIM also the ceiling of a key projection of
+those layers' activations trained on --train-corpus). All three print one JSON object.
 Bad input prints one line and exits 2.
 """
 
@@ -78,11 +79,18 @@ def parse_args(argv):
     p.add_argument("--recall-ceiling", type=int_list, metavar="LAYERS",
                    help="the recall ceiling of the MLP activations of these decoder layers (e.g. 1,2,3)")
     p.add_argument("--chunk-size", type=int, help="with --recall-ceiling: tokens per fast-weight chunk")
+    p.add_argument("--learn-key", type=int, metavar="DIM", help="with --recall-ceiling: also the ceiling of a learned "
+                   "DIM-dimensional key projection of the layers' activations, trained on --train-corpus")
+    p.add_argument("--train-corpus", help="with --learn-key: the documents the key projection is trained on")
+    p.add_argument("--train-docs", type=int, help="with --learn-key: how many of them (default all)")
+    p.add_argument("--epochs", type=int, default=10, help="with --learn-key: passes over them (default 10)")
     args = p.parse_args(argv)
     if args.recall_ceiling is not None and not args.recall_ceiling:
         p.error("--recall-ceiling takes layer indices, e.g. 1,2,3")
-    if args.chunk_size is not None and args.recall_ceiling is None:
-        p.error("--chunk-size goes with --recall-ceiling")
+    if args.recall_ceiling is None and (args.chunk_size is not None or args.learn_key is not None):
+        p.error("--chunk-size and --learn-key go with --recall-ceiling")
+    if args.learn_key is None and (args.train_corpus or args.train_docs is not None):
+        p.error("--train-corpus and --train-docs go with --learn-key")
     if args.memory_filler is not None and args.memory_split is None:
         p.error("--memory-filler goes with --memory-split")
     if args.memory_split is not None and (len(args.memory_split) != 2 or min(args.memory_split) < 2):
@@ -204,7 +212,7 @@ def evaluate_ceiling(args) -> int:
     from ttt_adapt.eval import load_model, load_tokenizer, read_corpus
     from ttt_adapt.eval.inputs import model_config
     from ttt_adapt.eval.loss_by_position import tokenize_documents
-    from ttt_adapt.eval.recall_ceiling import ceiling_line, recall_ceiling
+    from ttt_adapt.eval.recall_ceiling import ceiling_line, learned_key_ceiling, recall_ceiling
     from ttt_adapt.eval.tasks import attention_reach
 
     if args.state or args.memory_split:
@@ -228,10 +236,27 @@ def evaluate_ceiling(args) -> int:
     tokenizer = load_tokenizer(path)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = tokenize_documents(tokenizer, read_corpus(args.corpus, max_docs=args.max_docs), seq_len, pad)
+    if args.learn_key is not None:
+        if not args.train_corpus:
+            raise UsageError("--learn-key needs --train-corpus (documents other than --corpus to train the key on)")
+        if args.learn_key < 1 or args.epochs < 1:
+            raise UsageError(f"--learn-key and --epochs must be >= 1, got {args.learn_key} and {args.epochs}")
+        train_rows = tokenize_documents(tokenizer, read_corpus(args.train_corpus, max_docs=args.train_docs), seq_len,
+                                        pad)
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     result = recall_ceiling(model, rows, args.recall_ceiling, chunk, min_distance=reach,
-                            batch_size=args.batch_size or 4, log=lambda m: print(m, file=sys.stderr))
+                            batch_size=args.batch_size or 4, log=log)
+    if args.learn_key is not None:
+        learned = learned_key_ceiling(model, train_rows, rows, args.recall_ceiling, args.learn_key, chunk,
+                                      min_distance=reach, epochs=args.epochs, seed=args.seed or 0,
+                                      batch_size=args.batch_size or 4, log=log)
+        result["learned_key"] = learned
     print(json.dumps(result, indent=1))
     print(f"evaluate.py: {ceiling_line(result)}", file=sys.stderr)
+    if args.learn_key is not None:
+        print(f"evaluate.py: learned key ({args.learn_key} dimensions, layers {args.recall_ceiling}, {args.epochs} "
+              f"epochs over {learned['train_answers']} answers): {learned['loss']:.4f} "
+              f"({learned['change_percent']:+.1f} %), read top-1 {100 * learned['read_top1']:.1f} %", file=sys.stderr)
     return 0
 
 

@@ -114,3 +114,35 @@ def test_cli_prints_the_ceiling_and_fails_in_one_line(files, tmp_path, capsys): 
     ]:
         code, out = _cli(argv, capsys)
         assert code == 2 and says in out.err and len(out.err.strip().splitlines()) == 1, out.err
+
+
+def test_learned_key_is_seeded_and_learns_the_documents_it_trains_on(files):  # noqa: F811
+    from ttt_adapt.eval.recall_ceiling import learned_key_ceiling
+
+    base = load_model(files["base"])
+    docs = [json.loads(line)["text"] for line in open(files["corpus"])]
+    rows = tokenize_documents(files["tokenizer"], docs, 256, pad_id=1)
+    run = lambda seed: learned_key_ceiling(base, rows, rows, [0, 1], dim=8, chunk_size=16,  # noqa: E731
+                                           min_distance=20, epochs=4, lr=3e-2, seed=seed)
+    first, again, other = run(0), run(0), run(1)
+    assert first == again and first != other
+    assert first["train_answers"] == first["answers"] == int((rows["recall"] & (rows["recall_distance"] > 20)).sum())
+    by_epoch = first["change_percent_by_epoch"]  # trained on the documents it is scored on: it must get better
+    assert len(by_epoch) == 4 and by_epoch[-1] == first["change_percent"] < by_epoch[0] - 0.3
+    assert first["model_loss"] == pytest.approx(token_losses(base, rows, 2)[rows["recall"]
+                                                & (rows["recall_distance"] > 20)].mean().item(), rel=1e-5)
+
+
+def test_cli_learned_key(files, capsys):  # noqa: F811
+    argv = ["--recall-ceiling", "0,1", "--base", str(files["base"]), "--corpus", str(files["corpus"]),
+            "--chunk-size", "16", "--seq-len", "256", "--learn-key", "4", "--epochs", "1"]
+    code, out = _cli(argv + ["--train-corpus", str(files["corpus"])], capsys)
+    assert code == 0, out.err
+    assert json.loads(out.out)["learned_key"]["dim"] == 4 and "learned key (4 dimensions" in out.err
+    for extra, says in [([], "--learn-key needs --train-corpus"),
+                        (["--train-corpus", str(files["corpus"]), "--epochs", "0"], "must be >= 1")]:
+        code, out = _cli(argv[:-2] + (["--epochs", "1"] if "--epochs" not in extra else []) + extra, capsys)
+        assert code == 2 and says in out.err and len(out.err.strip().splitlines()) == 1, out.err
+    code, out = _cli(["--recall-ceiling", "1", "--base", str(files["base"]), "--corpus", str(files["corpus"]),
+                      "--train-corpus", str(files["corpus"])], capsys)
+    assert code == 2 and "--train-corpus and --train-docs go with --learn-key" in out.err

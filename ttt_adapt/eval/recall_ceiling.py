@@ -111,6 +111,37 @@ def cross_fitted(losses: torch.Tensor, fold: torch.Tensor) -> tuple[float, list[
     return total / losses.shape[-1], chosen
 
 
+def answer_documents(model, rows: dict, layers: list[int], min_distance: int = 0, batch_size: int = 4, log=None):
+    """Yield, for each document of `rows` (`tokenize_documents`) with answers more than `min_distance` tokens after
+    their fact: {"doc": its index, "keys": {layer: h (L, H) float32}, "next_ids" (L,), "valid" (L,) (positions whose
+    next token is in the row), "queries" (P,) (the positions that predict the answers), "answers" (P,) (their
+    token ids), "own" (P,) (the model's log-probability of each)}. EvalError when no document has such answers."""
+    ids, mask = rows["input_ids"], rows["attention_mask"]
+    answer = rows["recall"] & (rows["recall_distance"] > min_distance)
+    answer[:, 0] = False  # position 0 is predicted by nothing
+    if not answer.any():
+        raise EvalError(f"no answer token lies more than {min_distance} tokens after its fact in these documents: "
+                        "the recall ceiling needs a corpus with query lines (ttt_adapt.data.corpus)")
+    lm = unwrap(model)
+    device = next(lm.parameters()).device
+    for start in range(0, len(ids), batch_size):
+        x, m = ids[start:start + batch_size].to(device), mask[start:start + batch_size].to(device)
+        hidden, acts = mlp_activations(model, x, m, layers)
+        for r in range(len(x)):
+            targets = answer[start + r].nonzero().squeeze(1).to(device)
+            if not len(targets):
+                continue
+            real = m[r].bool()
+            with torch.no_grad():
+                logp = lm.lm_head(hidden[r, targets - 1]).float().log_softmax(-1)
+            yield {"doc": start + r, "keys": {i: acts[i][r] for i in layers},
+                   "next_ids": torch.cat([x[r, 1:], x[r, :1]]), "valid": real & torch.cat([real[1:], real.new_zeros(1)]),
+                   "queries": targets - 1, "answers": x[r, targets],
+                   "own": logp.gather(1, x[r, targets][:, None]).squeeze(1)}
+        if log:
+            log(f"recall ceiling: {min(start + batch_size, len(ids))}/{len(ids)} documents read")
+
+
 def recall_ceiling(model, rows: dict, layers: list[int], chunk_size: int, min_distance: int = 0,
                    batch_size: int = 4, log=None) -> dict:
     """The recall ceiling of `model`'s MLP activations at `layers` on `rows` (`tokenize_documents`): per layer and
@@ -119,50 +150,27 @@ def recall_ceiling(model, rows: dict, layers: list[int], chunk_size: int, min_di
     Answers: tokens with `recall_distance` > `min_distance` (their fact lies further back than that)."""
     if chunk_size < 1:
         raise EvalError(f"chunk size must be >= 1, got {chunk_size}")
-    ids, mask = rows["input_ids"], rows["attention_mask"]
-    answer = rows["recall"] & (rows["recall_distance"] > min_distance)
-    answer[:, 0] = False  # position 0 is predicted by nothing
-    if not answer.any():
-        raise EvalError(f"no answer token lies more than {min_distance} tokens after its fact in these documents: "
-                        "the recall ceiling needs a corpus with query lines (ttt_adapt.data.corpus)")
-    device = next(unwrap(model).parameters()).device
     vocab = unwrap(model).get_output_embeddings().weight.shape[0]
     own, fold, reads = [], [], {(i, k): ([], []) for i in layers for k in KEYS}
-    for start in range(0, len(ids), batch_size):
-        x, m = ids[start:start + batch_size].to(device), mask[start:start + batch_size].to(device)
-        hidden, acts = mlp_activations(model, x, m, layers)
-        for r in range(len(x)):
-            doc = start + r
-            targets = answer[doc].nonzero().squeeze(1).to(device)  # answer tokens; their predictors are targets - 1
-            if not len(targets):
-                continue
-            queries = targets - 1
-            next_ids = torch.cat([x[r, 1:], x[r, :1]])
-            real = m[r].bool()
-            valid = real & torch.cat([real[1:], real.new_zeros(1)])  # positions whose next token is in the row
-            with torch.no_grad():
-                logp = unwrap(model).lm_head(hidden[r, queries]).float().log_softmax(-1)
-            own.append(logp.gather(1, x[r, targets][:, None]).squeeze(1).cpu())
-            fold.append(torch.full((len(targets),), doc % 2))
-            for i in layers:
-                h = acts[i][r]
-                for form in KEYS:
-                    k = F.normalize(h, dim=-1, eps=1e-6) if form == "h/|h|" else h
-                    logs, hits = [], []
-                    for b in range(0, len(queries), BLOCK):
-                        q = queries[b:b + BLOCK]
-                        lp, hit = read_log_probs(ideal_reads(k, next_ids, valid, q, chunk_size, vocab),
-                                                 x[r, q + 1])
-                        logs.append(lp.cpu())
-                        hits.append(hit.cpu())
-                    reads[(i, form)][0].append(torch.cat(logs))
-                    reads[(i, form)][1].append(torch.cat(hits))
-        if log:
-            log(f"recall ceiling: {min(start + batch_size, len(ids))}/{len(ids)} documents read")
+    for d in answer_documents(model, rows, layers, min_distance, batch_size, log):
+        own.append(d["own"].cpu())
+        fold.append(torch.full((len(d["own"]),), d["doc"] % 2))
+        for i in layers:
+            for form in KEYS:
+                k = F.normalize(d["keys"][i], dim=-1, eps=1e-6) if form == "h/|h|" else d["keys"][i]
+                logs, hits = [], []
+                for b in range(0, len(d["queries"]), BLOCK):
+                    q = d["queries"][b:b + BLOCK]
+                    lp, hit = read_log_probs(ideal_reads(k, d["next_ids"], d["valid"], q, chunk_size, vocab),
+                                             d["answers"][b:b + BLOCK])
+                    logs.append(lp.cpu())
+                    hits.append(hit.cpu())
+                reads[(i, form)][0].append(torch.cat(logs))
+                reads[(i, form)][1].append(torch.cat(hits))
     own, fold = torch.cat(own).double(), torch.cat(fold)
     base = -own.mean().item()
-    result = {"answers": len(own), "documents": len(ids), "min_distance": min_distance, "chunk_size": chunk_size,
-              "model_loss": base, "layers": {}}
+    result = {"answers": len(own), "documents": len(rows["input_ids"]), "min_distance": min_distance,
+              "chunk_size": chunk_size, "model_loss": base, "layers": {}}
     best = None
     for (i, form), (logs, hits) in reads.items():
         loss, chosen = cross_fitted(mixture_losses(own, torch.cat(logs).double()), fold)
@@ -175,6 +183,69 @@ def recall_ceiling(model, rows: dict, layers: list[int], chunk_size: int, min_di
     return result
 
 
+def _learned_read_loss(doc, W, tau, alpha, chunk_size, vocab):
+    """(P,) -log((1 - a) p_model + a softmax(tau read)) with keys normalize(features W); and the read's top-1 hits."""
+    k = F.normalize(doc["features"] @ W, dim=-1, eps=1e-6)
+    reads = ideal_reads(k, doc["next_ids"], doc["valid"], doc["queries"], chunk_size, vocab)
+    a = torch.sigmoid(alpha)
+    mixed = torch.logaddexp(doc["own"] + torch.log1p(-a),
+                            (reads * tau).log_softmax(-1).gather(1, doc["answers"][:, None]).squeeze(1) + torch.log(a))
+    return -mixed, reads.argmax(-1) == doc["answers"]
+
+
+def learned_key_ceiling(model, train_rows: dict, rows: dict, layers: list[int], dim: int, chunk_size: int,
+                        min_distance: int = 0, epochs: int = 10, lr: float = 3e-3, seed: int = 0, batch_size: int = 4,
+                        log=None) -> dict:
+    """The recall ceiling with a learned key: k = normalize([h_l for l in layers] W), W (sum of H, `dim`), with
+    the mixture's temperature and weight, trained by Adam (one step a document, `epochs` passes over `train_rows`)
+    for the loss of the model mixed with the ideal chunk-causal read, then scored on the held-out `rows`. The
+    best a learned key projection of those activations could recall, with ideal values and the answers as its only
+    training signal. Holds every document's activations in memory (documents x length x sum of H floats)."""
+    if chunk_size < 1 or dim < 1 or epochs < 1:
+        raise EvalError(f"chunk size, key dimension and epochs must be >= 1, got {chunk_size}, {dim}, {epochs}")
+    vocab = unwrap(model).get_output_embeddings().weight.shape[0]
+
+    def gather(r):
+        out = []
+        for d in answer_documents(model, r, layers, min_distance, batch_size, log):
+            keys = d.pop("keys")
+            d["features"] = torch.cat([keys[i] for i in layers], -1)
+            out.append(d)
+        return out
+
+    train, held_out = gather(train_rows), gather(rows)
+    generator = torch.Generator().manual_seed(seed)
+    width = train[0]["features"].shape[-1]
+    device = train[0]["features"].device
+    W = torch.nn.Parameter((torch.randn(width, dim, generator=generator) / math.sqrt(width)).to(device))
+    tau = torch.nn.Parameter(torch.tensor(10.0, device=device))
+    alpha = torch.nn.Parameter(torch.tensor(-2.0, device=device))
+    opt = torch.optim.Adam([W, tau, alpha], lr=lr)
+    base = -torch.cat([d["own"] for d in held_out]).double().mean().item()
+
+    def score():
+        with torch.no_grad():
+            out = [_learned_read_loss(d, W, tau, alpha, chunk_size, vocab) for d in held_out]
+        loss = torch.cat([o[0] for o in out]).double().mean().item()
+        return loss, torch.cat([o[1] for o in out]).float().mean().item()
+
+    by_epoch = []
+    for epoch in range(epochs):
+        for j in torch.randperm(len(train), generator=generator).tolist():
+            loss, _ = _learned_read_loss(train[j], W, tau, alpha, chunk_size, vocab)
+            opt.zero_grad()
+            loss.mean().backward()
+            opt.step()
+        loss, top1 = score()
+        by_epoch.append(100 * (loss / base - 1))
+        if log:
+            log(f"learned key: epoch {epoch + 1}/{epochs}: held-out answers {by_epoch[-1]:+.1f} % vs the model")
+    return {"layers": layers, "dim": dim, "epochs": epochs, "train_answers": sum(len(d["own"]) for d in train),
+            "answers": sum(len(d["own"]) for d in held_out), "model_loss": base, "loss": loss,
+            "change_percent": by_epoch[-1], "read_top1": top1, "change_percent_by_epoch": by_epoch,
+            "temperature": tau.item(), "weight": torch.sigmoid(alpha).item()}
+
+
 def ceiling_line(result: dict) -> str:
     """One line: the best ceiling found and where."""
     b = result["best"]
@@ -183,4 +254,4 @@ def ceiling_line(result: dict) -> str:
             f"({b['change_percent']:+.1f} %), read top-1 {100 * b['read_top1']:.1f} %")
 
 
-__all__ = ["recall_ceiling", "ideal_reads", "mlp_activations", "mixture_losses", "cross_fitted", "ceiling_line"]
+__all__ = ["recall_ceiling", "learned_key_ceiling", "answer_documents", "ideal_reads", "mlp_activations", "mixture_losses", "cross_fitted", "ceiling_line"]
