@@ -7,7 +7,7 @@
                                             --compile]
     python scripts/benchmark.py gpu [--toy]
     python scripts/benchmark.py generate [--prompt 1024 --new-tokens 128 --batches 1,8 --chunk 64]
-    python scripts/benchmark.py cp [--length 4096 --ranks 2 --chunk 512 --repeats 3]
+    python scripts/benchmark.py cp [--length 4096 --ranks 2 --chunk 512 --repeats 3 --write-rule sum|delta --key-norm]
     python scripts/benchmark.py fsdp [--length 512 --processes 1,2,4 --chunk 512 --steps 3]
     python scripts/benchmark.py serve [--requests 16 --prompt 512 --new-tokens 128 --chunks 64,4096 --repeats 3]
                                       (needs vLLM)
@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--chunk", type=int, default=512)
         p.add_argument("--repeats", type=int, default=3)
         p.add_argument("--out", default="exports/benchmark_cp.json")
+        p.add_argument("--write-rule", choices=("sum", "delta"), default="sum", help="the TTT layers' ttt.write_rule")
+        p.add_argument("--key-norm", action="store_true", help="the TTT layers' ttt.key_norm")
         p.add_argument("--rank", type=int, default=0)
         p.add_argument("--port", type=int, default=0)
     p = sub.add_parser("fsdp")

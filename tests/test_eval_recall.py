@@ -16,10 +16,9 @@ from ttt_adapt.eval.recall import (
     IN_LENGTH,
     read_recall_file,
     recall_by_distance,
-    report_warnings,
     tokenize_recall_rows,
 )
-from ttt_adapt.eval.report import plot_recall_by_distance
+from ttt_adapt.eval.report import plot_recall_by_distance, report_warnings
 from ttt_adapt.eval.run import in_length_recall
 
 pytestmark = pytest.mark.usefixtures("one_thread")

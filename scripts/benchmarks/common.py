@@ -93,7 +93,7 @@ SIZES = {  # mid: the 12-layer CPU model; small: the issue-13 memory model (hidd
 }
 
 
-def make_lm(ttt: bool, chunk: int, seed: int = 0, size: str = "mid", vocab: int = 4096):
+def make_lm(ttt: bool, chunk: int, seed: int = 0, size: str = "mid", vocab: int = 4096, **ttt_options):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from ttt_adapt import convert
@@ -102,7 +102,7 @@ def make_lm(ttt: bool, chunk: int, seed: int = 0, size: str = "mid", vocab: int 
     config = Qwen3Config(vocab_size=vocab, max_position_embeddings=131072, tie_word_embeddings=False, **SIZES[size])
     model = Qwen3ForCausalLM(config)
     if ttt:
-        model = convert(model, TTTConfig(chunk_size=chunk))  # every 6th layer: 0 and 6
+        model = convert(model, TTTConfig(chunk_size=chunk, **ttt_options))  # every 6th layer: 0 and 6
         with torch.no_grad():
             for m in model.ttt_modules().values():
                 m.ttt.conv.weight.normal_(0, 0.02)

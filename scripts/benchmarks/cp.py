@@ -25,7 +25,7 @@ def cp_rank(args):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
         dist.init_process_group("gloo", rank=args.rank, world_size=args.ranks)
     cp = ContextParallel(args.ranks)
-    model = make_lm(True, args.chunk).train()
+    model = make_lm(True, args.chunk, write_rule=args.write_rule, key_norm=args.key_norm).train()
     if cp.enabled:
         prepare_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -53,7 +53,7 @@ def cp_rank(args):
         dist.destroy_process_group()
 
 
-def run_cp(ranks, length, chunk, repeats):
+def run_cp(ranks, length, chunk, repeats, rule=()):
     """Launch `ranks` fresh processes on one row of `length` tokens; (largest per-rank peak MiB, seconds)."""
     import socket
 
@@ -63,7 +63,7 @@ def run_cp(ranks, length, chunk, repeats):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
     procs = [subprocess.Popen([sys.executable, SCRIPT, "_cp_rank", "--ranks", str(ranks), "--rank", str(r),
                                "--port", str(port), "--length", str(length), "--chunk", str(chunk),
-                               "--repeats", str(repeats)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               "--repeats", str(repeats), *rule], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env) for r in range(ranks)]
     results = []
     for p in procs:
@@ -79,14 +79,15 @@ def bench_cp(args):
     runs = [("1 rank", 1, L), (f"{N} ranks", N, N * L), ("1 rank", 1, N * L)]
     rows = []
     for name, ranks, tokens in runs:
-        peak, seconds = run_cp(ranks, tokens, args.chunk, args.repeats)
+        rule = ["--write-rule", args.write_rule] + (["--key-norm"] if args.key_norm else [])
+        peak, seconds = run_cp(ranks, tokens, args.chunk, args.repeats, rule)
         rows.append({"setup": name, "ranks": ranks, "tokens": tokens, "tokens_per_rank": tokens // ranks,
                      "peak_mib_per_rank": peak, "seconds": seconds})
     ref = rows[0]["peak_mib_per_rank"]
     for r in rows:
         r["memory_vs_1_rank_L"] = r["peak_mib_per_rank"] / ref
     print(f"cp: train step (fwd+bwd+AdamW), Qwen3 hidden 512 x 12 layers, TTT layers 0,6 chunk {args.chunk}, "
-          f"fp32 CPU, gloo")
+          f"write rule {args.write_rule}{', key_norm' if args.key_norm else ''}, fp32 CPU, gloo")
     print(f"{'setup':>8} {'tokens':>7} {'tok/rank':>8} {'peak MiB/rank':>13} {'x (1 rank, L)':>13} {'step s':>7}")
     for r in rows:
         print(f"{r['setup']:>8} {r['tokens']:>7} {r['tokens_per_rank']:>8} {r['peak_mib_per_rank']:13.0f} "

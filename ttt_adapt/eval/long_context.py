@@ -11,14 +11,13 @@ the base; `worse_within_training_length` the line they add when a bin of the lon
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 
-from ttt_adapt._util import unwrap
 from ttt_adapt.data.corpus import RECALL_GAP, generate_documents
 from ttt_adapt.eval.inputs import read_corpus
 from ttt_adapt.eval.loss_by_position import (
     bin_means,
+    blocked_attention,
     bootstrap_difference,
     predicted_positions,
     stateless_token_losses,
@@ -122,22 +121,6 @@ def warnings_of(section: dict) -> list[str]:
             if line]
 
 
-@contextmanager
-def blocked_attention(model):
-    """Inside, `model` attends with `ttt_adapt.attention`'s `ttt_packed` (queries in blocks over the keys they can
-    see: causality and sliding windows skip the rest, where SDPA with a mask computes all L x L scores; the same
-    values); its own implementation is restored after. Rows without padding only: padded ones fall back to SDPA."""
-    from ttt_adapt.attention import use_packed_attention
-
-    lm = unwrap(model)
-    before = lm.config._attn_implementation
-    use_packed_attention(lm)
-    try:
-        yield
-    finally:
-        lm.set_attn_implementation(before)
-
-
 def worse_than_base(section: dict) -> str | None:
     """One line naming where, past the training length, the adapted model is worse than its base (None if no bin
     there is), e.g. "worse than the base past 2048 tokens: +34.0 % (positions 2048-4096; trained on 1024-token
@@ -202,4 +185,4 @@ def _interval(d) -> str:
 
 
 __all__ = ["SYNTHETIC", "long_bins", "long_documents", "measure_long_context", "worse_than_base",
-           "worse_within_training_length", "warnings_of", "markdown_long_table", "blocked_attention"]
+           "worse_within_training_length", "warnings_of", "markdown_long_table"]

@@ -4,6 +4,7 @@ document's, or none), their means per position bin, and the bootstrap interval o
 from __future__ import annotations
 
 import bisect
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,22 @@ def stateless_token_losses(model, rows: dict, batch_size: int) -> torch.Tensor:
     """`token_losses` with the fast weights never written: every TTT MLP computes `down_proj(h)` alone."""
     with fast_weight_sources(model, None):
         return token_losses(model, rows, batch_size)
+
+
+@contextmanager
+def blocked_attention(model):
+    """Inside, `model` attends with `ttt_adapt.attention`'s `ttt_packed` (queries in blocks over the keys they can
+    see: causality and sliding windows skip the rest, where SDPA with a mask computes all L x L scores; the same
+    values); its own implementation is restored after. Rows without padding only: padded ones fall back to SDPA."""
+    from ttt_adapt.attention import use_packed_attention
+
+    lm = unwrap(model)
+    before = lm.config._attn_implementation
+    use_packed_attention(lm)
+    try:
+        yield
+    finally:
+        lm.set_attn_implementation(before)
 
 
 def _batch_losses(lm, x, m):

@@ -27,6 +27,7 @@ from ttt_adapt.eval.loss_by_position import (
     CONFIDENCE,
     RESAMPLES,
     answer_distances,
+    blocked_attention,
     bootstrap_bins,
     stateless_token_losses,
     token_losses,
@@ -257,8 +258,6 @@ def measure_recall_file(base_model, adapted_model, tokenizer, records: list[dict
                               "(answer not in the document)")
         log(f"evaluate: WARNING: {section['skipped']}")
         return section
-    from ttt_adapt.eval.long_context import blocked_attention
-
     batch = max(1, settings.batch_size * settings.seq_len // rows["input_ids"].shape[1])
     with blocked_attention(base_model), blocked_attention(adapted_model):  # rows without padding: skip what no
         losses = {"base": token_losses(base_model, rows, batch),       # query sees (as the long documents do)
@@ -284,28 +283,6 @@ def markdown_recall_file(section: dict) -> str:
     return text
 
 
-def report_warnings(report: dict) -> list[str]:
-    """Every one-line warning of a report, each saying where it was raised: the no-recall flag on the documents of
-    the training length, the long-context lines (`warnings_of`, its no-recall flag named as such) and the recall
-    file's flag."""
-    from ttt_adapt.eval.long_context import warnings_of
-
-    out = []
-    flag = (report.get("recall_by_distance") or {}).get("flag")
-    if flag:
-        out.append(f"{flag} ({IN_LENGTH})")
-    long = report.get("long_context") or {}
-    long_flag = (long.get("recall_by_distance") or {}).get("flag")
-    for line in warnings_of(long):
-        out.append(f"{line} (long documents, to {long['bins'][-1]} tokens)" if line == long_flag else line)
-    recall_file = report.get("recall_file") or {}
-    flag = (recall_file.get("recall_by_distance") or {}).get("flag")
-    for line in (flag and f"{flag} (recall file {recall_file['file']})", recall_file.get("skipped")):
-        if line:
-            out.append(line)
-    return out
-
-
 __all__ = ["distance_bins", "recall_by_distance", "no_recall", "markdown_recall_table", "bootstrap_masked",
            "read_recall_file", "tokenize_recall_rows", "measure_recall_file", "markdown_recall_file",
-           "report_warnings", "IN_LENGTH"]
+           "IN_LENGTH"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ttt_adapt.eval.long_context import markdown_long_table
+from ttt_adapt.eval.long_context import markdown_long_table, warnings_of
 from ttt_adapt.eval.recall import IN_LENGTH, markdown_recall_file, markdown_recall_table
 
 
@@ -236,3 +236,23 @@ def _axes(ax, x, edges, ylabel, title):
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+def report_warnings(report: dict) -> list[str]:
+    """Every one-line warning of a report, each saying where it was raised: the no-recall flag on the documents of
+    the training length, the long-context lines (`warnings_of`, its no-recall flag named as such) and the recall
+    file's flag."""
+    out = []
+    flag = (report.get("recall_by_distance") or {}).get("flag")
+    if flag:
+        out.append(f"{flag} ({IN_LENGTH})")
+    long = report.get("long_context") or {}
+    long_flag = (long.get("recall_by_distance") or {}).get("flag")
+    for line in warnings_of(long):
+        out.append(f"{line} (long documents, to {long['bins'][-1]} tokens)" if line == long_flag else line)
+    recall_file = report.get("recall_file") or {}
+    flag = (recall_file.get("recall_by_distance") or {}).get("flag")
+    for line in (flag and f"{flag} (recall file {recall_file['file']})", recall_file.get("skipped")):
+        if line:
+            out.append(line)
+    return out
+
+

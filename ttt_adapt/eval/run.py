@@ -24,8 +24,8 @@ from ttt_adapt.eval.loss_by_position import (
     token_losses,
     tokenize_documents,
 )
-from ttt_adapt.eval.recall import IN_LENGTH, measure_recall_file, read_recall_file, recall_by_distance, report_warnings
-from ttt_adapt.eval.report import write_report
+from ttt_adapt.eval.recall import IN_LENGTH, measure_recall_file, read_recall_file, recall_by_distance
+from ttt_adapt.eval.report import report_warnings, write_report
 from ttt_adapt.eval.settings import EvalError, EvalSettings, check_lengths
 from ttt_adapt.eval.state_norms import state_norms
 from ttt_adapt.eval.swapped_state import swap_partners
