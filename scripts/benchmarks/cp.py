@@ -63,8 +63,9 @@ def run_cp(ranks, length, chunk, repeats, rule=()):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
     procs = [subprocess.Popen([sys.executable, SCRIPT, "_cp_rank", "--ranks", str(ranks), "--rank", str(r),
                                "--port", str(port), "--length", str(length), "--chunk", str(chunk),
-                               "--repeats", str(repeats), *rule], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env) for r in range(ranks)]
+                               "--repeats", str(repeats), *rule],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in range(ranks)]
     results = []
     for p in procs:
         out, err = p.communicate()
@@ -78,8 +79,8 @@ def bench_cp(args):
     L, N = args.length, args.ranks
     runs = [("1 rank", 1, L), (f"{N} ranks", N, N * L), ("1 rank", 1, N * L)]
     rows = []
+    rule = ["--write-rule", args.write_rule] + (["--key-norm"] if args.key_norm else [])
     for name, ranks, tokens in runs:
-        rule = ["--write-rule", args.write_rule] + (["--key-norm"] if args.key_norm else [])
         peak, seconds = run_cp(ranks, tokens, args.chunk, args.repeats, rule)
         rows.append({"setup": name, "ranks": ranks, "tokens": tokens, "tokens_per_rank": tokens // ranks,
                      "peak_mib_per_rank": peak, "seconds": seconds})

@@ -11,8 +11,6 @@ the base; `worse_within_training_length` the line they add when a bin of the lon
 
 from __future__ import annotations
 
-
-
 from ttt_adapt.data.corpus import RECALL_GAP, generate_documents
 from ttt_adapt.eval.inputs import read_corpus
 from ttt_adapt.eval.loss_by_position import (

@@ -81,18 +81,26 @@ def ideal_reads(keys: torch.Tensor, next_ids: torch.Tensor, valid: torch.Tensor,
     return out.scatter_add_(1, next_ids[None, :].expand(len(queries), L), weights)
 
 
-def read_log_probs(reads: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _target_log_prob(reads: torch.Tensor, tau, targets: torch.Tensor) -> torch.Tensor:
+    """(P,) log softmax(tau read)[target]."""
+    return (reads * tau).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+
+
+def _mixed_loss(model_logp: torch.Tensor, read_logp: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """-log((1 - a) p_model + a p_read), broadcast."""
+    return -torch.logaddexp(model_logp + torch.log1p(-a), read_logp + torch.log(a))
+
+
+def read_log_probs(reads: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(P, len(TEMPERATURES)): log softmax(tau read)[target] for each temperature, and the read's top-1 hit (P,)."""
-    out = torch.stack([(reads * t).log_softmax(-1).gather(1, targets[:, None]).squeeze(1) for t in TEMPERATURES], 1)
+    out = torch.stack([_target_log_prob(reads, t, targets) for t in TEMPERATURES], 1)
     return out, reads.argmax(-1) == targets
 
 
 def mixture_losses(model_logp: torch.Tensor, read_logp: torch.Tensor) -> torch.Tensor:
     """(len(TEMPERATURES), len(WEIGHTS), P): -log((1 - a) p_model + a p_read) of each answer for each (tau, a)."""
     a = torch.tensor(WEIGHTS, dtype=model_logp.dtype)
-    mixed = torch.logaddexp(model_logp[None, None, :] + torch.log1p(-a)[None, :, None],
-                            read_logp.T[:, None, :] + torch.log(a)[None, :, None])
-    return -mixed
+    return _mixed_loss(model_logp[None, None, :], read_logp.T[:, None, :], a[None, :, None])
 
 
 def cross_fitted(losses: torch.Tensor, fold: torch.Tensor) -> tuple[float, list[dict]]:
@@ -135,7 +143,8 @@ def answer_documents(model, rows: dict, layers: list[int], min_distance: int = 0
             with torch.no_grad():
                 logp = lm.lm_head(hidden[r, targets - 1]).float().log_softmax(-1)
             yield {"doc": start + r, "keys": {i: acts[i][r] for i in layers},
-                   "next_ids": torch.cat([x[r, 1:], x[r, :1]]), "valid": real & torch.cat([real[1:], real.new_zeros(1)]),
+                   "next_ids": torch.cat([x[r, 1:], x[r, :1]]),
+                   "valid": real & torch.cat([real[1:], real.new_zeros(1)]),
                    "queries": targets - 1, "answers": x[r, targets],
                    "own": logp.gather(1, x[r, targets][:, None]).squeeze(1)}
         if log:
@@ -187,10 +196,8 @@ def _learned_read_loss(doc, W, tau, alpha, chunk_size, vocab):
     """(P,) -log((1 - a) p_model + a softmax(tau read)) with keys normalize(features W); and the read's top-1 hits."""
     k = F.normalize(doc["features"] @ W, dim=-1, eps=1e-6)
     reads = ideal_reads(k, doc["next_ids"], doc["valid"], doc["queries"], chunk_size, vocab)
-    a = torch.sigmoid(alpha)
-    mixed = torch.logaddexp(doc["own"] + torch.log1p(-a),
-                            (reads * tau).log_softmax(-1).gather(1, doc["answers"][:, None]).squeeze(1) + torch.log(a))
-    return -mixed, reads.argmax(-1) == doc["answers"]
+    mixed = _mixed_loss(doc["own"], _target_log_prob(reads, tau, doc["answers"]), torch.sigmoid(alpha))
+    return mixed, reads.argmax(-1) == doc["answers"]
 
 
 def learned_key_ceiling(model, train_rows: dict, rows: dict, layers: list[int], dim: int, chunk_size: int,
@@ -254,4 +261,5 @@ def ceiling_line(result: dict) -> str:
             f"({b['change_percent']:+.1f} %), read top-1 {100 * b['read_top1']:.1f} %")
 
 
-__all__ = ["recall_ceiling", "learned_key_ceiling", "answer_documents", "ideal_reads", "mlp_activations", "mixture_losses", "cross_fitted", "ceiling_line"]
+__all__ = ["recall_ceiling", "learned_key_ceiling", "answer_documents", "ideal_reads", "mlp_activations",
+           "read_log_probs", "mixture_losses", "cross_fitted", "ceiling_line"]

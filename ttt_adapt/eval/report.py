@@ -236,6 +236,8 @@ def _axes(ax, x, edges, ylabel, title):
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+
+
 def report_warnings(report: dict) -> list[str]:
     """Every one-line warning of a report, each saying where it was raised: the no-recall flag on the documents of
     the training length, the long-context lines (`warnings_of`, its no-recall flag named as such) and the recall
@@ -254,5 +256,3 @@ def report_warnings(report: dict) -> list[str]:
         if line:
             out.append(line)
     return out
-
-
